@@ -1,0 +1,5 @@
+import sys
+
+from autoslim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,273 @@
+"""Study and trial configuration: dataclasses, YAML loading, validation.
+
+Config is data. A study file (``studies/*.yaml``) is loaded into a
+:class:`StudyConfig`; every trial's sampled configuration is one
+:class:`TrialConfig`, saved with the trial (user attr ``config``) and read back
+by ``show``, ``export`` and ``train``. Every value is checked when loaded:
+an unknown key, a wrong type or an out-of-range value raises
+:class:`~autoslim.errors.UsageError` naming the field and what is accepted.
+
+>>> cfg = StudyConfig.from_dict({"name": "demo", "methods": ["trimming"], "n_trials": 3})
+>>> cfg.data.name, cfg.model, cfg.n_trials
+('digits', 'lenet5', 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from autoslim.errors import UsageError
+
+
+def _check(path: str, value: Any, tp: Any, meta: dict) -> Any:
+    """Check ``value`` against type ``tp`` and the field's metadata; return it converted."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(path, value, arg, meta)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(errors[-1] if len(errors) == 1 else
+                         f"{path}: expected {' or '.join(_name(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UsageError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_check(f"{path}[{i}]", v, item, {}) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{path}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{path}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise UsageError(f"{path}: expected a string, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise UsageError(f"{path}: unknown value {value!r}; accepted: {', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi) or (
+            meta.get("min_exclusive") is not None and value <= meta["min_exclusive"]):
+        lo_s = f"> {meta['min_exclusive']}" if meta.get("min_exclusive") is not None else (f">= {lo}" if lo is not None else "")
+        hi_s = f"<= {hi}" if hi is not None else ""
+        raise UsageError(f"{path}: {value!r} is out of range; accepted: {' and '.join(s for s in (lo_s, hi_s) if s)}")
+    return value
+
+
+def _name(tp) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _build(cls, raw: Any, path: str):
+    """Build dataclass ``cls`` from a mapping, checking every key and value."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path or cls.__name__}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        key = sorted(map(str, unknown))[0]
+        raise UsageError(f"{path + '.' if path else ''}{key}: unknown key; accepted: {', '.join(fields)}")
+    kwargs = {k: _check(f"{path + '.' if path else ''}{k}", v, hints[k], dict(fields[k].metadata))
+              for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _meta(**kw) -> dict:
+    return kw
+
+
+@dataclass
+class DataConfig:
+    """Which data to train on and how it is split."""
+
+    name: str = "digits"
+    data_dir: str | None = None
+    download: bool = True
+    val_fraction: float = field(default=0.15, metadata=_meta(min_exclusive=0.0, max=0.9))
+    test_fraction: float = field(default=0.2, metadata=_meta(min_exclusive=0.0, max=0.9))
+    train_subset: int | float | None = field(default=None, metadata=_meta(min_exclusive=0))
+    augment: bool | None = None
+    seed: int = 0
+    image_size: int | None = field(default=None, metadata=_meta(min=4))
+    # synthetic data only
+    image_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    num_classes: int = field(default=4, metadata=_meta(min=2))
+    num_samples: int = field(default=512, metadata=_meta(min=8))
+
+    def __post_init__(self):
+        if isinstance(self.train_subset, float) and self.train_subset > 1:
+            raise UsageError(f"data.train_subset: {self.train_subset!r} is out of range; accepted: a count >= 1 "
+                             "or a fraction in (0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """The training budget and optimizer of the base network (methods train in phases of it)."""
+
+    epochs: int = field(default=10, metadata=_meta(min=0))
+    batch_size: int = field(default=128, metadata=_meta(min=1))
+    optimizer: str = field(default="sgd", metadata=_meta(choices=["sgd", "adam", "adamw"]))
+    lr: float = field(default=0.05, metadata=_meta(min_exclusive=0.0))
+    momentum: float = field(default=0.9, metadata=_meta(min=0.0, max=1.0))
+    nesterov: bool = False
+    weight_decay: float = field(default=5e-4, metadata=_meta(min=0.0))
+    schedule: str = field(default="cosine", metadata=_meta(choices=["cosine", "step", "constant"]))
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = field(default=0.1, metadata=_meta(min_exclusive=0.0, max=1.0))
+    label_smoothing: float = field(default=0.0, metadata=_meta(min=0.0, max=1.0))
+
+
+@dataclass
+class SamplerConfig:
+    name: str = field(default="tpe", metadata=_meta(choices=["tpe", "nsga2", "gp", "random"]))
+    seed: int | None = None
+    options: dict = field(default_factory=dict)
+
+
+OBJECTIVES = ["accuracy", "params", "flops", "latency"]
+
+
+@dataclass
+class StudyConfig:
+    """Everything a study file says. Paths in it are relative to the study file."""
+
+    name: str = field(default="autoslim", metadata=_meta())
+    data: DataConfig = field(default_factory=DataConfig)
+    model: str = "lenet5"
+    model_kwargs: dict = field(default_factory=dict)
+    methods: list | dict = field(default_factory=lambda: ["trimming"])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    n_trials: int = field(default=10, metadata=_meta(min=1))
+    timeout: float | None = field(default=None, metadata=_meta(min_exclusive=0.0))
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    seed: int = 0
+    storage: str | None = None
+    device: str = field(default="auto", metadata=_meta(choices=["auto", "cpu", "cuda", "mps"]))
+    third_objective: str | None = field(default=None, metadata=_meta(choices=["flops", "latency"]))
+    path: Path | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, path: Path | None = None) -> "StudyConfig":
+        cfg = _build(cls, raw, "")
+        cfg.path = path
+        if isinstance(cfg.methods, list):
+            cfg.methods = {m: {} for m in cfg.methods}
+        for m, v in cfg.methods.items():
+            if not isinstance(m, str) or not isinstance(v, (dict, type(None))):
+                raise UsageError(f"methods.{m}: expected a mapping of parameter overrides, got {v!r}")
+        cfg.methods = {m: dict(v or {}) for m, v in cfg.methods.items()}
+        if not cfg.methods:
+            raise UsageError("methods: expected at least one method")
+        base = path.parent if path else Path.cwd()
+        if cfg.data.data_dir is not None:
+            cfg.data.data_dir = str((base / Path(cfg.data.data_dir).expanduser()).resolve())
+        return cfg
+
+    @property
+    def objectives(self) -> list[str]:
+        return ["accuracy", "params"] + ([self.third_objective] if self.third_objective else [])
+
+    def default_storage(self) -> str:
+        base = self.path.parent if self.path else Path.cwd()
+        return f"sqlite:///{(base / f'{self.name}.db').resolve()}"
+
+
+def load_yaml(path: str | Path, what: str = "study file") -> dict:
+    """Read a YAML mapping, turning every problem into one UsageError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what}: {path} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{what}: {path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{what}: {path}: expected a YAML mapping at the top level")
+    return raw
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Load and validate a study file (names of data, model and methods are checked too)."""
+    p = Path(path)
+    raw = load_yaml(p)
+    raw.setdefault("name", p.stem)
+    cfg = StudyConfig.from_dict(raw, path=p.resolve())
+    validate_names(cfg)
+    return cfg
+
+
+def validate_names(cfg: StudyConfig) -> None:
+    """Check registry names and method overrides before anything runs or is stored."""
+    from autoslim.data import list_datasets
+    from autoslim.errors import accepted
+    from autoslim.methods import get_method
+    from autoslim.models import list_models
+
+    if cfg.data.name not in list_datasets():
+        raise accepted("data.name", cfg.data.name, list_datasets())
+    if cfg.model not in list_models():
+        raise accepted("model", cfg.model, list_models())
+    for name, overrides in cfg.methods.items():
+        get_method(name).search_space().narrow(overrides, where=f"methods.{name}")
+
+
+@dataclass
+class TrialConfig:
+    """One trial's full configuration: enough to rebuild and retrain its network.
+
+    >>> t = TrialConfig(method="trimming", params={"rounds": 1}, model="lenet5")
+    >>> TrialConfig.from_dict(t.to_dict()) == t
+    True
+    """
+
+    method: str
+    params: dict = field(default_factory=dict)
+    model: str = "lenet5"
+    model_kwargs: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, where: str = "config") -> "TrialConfig":
+        cfg = _build(cls, raw, "")
+        return cfg
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

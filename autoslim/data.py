@@ -1,0 +1,303 @@
+"""Whole datasets as tensors in memory, and batching/augmentation on tensors.
+
+A dataset is loaded once per process into three :class:`Split` objects
+(train / validation / test) of normalised float images ``(N, C, H, W)`` and
+integer labels. Shuffling, batching, random crops and flips are tensor
+operations on whole batches: there is no per-sample ``DataLoader`` on the hot
+path, and on a GPU the data lives on the GPU.
+
+Sources are a name-keyed registry (:func:`register_dataset`):
+
+- ``digits``: scikit-learn's 8x8 digits (1,797 images), embedded, offline; the default.
+- ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision's classes reading ``data_dir``
+  (downloading when online).
+- ``imagefolder``: a user's own images in torchvision's ImageFolder layout.
+- ``synthetic``: generated class-conditional images, for tests.
+
+>>> from autoslim.config import DataConfig
+>>> data = load_data(DataConfig(name="digits"))
+>>> data.in_shape, data.num_classes, len(data.train) + len(data.val) + len(data.test)
+((1, 8, 8), 10, 1797)
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from autoslim.errors import UsageError, accepted
+
+
+@dataclass
+class Split:
+    """Images ``x`` (float, normalised, N x C x H x W) and labels ``y`` (int64, N)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class Data:
+    """A dataset split three ways, with the augmentation that fits it."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    crop_padding: int = 0
+    flip: bool = False
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])
+
+    def to(self, device) -> "Data":
+        return Data(self.name, self.train.to(device), self.val.to(device), self.test.to(device),
+                    self.num_classes, self.crop_padding, self.flip)
+
+
+@dataclass
+class RawData:
+    """What a source returns: uint8/float images N x C x H x W, labels, and its augmentation."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor | None
+    test_y: torch.Tensor | None
+    num_classes: int
+    crop_padding: int = 0
+    flip: bool = False
+
+
+Source = Callable[..., RawData]
+_SOURCES: dict[str, Source] = {}
+
+
+def register_dataset(name: str) -> Callable[[Source], Source]:
+    """Register ``source(*, data_dir, download, config) -> RawData`` under ``name``."""
+
+    def deco(fn: Source) -> Source:
+        _SOURCES[name] = fn
+        return fn
+
+    return deco
+
+
+def list_datasets() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def load_data(config, *, device: str | torch.device = "cpu") -> Data:
+    """Load the dataset described by a :class:`autoslim.config.DataConfig`.
+
+    The split is deterministic in ``config.seed``: the official test set is the
+    test split (digits, synthetic and single-folder image sets hold out
+    ``test_fraction``), ``val_fraction`` of the training images is the
+    validation split, and ``train_subset`` (a count, or a fraction in (0, 1])
+    keeps the first images of the shuffled remainder. Images are normalised
+    with the training split's per-channel mean and standard deviation.
+    """
+    if config.name not in _SOURCES:
+        raise accepted("data.name", config.name, _SOURCES)
+    raw = _SOURCES[config.name](data_dir=config.data_dir, download=config.download, config=config)
+    gen = torch.Generator().manual_seed(config.seed)
+    x, y = raw.train_x, raw.train_y
+    if raw.test_x is None:
+        perm = torch.randperm(len(y), generator=gen)
+        n_test = max(1, int(round(config.test_fraction * len(y))))
+        test_x, test_y = x[perm[:n_test]], y[perm[:n_test]]
+        x, y = x[perm[n_test:]], y[perm[n_test:]]
+    else:
+        test_x, test_y = raw.test_x, raw.test_y
+    perm = torch.randperm(len(y), generator=gen)
+    n_val = max(1, int(round(config.val_fraction * len(y))))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    if config.train_subset is not None:
+        n = config.train_subset if isinstance(config.train_subset, int) else int(round(config.train_subset * len(train_idx)))
+        train_idx = train_idx[: max(1, n)]
+    train_x = x[train_idx].float()
+    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+
+    def split(images, labels) -> Split:
+        return Split(((images.float() - mean) / std).contiguous(), labels.long())
+
+    augment = config.augment if config.augment is not None else (raw.crop_padding > 0 or raw.flip)
+    data = Data(config.name, split(x[train_idx], y[train_idx]), split(x[val_idx], y[val_idx]),
+                split(test_x, test_y), raw.num_classes,
+                crop_padding=raw.crop_padding if augment else 0, flip=raw.flip if augment else False)
+    return data.to(device)
+
+
+def batches(split: Split, *, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+            crop_padding: int = 0, flip: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches of ``split``; augmentation is applied to whole batches.
+
+    >>> s = Split(torch.zeros(10, 1, 4, 4), torch.arange(10))
+    >>> [len(y) for _, y in batches(s, batch_size=4)]
+    [4, 4, 2]
+    """
+    n = len(split)
+    order = torch.randperm(n, device=split.x.device, generator=generator) if shuffle else None
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        x, y = split.x[idx], split.y[idx]
+        if crop_padding:
+            x = random_crop(x, crop_padding, generator)
+        if flip:
+            x = random_flip(x, generator)
+        yield x, y
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-pad a batch by ``padding`` and crop every image back at its own random offset."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    off = torch.randint(0, 2 * padding + 1, (2, n), device=x.device, generator=generator)
+    rows = (off[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (off[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip every image of a batch horizontally with probability 1/2."""
+    mask = torch.rand(len(x), device=x.device, generator=generator) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@register_dataset("digits")
+def _digits(*, data_dir, download, config) -> RawData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    return RawData(x, torch.from_numpy(d.target), None, None, 10)
+
+
+@register_dataset("synthetic")
+def _synthetic(*, data_dir, download, config) -> RawData:
+    """Class templates plus noise: learnable, deterministic in ``config.seed``."""
+    c, h, w = config.image_shape
+    gen = torch.Generator().manual_seed(1234 + config.seed)
+    k = config.num_classes
+    templates = torch.randn(k, c, h, w, generator=gen)
+    y = torch.arange(config.num_samples) % k
+    x = templates[y] + 0.8 * torch.randn(config.num_samples, c, h, w, generator=gen)
+    return RawData(x, y, None, None, k)
+
+
+_TORCHVISION = {
+    # name: (class name, folder torchvision reads under data_dir, files it needs, crop padding, flip)
+    "mnist": ("MNIST", "MNIST/raw", ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                     "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"], 0, False),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw", ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                                           "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"], 0, False),
+    "cifar10": ("CIFAR10", ".", ["cifar-10-python.tar.gz (or the extracted cifar-10-batches-py/)"], 4, True),
+}
+
+
+def _torchvision_root(name: str, data_dir: str | None) -> Path:
+    """The folder torchvision should read: ``data_dir``, or a writable cached copy of it.
+
+    torchvision extracts archives beside them; a read-only folder (a shared
+    mount) is copied once to ``~/.cache/autoslim/<name>``.
+    """
+    root = Path(data_dir or Path.home() / ".cache" / "autoslim" / "data").expanduser()
+    cls_name, sub, files, _, _ = _TORCHVISION[name]
+    src = root / sub
+    if src.is_dir() and not _writable(src):
+        cache = Path.home() / ".cache" / "autoslim" / "data"
+        dst = cache / sub
+        for f in src.iterdir():
+            if f.is_file() and not (dst / f.name).exists():
+                dst.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dst / f.name)
+        return cache
+    return root
+
+
+def _writable(path: Path) -> bool:
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+def _torchvision_source(name: str):
+    def source(*, data_dir, download, config) -> RawData:
+        import torchvision
+
+        cls_name, sub, files, crop, flip = _TORCHVISION[name]
+        root = _torchvision_root(name, data_dir)
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            train, test = (cls(root=str(root), train=t, download=download) for t in (True, False))
+        except Exception as e:  # missing files, offline download, corrupt archive
+            where = Path(data_dir or root).expanduser() / sub
+            raise UsageError(
+                f"data.data_dir: {name} files not found or unreadable in {where} "
+                f"(expected {', '.join(files)}); download {'failed' if download else 'is off'}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+            ) from None
+        return RawData(*_images(train), *_images(test), num_classes=len(train.classes), crop_padding=crop, flip=flip)
+
+    return source
+
+
+def _images(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(ds.data)
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST N x H x W, CIFAR N x H x W x C
+    return (x.float() / 255.0), torch.as_tensor(ds.targets)
+
+
+for _name in _TORCHVISION:
+    register_dataset(_name)(_torchvision_source(_name))
+
+
+@register_dataset("imagefolder")
+def _imagefolder(*, data_dir, download, config) -> RawData:
+    """torchvision's ImageFolder layout: ``data_dir/<class>/<image>``, or ``data_dir/train`` and
+    ``data_dir/test`` each in that layout. Images are resized to ``image_size``."""
+    import torchvision
+    from torchvision import transforms
+
+    if not data_dir or not Path(data_dir).expanduser().is_dir():
+        raise UsageError(f"data.data_dir: imagefolder needs an existing folder of class sub-folders, got {data_dir!r}")
+    root = Path(data_dir).expanduser()
+    size = config.image_size or 32
+    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+
+    def read(folder: Path):
+        try:
+            ds = torchvision.datasets.ImageFolder(str(folder), transform=tf)
+        except (FileNotFoundError, OSError) as e:
+            raise UsageError(f"data.data_dir: {folder}: {e}") from None
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack(xs), torch.tensor(ys), len(ds.classes)
+
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        tx, ty, k = read(root / "train")
+        sx, sy, _ = read(root / "test")
+        return RawData(tx, ty, sx, sy, k, crop_padding=size // 8, flip=True)
+    x, y, k = read(root)
+    return RawData(x, y, None, None, k, crop_padding=size // 8, flip=True)

@@ -1,0 +1,135 @@
+"""The compression-method extension point: one small base class and a name-keyed registry.
+
+A method is one module: a :class:`Method` subclass registered with
+:func:`register_method`, plus ``search_spaces/<name>.yaml`` declaring its
+hyperparameters. Everything else (sampling, measuring, storing, exporting, the
+CLI, the tests parametrized over the registry) finds it by name.
+
+>>> from autoslim.methods import get_method, list_methods
+>>> "trimming" in list_methods()
+True
+>>> sorted(get_method("trimming").search_space().params)[:2]
+['alpha', 'fraction']
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from autoslim.config import TrainConfig
+from autoslim.data import Data
+from autoslim.errors import accepted
+from autoslim.search.space import SearchSpace
+from autoslim.train import Callback, evaluate, train
+
+
+@dataclass
+class TrialContext:
+    """What a method is handed besides the model: the data, the training budget and the callbacks.
+
+    :meth:`train` is how a method trains: it numbers epochs across phases, keeps
+    the history, and calls ``callbacks`` (the early-stopping rung check, the
+    progress printer, the checkpointer) after every epoch.
+    """
+
+    data: Data
+    train_config: TrainConfig
+    seed: int = 0
+    callbacks: Sequence[Callback] = ()
+    log: Callable[[str], None] = lambda msg: None
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    def train(self, model: nn.Module, *, epochs: int | None = None, phase: str = "train", lr_scale: float = 1.0,
+              callbacks: Sequence[Callback] = (), param_groups=None,
+              extra_optimizers: Sequence[torch.optim.Optimizer] = (), config: TrainConfig | None = None) -> list[dict]:
+        """Train ``model`` for one phase; records are tagged with ``phase`` and appended to :attr:`history`."""
+        epochs = self.train_config.epochs if epochs is None else epochs
+        if epochs <= 0:
+            return []
+        tagger = _PhaseTag(phase)
+        records = train(model, self.data, config=config or self.train_config, epochs=epochs,
+                        seed=self.seed + self.epochs_done, lr_scale=lr_scale,
+                        callbacks=[tagger, *callbacks, *self.callbacks], param_groups=param_groups,
+                        extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done)
+        self.history.extend(records)
+        return records
+
+    def evaluate(self, model: nn.Module, split: str = "val") -> float:
+        return evaluate(model, getattr(self.data, split))
+
+
+class _PhaseTag(Callback):
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+
+    def on_epoch_end(self, model, record) -> None:
+        record["phase"] = self.phase
+
+
+@dataclass
+class CompressionResult:
+    """What a method returns: the compressed model and what it saw along the way.
+
+    ``sparse`` marks unstructured sparsity (the parameter objective is then the
+    non-zero count); ``size_bytes`` is the size of the method's own saved
+    encoding where it differs from a dense ``state_dict``; ``info`` holds
+    method-specific measurements (JSON-serialisable)."""
+
+    model: nn.Module
+    sparse: bool = False
+    size_bytes: int | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Method(ABC):
+    """A compression method. Subclasses set :attr:`name` and implement :meth:`compress`.
+
+    A method that *is* an architecture (ThriftyNet) sets ``builds_model = True``
+    and implements :meth:`build_model`; the study's model is then ignored.
+    """
+
+    name: ClassVar[str]
+    builds_model: ClassVar[bool] = False
+
+    @classmethod
+    def search_space(cls) -> SearchSpace:
+        """The hyperparameters declared in ``search_spaces/<name>.yaml``."""
+        return SearchSpace.load(cls.name)
+
+    def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
+        raise NotImplementedError(f"method {self.name!r} compresses a given model; it does not build one")
+
+    @abstractmethod
+    def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
+        """Train and compress ``model`` with hyperparameters ``params``; return the smaller model."""
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a :class:`Method` subclass under ``cls.name``."""
+    if cls.name in _METHODS:
+        raise ValueError(f"method {cls.name!r} is already registered")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise accepted("method", name, _METHODS)
+    return _METHODS[name]()
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)

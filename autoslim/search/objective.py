@@ -1,0 +1,139 @@
+"""One trial, end to end: config -> model -> method -> measurements -> objective values.
+
+:func:`run_trial` is independent of Optuna (``autoslim train`` uses it to
+retrain an exported configuration); :class:`Objective` wraps it for a study:
+it samples the method and its knobs, runs the trial and stores everything in
+the trial's user attrs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import optuna
+from torch import nn
+
+from autoslim.config import StudyConfig, TrialConfig
+from autoslim.data import Data
+from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
+from autoslim.methods import TrialContext, get_method
+from autoslim.models import create_model
+from autoslim.search.space import SearchSpace
+from autoslim.train import Callback, evaluate, seed_everything
+
+
+@dataclass
+class TrialResult:
+    """Everything a trial measured; ``user_attrs()`` is what the study stores."""
+
+    config: TrialConfig
+    model: nn.Module
+    val_accuracy: float
+    test_accuracy: float
+    measurements: Measurements
+    baseline_params: int
+    sparse: bool
+    widths_before: dict
+    widths_after: dict
+    history: list
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def params(self) -> int:
+        """The parameter objective: non-zeros for unstructured sparsity, else dense parameters."""
+        return self.measurements.nonzeros if self.sparse else self.measurements.params
+
+    def objective(self, name: str) -> float:
+        return {"accuracy": self.val_accuracy, "params": self.params, "flops": self.measurements.flops,
+                "latency": self.measurements.latency_ms}[name]
+
+    def user_attrs(self) -> dict:
+        m = self.measurements
+        return {
+            "config": self.config.to_dict(), "method": self.config.method,
+            "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
+            "params": m.params, "nonzeros": m.nonzeros, "flops": m.flops, "latency_ms": m.latency_ms,
+            "size_bytes": m.size_bytes, "sparse": self.sparse, "baseline_params": self.baseline_params,
+            "compression": self.baseline_params / max(1, self.params),
+            "widths_before": self.widths_before, "widths_after": self.widths_after,
+            "history": self.history, "info": self.info, "seconds": self.seconds,
+        }
+
+
+def build_model(config: TrialConfig, *, in_shape, num_classes: int) -> nn.Module:
+    """The uncompressed network of a trial: the study's model, or the method's own architecture."""
+    method = get_method(config.method)
+    if method.builds_model:
+        return method.build_model(config.params, in_shape=in_shape, num_classes=num_classes)
+    return create_model(config.model, in_shape=in_shape, num_classes=num_classes, **config.model_kwargs)
+
+
+def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] = (),
+              log: Callable[[str], None] = lambda s: None) -> TrialResult:
+    """Build, train and compress the network of ``config`` on ``data``; measure the result."""
+    start = time.perf_counter()
+    seed_everything(config.seed)
+    method = get_method(config.method)
+    model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes)
+    widths_before = layer_widths(model)
+    baseline = count_params(model)
+    ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log)
+    result = method.compress(model, ctx, config.params)
+    compressed = result.model
+    measurements = measure(compressed, in_shape=data.in_shape, size_bytes=result.size_bytes)
+    return TrialResult(
+        config=config, model=compressed,
+        val_accuracy=evaluate(compressed, data.val), test_accuracy=evaluate(compressed, data.test),
+        measurements=measurements, baseline_params=baseline, sparse=result.sparse,
+        widths_before=widths_before,
+        widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),
+        history=ctx.history, info=result.info, seconds=time.perf_counter() - start)
+
+
+class EpochPrinter(Callback):
+    """Prints one progress line per epoch."""
+
+    def __init__(self, log: Callable[[str], None], prefix: str) -> None:
+        self.log, self.prefix = log, prefix
+
+    def on_epoch_end(self, model, record) -> None:
+        self.log(f"{self.prefix} epoch {record['epoch']:>3} {record.get('phase', ''):<9} "
+                 f"loss {record['loss']:.4f}  val {100 * record['val_accuracy']:.2f}%  ({record['seconds']:.1f}s)")
+
+
+class Objective:
+    """The Optuna objective of a study: sample, run, store, return the objective values."""
+
+    def __init__(self, study_config: StudyConfig, data: Data, spaces: Mapping[str, SearchSpace], *,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.data, self.spaces, self.log = study_config, data, dict(spaces), log
+
+    def trial_config(self, trial: optuna.Trial) -> TrialConfig:
+        method = trial.suggest_categorical("method", list(self.spaces))
+        params = self.spaces[method].suggest(trial)
+        return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
+                           data=self.cfg.data, train=self.cfg.train, seed=self.cfg.seed + trial.number,
+                           device=self.cfg.device)
+
+    def __call__(self, trial: optuna.Trial) -> Sequence[float]:
+        config = self.trial_config(trial)
+        trial.set_user_attr("config", config.to_dict())
+        prefix = f"[trial {trial.number}]"
+        knobs = " ".join(f"{k}={_short(v)}" for k, v in config.params.items())
+        self.log(f"{prefix} {config.method}: {knobs}")
+        result = run_trial(config, data=self.data, callbacks=[EpochPrinter(self.log, prefix)],
+                           log=lambda s: self.log(f"{prefix} {s}"))
+        for k, v in result.user_attrs().items():
+            trial.set_user_attr(k, v)
+        self.log(f"{prefix} done in {result.seconds:.1f}s: val {100 * result.val_accuracy:.2f}% "
+                 f"(test {100 * result.test_accuracy:.2f}%), params {result.params:,} "
+                 f"({result.user_attrs()['compression']:.1f}x smaller), FLOPs {result.measurements.flops:,}")
+        return [result.objective(o) for o in self.cfg.objectives]
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) and not math.isnan(v) else str(v)

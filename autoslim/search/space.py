@@ -1,0 +1,174 @@
+"""Search spaces: ``search_spaces/<method>.yaml`` turned into Optuna suggest calls.
+
+A search-space file declares each hyperparameter once::
+
+    method: trimming
+    summary: one line on what the method does
+    params:
+      rounds:  {type: int, low: 1, high: 4, default: 2}
+      alpha:   {type: float, low: 0.0, high: 2.0, default: 1.0}
+      lr:      {type: float, low: 1.0e-4, high: 0.1, log: true, default: 0.01}
+      rule:    {type: categorical, choices: [std, fraction], default: std}
+    paper_default: {rounds: 3, alpha: 1.0}   # the published configuration
+
+A study file narrows it without editing the file: a scalar pins a value, a
+mapping narrows a range (``{low: 1, high: 2}``) or the choices. The Optuna
+parameter of ``rounds`` under method ``trimming`` is named ``trimming.rounds``,
+so one study can hold every method's parameters without collisions.
+
+>>> space = SearchSpace.load("trimming").narrow({"rounds": 1})
+>>> space.params["rounds"].pinned, space.defaults()["rounds"]
+(True, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+import yaml
+
+from autoslim.errors import UsageError
+
+_TYPES = ("int", "float", "categorical", "bool")
+
+
+def spaces_dir() -> Path:
+    """The folder of search-space files (``search_spaces/`` of the repository or the installed package)."""
+    repo = Path(__file__).resolve().parents[2] / "search_spaces"
+    if repo.is_dir():
+        return repo
+    return Path(str(resources.files("autoslim.search_spaces")))
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+    pinned: bool = False
+
+    def check(self, value: Any, where: str) -> Any:
+        """Return ``value`` if it lies in this parameter's domain, else raise a UsageError naming ``where``."""
+        if self.type in ("categorical", "bool"):
+            choices = self.choices if self.type == "categorical" else (False, True)
+            if value not in choices:
+                raise UsageError(f"{where}: unknown value {value!r}; accepted: {', '.join(map(str, choices))}")
+            return value
+        kind = int if self.type == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise UsageError(f"{where}: expected {'an integer' if self.type == 'int' else 'a number'}, got {value!r}")
+        if not self.low <= value <= self.high:
+            raise UsageError(f"{where}: {value!r} is out of range; accepted: {self.low} to {self.high}")
+        return value
+
+    def suggest(self, trial: optuna.Trial, key: str) -> Any:
+        if self.pinned:
+            return self.default
+        if self.type == "int":
+            return trial.suggest_int(key, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        if self.type == "float":
+            return trial.suggest_float(key, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "bool":
+            return trial.suggest_categorical(key, [False, True])
+        return trial.suggest_categorical(key, list(self.choices))
+
+    def narrow(self, override: Any, where: str) -> "Param":
+        if not isinstance(override, dict):
+            return dataclasses.replace(self, default=self.check(override, where), pinned=True)
+        allowed = {"choices"} if self.type in ("categorical", "bool") else {"low", "high", "log", "step"}
+        unknown = set(override) - allowed - {"default"}
+        if unknown:
+            raise UsageError(f"{where}.{sorted(unknown)[0]}: unknown key; accepted: {', '.join(sorted(allowed | {'default'}))}")
+        new = dataclasses.replace(self, **{k: override[k] for k in ("low", "high", "log", "step") if k in override})
+        if "choices" in override:
+            if not isinstance(override["choices"], list) or not override["choices"]:
+                raise UsageError(f"{where}.choices: expected a non-empty list")
+            new = dataclasses.replace(new, choices=tuple(self.check(c, f"{where}.choices") for c in override["choices"]),
+                                      type="categorical")
+        if self.type in ("int", "float"):
+            for k in ("low", "high"):
+                self.check(getattr(new, k), f"{where}.{k}")
+            if new.low > new.high:
+                raise UsageError(f"{where}: low {new.low} is above high {new.high}")
+            if new.log and new.low <= 0:
+                raise UsageError(f"{where}.log: a log scale needs low > 0")
+        default = override.get("default", self.default)
+        if self.type in ("int", "float") and "default" not in override:
+            default = min(max(default, new.low), new.high)
+        if new.choices and default not in new.choices:
+            default = new.choices[0]
+        return dataclasses.replace(new, default=new.check(default, f"{where}.default"))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    method: str
+    params: dict[str, Param]
+    summary: str = ""
+    paper_default: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, method: str) -> "SearchSpace":
+        path = spaces_dir() / f"{method}.yaml"
+        from autoslim.config import load_yaml
+
+        raw = load_yaml(path, what=f"search space of {method!r}")
+        return cls.from_dict(raw, where=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, where: str) -> "SearchSpace":
+        params = {}
+        for name, spec in (raw.get("params") or {}).items():
+            spec = dict(spec)
+            kind = spec.pop("type", None)
+            if kind not in _TYPES:
+                raise UsageError(f"{where}: params.{name}.type: unknown value {kind!r}; accepted: {', '.join(_TYPES)}")
+            if "default" not in spec:
+                raise UsageError(f"{where}: params.{name}.default is missing")
+            if "choices" in spec:
+                spec["choices"] = tuple(spec["choices"])
+            params[name] = Param(name=name, type=kind, **spec)
+            params[name].check(params[name].default, f"{where}: params.{name}.default")
+        space = cls(method=raw.get("method", Path(where).stem), params=params, summary=raw.get("summary", ""),
+                    paper_default=dict(raw.get("paper_default") or {}))
+        space.complete(space.paper_default, where=f"{where}: paper_default")
+        return space
+
+    def narrow(self, overrides: Mapping[str, Any], *, where: str) -> "SearchSpace":
+        """A copy with values pinned or ranges narrowed by a study file's overrides."""
+        unknown = set(overrides) - set(self.params)
+        if unknown:
+            raise UsageError(f"{where}.{sorted(unknown)[0]}: unknown parameter of {self.method!r}; "
+                             f"accepted: {', '.join(sorted(self.params))}")
+        params = {n: (p.narrow(overrides[n], f"{where}.{n}") if n in overrides else p) for n, p in self.params.items()}
+        return dataclasses.replace(self, params=params)
+
+    def defaults(self) -> dict:
+        return {n: p.default for n, p in self.params.items()}
+
+    def complete(self, values: Mapping[str, Any], *, where: str) -> dict:
+        """``values`` checked against the space, with defaults for the parameters it does not give."""
+        unknown = set(values) - set(self.params)
+        if unknown:
+            raise UsageError(f"{where}.{sorted(unknown)[0]}: unknown parameter of {self.method!r}; "
+                             f"accepted: {', '.join(sorted(self.params))}")
+        return {n: (p.check(values[n], f"{where}.{n}") if n in values else p.default) for n, p in self.params.items()}
+
+    def suggest(self, trial: optuna.Trial) -> dict:
+        """Sample this method's parameters (Optuna names ``<method>.<param>``); pinned ones are not sampled."""
+        return {n: p.suggest(trial, f"{self.method}.{n}") for n, p in self.params.items()}
+
+    def optuna_params(self, values: Mapping[str, Any]) -> dict:
+        """``values`` as the Optuna parameters of a trial under this method (for ``enqueue_trial``)."""
+        return {"method": self.method, **{f"{self.method}.{n}": v for n, v in values.items()
+                                          if not self.params[n].pinned}}

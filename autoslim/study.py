@@ -1,0 +1,132 @@
+"""Creating, resuming and opening studies.
+
+>>> from autoslim.config import StudyConfig
+>>> cfg = StudyConfig.from_dict({"name": "doc", "n_trials": 1, "train": {"epochs": 1},
+...                              "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1}}})
+>>> study = optimize(cfg, storage="sqlite:///:memory:", log=lambda s: None)
+>>> len(study.trials)
+1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from autoslim.config import StudyConfig
+from autoslim.data import load_data
+from autoslim.errors import UsageError
+from autoslim.methods import get_method
+from autoslim.search.objective import Objective
+from autoslim.train import resolve_device
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+    seed = cfg.sampler.seed if cfg.sampler.seed is not None else cfg.seed
+    cls = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
+           "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler}[cfg.sampler.name]
+    try:
+        return cls(seed=seed, **cfg.sampler.options)
+    except TypeError as e:
+        raise UsageError(f"sampler.options: {e}") from None
+
+
+def get_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``, checked to be reachable; a UsageError line if it is not."""
+    try:
+        if url.endswith((".journal", ".log")) and "://" not in url:
+            from optuna.storages.journal import JournalFileBackend
+            return optuna.storages.JournalStorage(JournalFileBackend(url))
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            parent = Path(url[len("sqlite:///"):]).parent
+            if not parent.is_dir():
+                raise UsageError(f"--storage: folder {parent} does not exist")
+        return optuna.storages.get_storage(url)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"--storage: cannot open {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def study_config_dict(cfg: StudyConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.pop("path", None)
+    return d
+
+
+def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
+             storage: str | None = None, study_name: str | None = None,
+             log: Callable[[str], None] = print) -> optuna.Study:
+    """Create or resume the study of ``cfg`` and run it until it holds ``n_trials`` finished trials.
+
+    Everything the user gave is checked (names, ranges, data files, storage)
+    before anything is written to storage. Completed and pruned trials are
+    never redone: a second call with the same arguments runs only the rest.
+    """
+    n_trials = n_trials or cfg.n_trials
+    timeout = timeout if timeout is not None else cfg.timeout
+    study_name = study_name or cfg.name
+    spaces = {m: get_method(m).search_space().narrow(o, where=f"methods.{m}") for m, o in cfg.methods.items()}
+    sampler = make_sampler(cfg)
+    data = load_data(cfg.data, device=resolve_device(cfg.device))
+    storage_obj = get_storage(storage or cfg.storage or cfg.default_storage())
+    study = optuna.create_study(storage=storage_obj, study_name=study_name, sampler=sampler,
+                                directions=["maximize" if o == "accuracy" else "minimize" for o in cfg.objectives],
+                                load_if_exists=True)
+    if study.metric_names is None:
+        study.set_metric_names(cfg.objectives)
+        study.set_user_attr("autoslim_config", json.loads(json.dumps(study_config_dict(cfg), default=str)))
+    elif list(study.metric_names) != cfg.objectives:
+        raise UsageError(f"third_objective: study {study_name!r} was created with objectives "
+                         f"{', '.join(study.metric_names)}; a study's objectives cannot change")
+    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    remaining = n_trials - done
+    log(f"study {study_name!r} in {_redact(storage or cfg.storage or cfg.default_storage())}: "
+        f"{done} finished trial(s), running {max(0, remaining)} more on {cfg.data.name} "
+        f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
+        f"methods {', '.join(spaces)}")
+    if remaining > 0:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study.optimize(Objective(cfg, data, spaces, log=log), n_trials=remaining, timeout=timeout,
+                       callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], catch=(Exception,))
+    return study
+
+
+def open_study(target: str, *, study_name: str | None = None, storage: str | None = None) -> optuna.Study:
+    """Open an existing study from a study file or a storage URL; a UsageError line if it is not there."""
+    from autoslim.config import load_study
+
+    if Path(target).suffix in (".yaml", ".yml"):
+        cfg = load_study(target)
+        url, name = storage or cfg.storage or cfg.default_storage(), study_name or cfg.name
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+            raise UsageError(f"study: {target} has not been run yet (no {url[len('sqlite:///'):]}); "
+                             f"run `autoslim optimize {target}` first")
+    else:
+        url, name = storage or target, study_name
+    storage_obj = get_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage_obj)]
+    if name is None:
+        if len(names) != 1:
+            raise UsageError(f"--study-name: {url} holds {len(names)} studies; name one of: {', '.join(names) or '(none)'}")
+        name = names[0]
+    if name not in names:
+        raise UsageError(f"--study-name: no study {name!r} in {_redact(url)}; accepted: {', '.join(names) or '(none)'}")
+    return optuna.load_study(study_name=name, storage=storage_obj)
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url
