@@ -232,7 +232,7 @@ def validate_names(cfg: StudyConfig) -> None:
     """Check registry names and method overrides before anything runs or is stored."""
     from autoslim.data import list_datasets
     from autoslim.errors import accepted
-    from autoslim.methods import get_method
+    from autoslim.methods import get_method, list_methods
     from autoslim.models import list_models
 
     if cfg.data.name not in list_datasets():
@@ -240,6 +240,8 @@ def validate_names(cfg: StudyConfig) -> None:
     if cfg.model not in list_models():
         raise accepted("model", cfg.model, list_models())
     for name, overrides in cfg.methods.items():
+        if name not in list_methods():
+            raise accepted("methods", name, list_methods())
         get_method(name).search_space().narrow(overrides, where=f"methods.{name}")
 
 

@@ -8,7 +8,7 @@ activation, in eval mode, over N held-out examples and M spatial positions::
 Each round removes, in every target layer, the channels whose APoZ exceeds
 ``mean + alpha * std`` of the layer (rule ``std``, our reading of the paper's
 "one standard deviation above the mean"; unverified, hence ``alpha`` is a
-knob) or the ``fraction`` of channels with the highest APoZ (rule
+knob) or the floor of ``fraction`` x channels with the highest APoZ (rule
 ``fraction``), physically (:mod:`autoslim.surgery`), then retrains from the
 surviving weights. ``layers: highest`` trims only the layer of highest mean
 APoZ per round, the paper's order; ``all`` trims every layer. A layer always

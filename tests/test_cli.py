@@ -1,0 +1,105 @@
+"""The CLI: bad input gives one line and exit code 2 with nothing written; studies resume."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from autoslim.cli import main
+
+TINY = {"data": {"name": "digits", "train_subset": 200}, "model": "lenet300_100",
+        "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
+        "train": {"epochs": 1, "batch_size": 64}, "n_trials": 2}
+
+
+def write(tmp_path: Path, body, name="s.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
+    return p
+
+
+def with_(**changes):
+    d = json.loads(json.dumps(TINY))
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        node = d
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    return d
+
+
+BAD = [
+    (with_(data__name="imagenet"), "data.name: unknown value 'imagenet'; accepted: cifar10, digits"),
+    (with_(model="lenet7"), "model: unknown value 'lenet7'; accepted:"),
+    (with_(methods={"prune": {}}), "methods: unknown value 'prune'; accepted:"),
+    (with_(methods={"trimming": {"rounds": 99}}), "methods.trimming.rounds: 99 is out of range; accepted: 1 to 6"),
+    (with_(methods={"trimming": {"rule": "median"}}), "methods.trimming.rule: unknown value 'median'; accepted: std, fraction"),
+    (with_(methods={"trimming": {"depth": 1}}), "methods.trimming.depth: unknown parameter of 'trimming'"),
+    (with_(train__epochs="ten"), "train.epochs: expected an integer, got 'ten'"),
+    (with_(train__lr=-1), "train.lr: -1.0 is out of range; accepted: > 0.0"),
+    (with_(train__optimizer="lamb"), "train.optimizer: unknown value 'lamb'; accepted: sgd, adam, adamw"),
+    (with_(n_trials=0), "n_trials: 0 is out of range; accepted: >= 1"),
+    (with_(epochs=3), "epochs: unknown key; accepted: name, data, model"),
+    (with_(data__name="mnist", data__download=False, data__data_dir="nowhere"), "data.data_dir: mnist files not found"),
+    ("name: x\ndata: {name: digits\n", "malformed YAML"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, body, message):
+    study = write(tmp_path, body)
+    assert main(["optimize", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("autoslim: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_missing_study_file_and_unreachable_storage(tmp_path, capsys):
+    assert main(["optimize", str(tmp_path / "none.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    study = write(tmp_path, TINY)
+    assert main(["optimize", str(study), "--storage", f"sqlite:///{tmp_path}/no/such/dir/x.db"]) == 2
+    assert "--storage:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_show_unknown_study_name(tmp_path, capsys):
+    study = write(tmp_path, TINY)
+    assert main(["optimize", str(study), "--n-trials", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["show", f"sqlite:///{tmp_path}/s.db", "--study-name", "nope"]) == 2
+    assert "--study-name: no study 'nope'" in capsys.readouterr().err
+
+
+def test_a_resumed_study_runs_only_the_remaining_trials(tmp_path, capsys):
+    study = write(tmp_path, TINY)
+    assert main(["optimize", str(study)]) == 0
+    out = capsys.readouterr()
+    assert "Pareto front of study 's'" in out.out and "[trial 1]" in out.err
+    loaded = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db")
+    first = [(t.number, t.values, t.datetime_complete) for t in loaded.trials]
+    assert len(first) == 2 and loaded.metric_names == ["accuracy", "params"]
+    assert main(["optimize", str(study)]) == 0  # nothing left to do
+    assert main(["optimize", str(study), "--n-trials", "3"]) == 0
+    again = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db")
+    assert [(t.number, t.values, t.datetime_complete) for t in again.trials][:2] == first
+    assert len(again.trials) == 3
+    t = again.trials[2]
+    assert {"val_accuracy", "test_accuracy", "params", "nonzeros", "flops", "latency_ms", "widths_after",
+            "seconds", "config"} <= set(t.user_attrs)
+    assert t.values == [t.user_attrs["val_accuracy"], t.user_attrs["params"]]
+    capsys.readouterr()
+    assert main(["show", str(study), "-f", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and {"trial", "method", "accuracy", "params"} <= set(rows[0])
+
+
+def test_python_dash_m_and_exit_code(tmp_path):
+    study = write(tmp_path, with_(model="nope"))
+    proc = subprocess.run([sys.executable, "-m", "autoslim", "optimize", str(study)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("autoslim: error: model: unknown value 'nope'")

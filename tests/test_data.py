@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from autoslim.config import DataConfig
+from autoslim.data import Split, batches, load_data, random_crop, random_flip
+from autoslim.errors import UsageError
+
+
+def test_digits_split_is_deterministic_disjoint_and_complete():
+    a = load_data(DataConfig(name="digits", seed=3))
+    b = load_data(DataConfig(name="digits", seed=3))
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.val.y, b.val.y)
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    assert a.in_shape == (1, 8, 8) and a.num_classes == 10
+    rows = lambda s: {tuple(r.tolist()) for r in s.x.flatten(1)}  # noqa: E731
+    assert not rows(a.train) & rows(a.test) - rows(a.val)  # no test image leaks into train (up to duplicates)
+    c = load_data(DataConfig(name="digits", seed=4))
+    assert not torch.equal(a.val.y, c.val.y)
+
+
+def test_train_is_normalised_with_its_own_statistics(digits):
+    x = digits.train.x
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 0.05
+
+
+@pytest.mark.parametrize("subset,expected", [(100, 100), (0.5, None)])
+def test_train_subset(subset, expected):
+    full = load_data(DataConfig(name="digits"))
+    part = load_data(DataConfig(name="digits", train_subset=subset))
+    assert len(part.train) == (expected or round(0.5 * len(full.train)))
+    assert len(part.val) == len(full.val) and len(part.test) == len(full.test)
+
+
+def test_batches_cover_every_example_once_when_shuffled():
+    s = Split(torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10))
+    seen = torch.cat([y for _, y in batches(s, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
+
+
+def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float).view(2, 3, 5, 5)
+    out = random_crop(x, 2, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, r:r + 5, c:c + 5] for r in range(5) for c in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_random_flip_flips_about_half():
+    x = torch.randn(400, 1, 2, 3)
+    out = random_flip(x, torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(o, f) and not torch.equal(o, a) for o, a, f in zip(out, x, x.flip(-1))])
+    same = torch.tensor([torch.equal(o, a) for o, a in zip(out, x)])
+    assert (flipped | same).all() and 150 < int(flipped.sum()) < 250
+
+
+def test_synthetic_is_learnable_shape():
+    d = load_data(DataConfig(name="synthetic", image_shape=[3, 6, 6], num_classes=5, num_samples=100))
+    assert d.in_shape == (3, 6, 6) and d.num_classes == 5
+
+
+def test_missing_mnist_files_name_the_expected_files_and_folder(tmp_path):
+    with pytest.raises(UsageError) as e:
+        load_data(DataConfig(name="mnist", data_dir=str(tmp_path), download=False))
+    msg = str(e.value)
+    assert msg.startswith("data.data_dir:") and str(tmp_path / "MNIST" / "raw") in msg
+    assert "train-images-idx3-ubyte.gz" in msg and "\n" not in msg
+
+
+def test_imagefolder_reads_a_users_images(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            Image.new("RGB", (20, 16), (40 * i, 100 if cls == "cat" else 200, 0)).save(tmp_path / cls / f"{i}.png")
+    d = load_data(DataConfig(name="imagefolder", data_dir=str(tmp_path), image_size=12, val_fraction=0.2))
+    assert d.in_shape == (3, 12, 12) and d.num_classes == 2
+    assert len(d.train) + len(d.val) + len(d.test) == 12

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from autoslim.config import TrainConfig
+from autoslim.models import create_model
+from autoslim.train import Callback, Diverged, evaluate, lr_factor, seed_everything, train
+
+
+def fresh(data, seed=0):
+    seed_everything(seed)
+    return create_model("lenet300_100", in_shape=data.in_shape, num_classes=data.num_classes)
+
+
+def test_training_learns_digits(digits):
+    model = fresh(digits)
+    before = evaluate(model, digits.val)
+    history = train(model, digits, config=TrainConfig(epochs=5, lr=0.05), seed=0)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["val_accuracy"] > 0.85 > before
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_same_seed_same_weights(digits):
+    a, b = fresh(digits), fresh(digits)
+    for m in (a, b):
+        train(m, digits, config=TrainConfig(epochs=1), seed=7)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c = fresh(digits)
+    train(c, digits, config=TrainConfig(epochs=1), seed=8)
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_hooks_are_called_and_extra_loss_counts(digits):
+    class Spy(Callback):
+        steps, epochs = 0, []
+
+        def extra_loss(self, model):
+            return 100.0 * sum(p.pow(2).sum() for p in model.parameters())
+
+        def on_step_end(self, model, step):
+            Spy.steps = step
+
+        def on_epoch_end(self, model, record):
+            Spy.epochs.append(record["epoch"])
+
+    model = fresh(digits)
+    norm0 = sum(p.pow(2).sum().item() for p in model.parameters())
+    train(model, digits, config=TrainConfig(epochs=2, batch_size=256, weight_decay=0, lr=0.001), callbacks=[Spy()])
+    assert Spy.steps == 2 * -(-len(digits.train) // 256) and Spy.epochs == [1, 2]
+    assert sum(p.pow(2).sum().item() for p in model.parameters()) < 0.5 * norm0  # the regularizer shrank weights
+
+
+def test_divergence_is_reported(digits):
+    with pytest.raises(Diverged, match="training loss is"):
+        train(fresh(digits), digits, config=TrainConfig(epochs=3, lr=1e6, momentum=0.9), seed=0)
+
+
+def test_schedules():
+    cos = lr_factor(TrainConfig(schedule="cosine"), 10)
+    assert cos(0) == 1 and abs(cos(5) - 0.5) < 1e-9
+    step = lr_factor(TrainConfig(schedule="step", milestones=[0.5, 0.75], gamma=0.1), 8)
+    assert [round(step(e), 6) for e in (0, 3, 4, 6, 7)] == [1, 1, 0.1, 0.01, 0.01]
