@@ -27,7 +27,7 @@ def cmd_optimize(args) -> int:
     cfg = load_study(args.study)
     study = optimize(cfg, n_trials=args.n_trials, timeout=args.timeout, storage=args.storage,
                      study_name=args.study_name, log=_log if not args.quiet else (lambda s: None))
-    _print_front(study, "table")
+    _print_front(study, "table", history=True)
     return 0
 
 
@@ -35,23 +35,31 @@ def cmd_show(args) -> int:
     from autoslim.study import open_study
 
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
-    _print_front(study, args.format)
+    _print_front(study, args.format, history=args.history)
     return 0
 
 
-def _print_front(study, fmt: str) -> None:
-    from autoslim.search.pareto import format_table, pareto_front, trials_table
+def _print_front(study, fmt: str, *, history: bool = False) -> None:
+    import pandas as pd
 
-    df = trials_table(pareto_front(study))
+    from autoslim.search.pareto import COLUMNS, format_table, summary
+
+    result = summary(study)
+    rows = result["hypervolume_history"] if history else result["front"]
     if fmt == "json":
-        print(json.dumps(df.to_dict(orient="records"), indent=2))
+        print(json.dumps(result, indent=2, default=str))
     elif fmt == "csv":
-        print(df.to_csv(index=False), end="")
+        print(pd.DataFrame(rows).to_csv(index=False), end="")
     else:
-        n = len(study.trials)
-        print(f"\nPareto front of study {study.study_name!r} ({len(df)} of {n} trials; "
-              f"objectives: {', '.join(study.metric_names or [])}):")
-        print(format_table(df))
+        ref = ", ".join(f"{k} {v:,.6g}" for k, v in result["reference_point"].items())
+        print(f"\nPareto front of study {study.study_name!r} ({len(result['front'])} of {result['trials']} trials "
+              f"on it; {result['pruned']} stopped early, {result['infeasible']} infeasible; "
+              f"objectives: {', '.join(result['objectives'])}):")
+        print(format_table(pd.DataFrame(result["front"], columns=COLUMNS)))
+        print(f"\nHypervolume {result['hypervolume']:.4f} (reference point: {ref}; "
+              "accuracy as is, other objectives divided by the reference)")
+        if history:
+            print("after trial: " + ", ".join(f"{r['trial']}: {r['hypervolume']:.4f}" for r in rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help="print the Pareto front of an existing study")
         p.add_argument("study", help="study file or storage URL")
         p.add_argument("-f", "--format", choices=["table", "json", "csv"], default="table")
+        p.add_argument("--history", action="store_true",
+                       help="with -f csv: the hypervolume after each trial instead of the front; with table: both")
         storage_args(p)
         p.set_defaults(func=cmd_show)
     return parser

@@ -158,6 +158,39 @@ OBJECTIVES = ["accuracy", "params", "flops", "latency"]
 
 
 @dataclass
+class ConstraintsConfig:
+    """Budgets, as Optuna constraints: a trial that breaks one stays in the study, marked infeasible."""
+
+    max_params: int | None = field(default=None, metadata=_meta(min=1))
+    max_flops: int | None = field(default=None, metadata=_meta(min=1))
+    min_accuracy: float | None = field(default=None, metadata=_meta(min=0.0, max=1.0))
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Successive halving over rungs of trained epochs, by Pareto dominance on (accuracy, non-zeros)."""
+
+    enabled: bool = False
+    rungs: list[int] = field(default_factory=lambda: [1, 3, 9])
+    eta: int = field(default=3, metadata=_meta(min=2))
+    min_trials: int = field(default=3, metadata=_meta(min=1))
+
+    def __post_init__(self):
+        if any(r < 1 for r in self.rungs) or sorted(set(self.rungs)) != self.rungs:
+            raise UsageError(f"early_stopping.rungs: expected increasing epoch counts >= 1, got {self.rungs!r}")
+
+
+@dataclass
+class ReferencePointConfig:
+    """The hypervolume's reference point; unset values default to the uncompressed network's."""
+
+    accuracy: float = field(default=0.0, metadata=_meta(min=0.0, max=1.0))
+    params: int | None = field(default=None, metadata=_meta(min=1))
+    flops: int | None = field(default=None, metadata=_meta(min=1))
+    latency: float | None = field(default=None, metadata=_meta(min_exclusive=0.0))
+
+
+@dataclass
 class StudyConfig:
     """Everything a study file says. Paths in it are relative to the study file."""
 
@@ -174,6 +207,10 @@ class StudyConfig:
     storage: str | None = None
     device: str = field(default="auto", metadata=_meta(choices=["auto", "cpu", "cuda", "mps"]))
     third_objective: str | None = field(default=None, metadata=_meta(choices=["flops", "latency"]))
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    warm_start: bool = True
+    reference_point: ReferencePointConfig = field(default_factory=ReferencePointConfig)
     path: Path | None = field(default=None, init=False, repr=False)
 
     @classmethod

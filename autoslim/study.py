@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +38,37 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
         return cls(seed=seed, **cfg.sampler.options)
     except TypeError as e:
         raise UsageError(f"sampler.options: {e}") from None
+
+
+def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int) -> dict[str, float]:
+    """The hypervolume reference point: the study file's values, else the uncompressed network's."""
+    from autoslim.measure import measure
+    from autoslim.models import create_model
+
+    base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, **cfg.model_kwargs),
+                   in_shape=in_shape, latency_repeats=10)
+    ref = cfg.reference_point
+    point = {"accuracy": ref.accuracy, "params": ref.params or base.params, "flops": ref.flops or base.flops,
+             "latency": ref.latency or base.latency_ms}
+    return {name: float(point[name]) for name in cfg.objectives}
+
+
+def paper_defaults(spaces) -> list[dict]:
+    """Each method's published configuration as the Optuna parameters of a trial to enqueue.
+
+    A value the study file pinned wins; a published value outside a narrowed range is left to the sampler."""
+    trials = []
+    for method, space in spaces.items():
+        if not space.paper_default:
+            continue
+        values = {}
+        for name, value in space.paper_default.items():
+            try:
+                values[name] = space.params[name].check(value, name)
+            except UsageError:
+                continue
+        trials.append(space.optuna_params({**space.defaults(), **values}))
+    return trials
 
 
 def get_storage(url: str) -> optuna.storages.BaseStorage:
@@ -82,8 +114,15 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
                                 directions=["maximize" if o == "accuracy" else "minimize" for o in cfg.objectives],
                                 load_if_exists=True)
     if study.metric_names is None:
-        study.set_metric_names(cfg.objectives)
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(cfg.objectives)
         study.set_user_attr("autoslim_config", json.loads(json.dumps(study_config_dict(cfg), default=str)))
+        study.set_user_attr("reference_point", make_reference_point(cfg, in_shape=data.in_shape,
+                                                                    num_classes=data.num_classes))
+        if cfg.warm_start:
+            for params in paper_defaults(spaces):
+                study.enqueue_trial(params, user_attrs={"warm_start": "paper default"})
     elif list(study.metric_names) != cfg.objectives:
         raise UsageError(f"third_objective: study {study_name!r} was created with objectives "
                          f"{', '.join(study.metric_names)}; a study's objectives cannot change")

@@ -16,11 +16,12 @@ from typing import Any, Callable, Mapping, Sequence
 import optuna
 from torch import nn
 
-from autoslim.config import StudyConfig, TrialConfig
+from autoslim.config import ConstraintsConfig, StudyConfig, TrialConfig
 from autoslim.data import Data
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
 from autoslim.methods import TrialContext, get_method
 from autoslim.models import create_model
+from autoslim.search.halving import SuccessiveHalving
 from autoslim.search.space import SearchSpace
 from autoslim.train import Callback, evaluate, seed_everything
 
@@ -125,14 +126,32 @@ class Objective:
         prefix = f"[trial {trial.number}]"
         knobs = " ".join(f"{k}={_short(v)}" for k, v in config.params.items())
         self.log(f"{prefix} {config.method}: {knobs}")
-        result = run_trial(config, data=self.data, callbacks=[EpochPrinter(self.log, prefix)],
-                           log=lambda s: self.log(f"{prefix} {s}"))
+        callbacks: list[Callback] = [EpochPrinter(self.log, prefix)]
+        stopping = self.cfg.early_stopping
+        if stopping.enabled:
+            callbacks.append(SuccessiveHalving(trial, rungs=stopping.rungs, eta=stopping.eta,
+                                               min_trials=stopping.min_trials))
+        result = run_trial(config, data=self.data, callbacks=callbacks, log=lambda s: self.log(f"{prefix} {s}"))
         for k, v in result.user_attrs().items():
             trial.set_user_attr(k, v)
+        for name, value in constraint_values(self.cfg.constraints, result).items():
+            trial.set_constraint(name, value)
         self.log(f"{prefix} done in {result.seconds:.1f}s: val {100 * result.val_accuracy:.2f}% "
                  f"(test {100 * result.test_accuracy:.2f}%), params {result.params:,} "
                  f"({result.user_attrs()['compression']:.1f}x smaller), FLOPs {result.measurements.flops:,}")
         return [result.objective(o) for o in self.cfg.objectives]
+
+
+def constraint_values(budgets: ConstraintsConfig, result: TrialResult) -> dict[str, float]:
+    """Optuna constraint values (feasible when <= 0) of the budgets a study file sets."""
+    values = {}
+    if budgets.max_params is not None:
+        values["max_params"] = result.params - budgets.max_params
+    if budgets.max_flops is not None:
+        values["max_flops"] = result.measurements.flops - budgets.max_flops
+    if budgets.min_accuracy is not None:
+        values["min_accuracy"] = budgets.min_accuracy - result.val_accuracy
+    return values
 
 
 def _short(v: Any) -> str:

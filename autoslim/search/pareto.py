@@ -1,7 +1,16 @@
-"""The result of a study: its Pareto front and the table users read.
+"""The result of a study: its Pareto front, its hypervolume, and the table users read.
+
+The hypervolume is measured in normalised units against the study's reference
+point (stored with the study; by default accuracy 0 and the uncompressed
+network's parameters, FLOPs and latency): accuracy counts as is and each
+minimised objective is divided by its reference value. With (accuracy, params)
+it is the area, in [0, 1], of the region the front dominates in
+(accuracy in [0, 1]) x (fraction of the uncompressed parameters in [0, 1]).
 
 >>> pareto_mask([[0.9, 100], [0.8, 50], [0.7, 80]], ["maximize", "minimize"]).tolist()
 [True, True, False]
+>>> round(hypervolume([[0.9, 50], [0.8, 20]], ["maximize", "minimize"], [0.0, 100]), 4)
+0.69
 """
 
 from __future__ import annotations
@@ -28,8 +37,43 @@ def pareto_mask(values, directions: Sequence[str]) -> np.ndarray:
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
-    constraints = trial.system_attrs.get("constraints")
-    return constraints is None or all(c <= 0 for c in constraints)
+    """Optuna's rule: feasible when every constraint value is zero or less."""
+    return all(c <= 0 for c in trial.constraints.values())
+
+
+def hypervolume(values, directions: Sequence[str], reference: Sequence[float]) -> float:
+    """Normalised hypervolume of ``values`` against ``reference`` (points beyond it count for nothing)."""
+    from optuna._hypervolume import compute_hypervolume
+
+    ref = np.asarray(reference, dtype=float)
+    scale = np.array([1.0 if d == "maximize" else 1.0 / r for d, r in zip(directions, ref)])
+    loss = _minimized(values, directions) * scale
+    ref_loss = _minimized(ref, directions)[0] * scale
+    inside = loss[(loss < ref_loss).all(1)]
+    if len(inside) == 0:
+        return 0.0
+    return float(compute_hypervolume(inside, ref_loss))
+
+
+def reference_point(study: optuna.Study) -> list[float]:
+    """The study's stored reference point, in the order of its objectives."""
+    ref = study.user_attrs.get("reference_point")
+    if ref is None:
+        raise ValueError(f"study {study.study_name!r} has no reference point (not created by autoslim)")
+    return [ref[name] for name in (study.metric_names or [])]
+
+
+def hypervolume_history(study: optuna.Study) -> list[tuple[int, float]]:
+    """``(trial number, hypervolume of the feasible front after it)`` for every finished trial."""
+    directions = [d.name.lower() for d in study.directions]
+    ref = reference_point(study)
+    points, history = [], []
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if t.state == TrialState.COMPLETE and is_feasible(t):
+            points.append(t.values)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            history.append((t.number, hypervolume(points, directions, ref) if points else 0.0))
+    return history
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
@@ -47,12 +91,27 @@ COLUMNS = ["trial", "method", "accuracy", "test_accuracy", "params", "nonzeros",
            "compression", "hyperparameters"]
 
 
+def summary(study: optuna.Study) -> dict:
+    """The result of a study: its feasible Pareto front, hypervolume, reference point and history."""
+    history = hypervolume_history(study)
+    front = pareto_front(study)
+    return {"study": study.study_name, "objectives": list(study.metric_names or []),
+            "reference_point": dict(zip(study.metric_names or [], reference_point(study))),
+            "hypervolume": history[-1][1] if history else 0.0,
+            "trials": len(study.trials),
+            "infeasible": sum(t.state == TrialState.COMPLETE and not is_feasible(t) for t in study.trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
+            "front": trials_table(front).to_dict(orient="records"),
+            "hypervolume_history": [{"trial": n, "hypervolume": hv} for n, hv in history]}
+
+
 def trials_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
     """One row per trial: its measurements and its method's hyperparameters."""
     rows = []
     for t in trials:
         a = t.user_attrs
-        params = a.get("config", {}).get("params", {})
+        # The sampled hyperparameters (pinned ones are the same in every trial), without the method prefix.
+        params = {k.split(".", 1)[1]: v for k, v in t.params.items() if "." in k}
         rows.append({
             "trial": t.number, "method": a.get("method"), "accuracy": a.get("val_accuracy"),
             "test_accuracy": a.get("test_accuracy"), "params": a.get("params"), "nonzeros": a.get("nonzeros"),

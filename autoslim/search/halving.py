@@ -1,0 +1,92 @@
+"""Early stopping for multi-objective studies: successive halving by Pareto dominance.
+
+Optuna's ``Trial.report``/``should_prune`` are unavailable in multi-objective
+studies, so autoslim keeps its own rungs. When a trial has trained for a rung's
+number of epochs (counted across a method's phases), it records
+``(validation accuracy so far, non-zero parameters so far)`` as the user attr
+``rung_<epochs>`` - in the study's storage, so every worker sharing it sees the
+record. The trial is then ranked by non-dominated sorting among every trial
+that reached the same rung (running, finished or stopped ones). It is stopped
+(``optuna.TrialPruned``, partial results kept in its user attrs) when
+
+- at least ``min_trials`` trials reached the rung,
+- it is dominated by at least one of them, and
+- it is not among the best ``ceil(n / eta)`` of them (front index first, then accuracy).
+
+A trial that no other trial dominates always continues. The parameter count
+"so far" is the number of non-zero parameters: structures that a method has
+zeroed but not yet removed (l1/l2, SSS, IHT) count as gone already.
+
+>>> should_stop((0.5, 100), [(0.9, 50), (0.8, 60)], eta=3, min_trials=3)
+True
+>>> should_stop((0.95, 100), [(0.9, 50), (0.8, 60)], eta=3, min_trials=3)
+False
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import optuna
+from torch import nn
+
+from autoslim.measure import count_nonzeros
+from autoslim.train import Callback
+
+RUNG_PREFIX = "rung_"
+
+
+def nondominated_ranks(points: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Front index of each ``(accuracy, params)`` point: 0 for the Pareto front, 1 for the next, ..."""
+    pts = np.asarray(points, dtype=float).reshape(-1, 2) * np.array([-1.0, 1.0])  # both minimized
+    dominated_by = ((pts[None, :, :] <= pts[:, None, :]).all(-1) & (pts[None, :, :] < pts[:, None, :]).any(-1))
+    ranks = np.full(len(pts), -1)
+    remaining, front = np.ones(len(pts), dtype=bool), 0
+    while remaining.any():
+        current = remaining & ~(dominated_by & remaining[None, :]).any(1)
+        ranks[current] = front
+        remaining &= ~current
+        front += 1
+    return ranks
+
+
+def should_stop(point: tuple[float, float], others: Sequence[tuple[float, float]], *, eta: int, min_trials: int) -> bool:
+    """Whether the trial at ``point`` is stopped at a rung that ``others`` also reached."""
+    points = [tuple(point), *map(tuple, others)]
+    n = len(points)
+    if n < min_trials:
+        return False
+    ranks = nondominated_ranks(points)
+    if ranks[0] == 0:
+        return False
+    order = sorted(range(n), key=lambda i: (ranks[i], -points[i][0], points[i][1], i))
+    return order.index(0) >= math.ceil(n / eta)
+
+
+class SuccessiveHalving(Callback):
+    """The rung check of one trial: record its point at each rung, stop it if it is among the worst."""
+
+    def __init__(self, trial: optuna.Trial, *, rungs: Sequence[int], eta: int, min_trials: int) -> None:
+        self.trial, self.rungs, self.eta, self.min_trials = trial, set(rungs), eta, min_trials
+        self.history: list[dict] = []
+
+    def on_epoch_end(self, model: nn.Module, record: dict) -> None:
+        self.history.append(dict(record))
+        epoch = record["epoch"]
+        if epoch not in self.rungs:
+            return
+        key = f"{RUNG_PREFIX}{epoch}"
+        point = (record["val_accuracy"], count_nonzeros(model))
+        self.trial.set_user_attr(key, list(point))
+        others = [tuple(t.user_attrs[key]) for t in self.trial.study.get_trials(deepcopy=False)
+                  if t.number != self.trial.number and key in t.user_attrs]
+        if should_stop(point, others, eta=self.eta, min_trials=self.min_trials):
+            reason = (f"stopped at rung {epoch} epochs: val {100 * point[0]:.2f}% with {point[1]:,} non-zero "
+                      f"parameters is dominated and not in the best 1/{self.eta} of {len(others) + 1} trials")
+            self.trial.set_user_attr("pruned_reason", reason)
+            self.trial.set_user_attr("history", self.history)
+            self.trial.set_user_attr("val_accuracy", point[0])
+            self.trial.set_user_attr("nonzeros", point[1])
+            raise optuna.TrialPruned(reason)

@@ -1,0 +1,157 @@
+"""The search: conditional space, constraints, Pareto front and hypervolume, early stopping, warm start."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from autoslim.config import StudyConfig
+from autoslim.methods import get_method, list_methods
+from autoslim.search.halving import nondominated_ranks, should_stop
+from autoslim.search.pareto import hypervolume, pareto_front, pareto_mask
+from autoslim.search.space import SearchSpace
+from autoslim.study import optimize
+
+QUIET = dict(log=lambda s: None)
+
+
+def tiny(**extra) -> StudyConfig:
+    raw = {"name": "t", "data": {"name": "digits", "train_subset": 150}, "model": "lenet300_100",
+           "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
+           "train": {"epochs": 1, "batch_size": 64}, "n_trials": 3, "warm_start": False}
+    raw.update(extra)
+    return StudyConfig.from_dict(raw)
+
+
+# ---------------------------------------------------------------- conditional space
+
+def test_conditional_sampling_never_asks_a_method_for_another_methods_parameter():
+    spaces = {m: get_method(m).search_space() for m in list_methods()}
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        method = trial.suggest_categorical("method", list(spaces))
+        values = spaces[method].suggest(trial)
+        assert set(values) == set(spaces[method].params)
+        assert all(k == "method" or k.startswith(f"{method}.") for k in trial.params)
+        seen.add(method)
+        study.tell(trial, [0.5, 1.0])
+    assert seen == set(spaces)
+
+
+def test_a_study_file_pins_and_narrows_without_editing_the_space():
+    space = SearchSpace.load("trimming").narrow({"rounds": 2, "alpha": {"low": 0.5, "high": 0.6},
+                                                 "rule": {"choices": ["std"]}}, where="methods.trimming")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        trial = study.ask()
+        v = space.suggest(trial)
+        assert v["rounds"] == 2 and 0.5 <= v["alpha"] <= 0.6 and v["rule"] == "std"
+        assert "trimming.rounds" not in trial.params
+        study.tell(trial, 0.0)
+
+
+# ---------------------------------------------------------------- Pareto front and hypervolume
+
+def test_pareto_front_and_hypervolume_equal_a_hand_computation():
+    pts = [[0.90, 40], [0.95, 80], [0.85, 60], [0.70, 10], [0.95, 90]]
+    dirs = ["maximize", "minimize"]
+    assert pareto_mask(pts, dirs).tolist() == [True, True, False, True, False]
+    # front normalised by params 100: (0.9, .4), (0.95, .8), (0.7, .1); area by strips of accuracy:
+    hand = 0.70 * (1 - 0.1) + (0.90 - 0.70) * (1 - 0.4) + (0.95 - 0.90) * (1 - 0.8)
+    assert hypervolume(pts, dirs, [0.0, 100]) == pytest.approx(hand)
+    # a point beyond the reference adds nothing
+    assert hypervolume(pts + [[0.99, 150]], dirs, [0.0, 100]) == pytest.approx(hand)
+
+
+def test_nondominated_ranks():
+    assert nondominated_ranks([(0.9, 10), (0.8, 20), (0.95, 30), (0.7, 40)]).tolist() == [0, 1, 0, 2]
+
+
+# ---------------------------------------------------------------- constraints
+
+def test_a_constraint_marks_exactly_the_trials_that_break_it():
+    study = optimize(tiny(n_trials=4, constraints={"max_params": 30_000}), storage="sqlite:///:memory:", **QUIET)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 4
+    for t in trials:
+        assert t.constraints == {"max_params": t.user_attrs["params"] - 30_000}
+    front = pareto_front(study)
+    assert all(t.user_attrs["params"] <= 30_000 for t in front)
+    assert {t.number for t in study.best_trials} == {t.number for t in front}
+
+
+# ---------------------------------------------------------------- early stopping
+
+def test_should_stop_a_dominated_trial_and_keep_a_non_dominated_one():
+    others = [(0.9, 100), (0.85, 100), (0.8, 100), (0.6, 100), (0.5, 100)]
+    assert should_stop((0.4, 100), others, eta=3, min_trials=3)        # dominated, worst
+    assert not should_stop((0.95, 100), others, eta=3, min_trials=3)   # dominates everyone
+    assert not should_stop((0.3, 10), others, eta=3, min_trials=3)     # worst accuracy but smallest
+    assert not should_stop((0.4, 100), others[:1], eta=3, min_trials=3)  # too few trials at the rung
+
+
+def test_early_stopping_prunes_dominated_trials_in_a_study_and_keeps_partial_results():
+    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64},
+               early_stopping={"enabled": True, "rungs": [1], "eta": 2, "min_trials": 2})
+    study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert pruned and len(study.trials) == 6
+    for t in pruned:
+        assert "stopped at rung 1" in t.user_attrs["pruned_reason"] and len(t.user_attrs["history"]) == 1
+        mine = t.user_attrs["rung_1"]
+        others = [tuple(o.user_attrs["rung_1"]) for o in study.trials if o.number < t.number and "rung_1" in o.user_attrs]
+        assert should_stop(tuple(mine), others, eta=2, min_trials=2)
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert len(t.user_attrs["history"]) == 3  # 2 epochs + 1 retrain: it went past the rung
+
+
+def test_early_stopping_with_two_processes_sharing_a_journal(tmp_path):
+    study_file = tmp_path / "two.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "data": {"name": "digits", "train_subset": 150}, "model": "lenet300_100", "warm_start": False,
+        "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
+        "train": {"epochs": 2, "batch_size": 64}, "n_trials": 6,
+        "early_stopping": {"enabled": True, "rungs": [1], "eta": 2, "min_trials": 2}}))
+    journal = tmp_path / "two.journal"
+    cmd = [sys.executable, "-m", "autoslim", "optimize", str(study_file), "--storage", str(journal), "--quiet"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    from autoslim.study import get_storage
+    study = optuna.load_study(study_name="two", storage=get_storage(str(journal)))
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 6
+    rung = [t for t in study.trials if "rung_1" in t.user_attrs]
+    assert len(rung) == len(finished)
+    stopped = study.get_trials(states=(TrialState.PRUNED,))
+    assert stopped  # dense nets at rung 1 differ only in accuracy: the worse ones are dominated
+    for t in stopped:  # each stop is justified by the records in the shared storage
+        others = [tuple(o.user_attrs["rung_1"]) for o in rung if o.number != t.number]
+        assert should_stop(tuple(t.user_attrs["rung_1"]), others, eta=2, min_trials=2)
+
+
+# ---------------------------------------------------------------- samplers and warm start
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
+def test_every_sampler_runs_seeded(sampler):
+    runs = [optimize(tiny(n_trials=2, sampler={"name": sampler, "seed": 3}), storage="sqlite:///:memory:", **QUIET)
+            for _ in range(2)]
+    assert [t.params for t in runs[0].trials] == [t.params for t in runs[1].trials]
+
+
+def test_paper_defaults_are_enqueued_and_run_first():
+    cfg = tiny(n_trials=1, warm_start=True, methods={"trimming": {"apoz_examples": 100, "retrain_epochs": 1}})
+    study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
+    first = study.trials[0]
+    paper = get_method("trimming").search_space().paper_default
+    assert first.user_attrs["warm_start"] == "paper default"
+    assert all(first.user_attrs["config"]["params"][k] == v for k, v in paper.items() if k != "retrain_epochs")
+    assert first.user_attrs["config"]["params"]["retrain_epochs"] == 1  # the study file's pin wins
