@@ -62,7 +62,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        data = load_data(DataConfig(name="mnist", data_dir=args.data_dir, train_subset=args.subset, download=False))
+        data = load_data(DataConfig(name="mnist", data_dir=args.data_dir, train_subset=args.subset))
     except UsageError as e:
         print(f"bench_train: {e}", file=sys.stderr)
         return 2
