@@ -108,7 +108,8 @@ def load_data(config, *, device: str | torch.device = "cpu") -> Data:
     test split (digits, synthetic and single-folder image sets hold out
     ``test_fraction``), ``val_fraction`` of the training images is the
     validation split, and ``train_subset`` (a count, or a fraction in (0, 1])
-    keeps the first images of the shuffled remainder. Images are normalised
+    keeps the first images of the shuffled remainder; ``test_subset`` (a count)
+    keeps a fixed random part of the test split. Images are normalised
     with the training split's per-channel mean and standard deviation.
     """
     if config.name not in _SOURCES:
@@ -123,6 +124,9 @@ def load_data(config, *, device: str | torch.device = "cpu") -> Data:
         x, y = x[perm[n_test:]], y[perm[n_test:]]
     else:
         test_x, test_y = raw.test_x, raw.test_y
+    if config.test_subset is not None and config.test_subset < len(test_y):
+        keep = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(config.seed))[:config.test_subset]
+        test_x, test_y = test_x[keep], test_y[keep]
     perm = torch.randperm(len(y), generator=gen)
     n_val = max(1, int(round(config.val_fraction * len(y))))
     val_idx, train_idx = perm[:n_val], perm[n_val:]

@@ -77,3 +77,12 @@ def test_imagefolder_reads_a_users_images(tmp_path):
     d = load_data(DataConfig(name="imagefolder", data_dir=str(tmp_path), image_size=12, val_fraction=0.2))
     assert d.in_shape == (3, 12, 12) and d.num_classes == 2
     assert len(d.train) + len(d.val) + len(d.test) == 12
+
+
+def test_test_subset_is_a_fixed_part_of_the_test_split():
+    full = load_data(DataConfig(name="digits"))
+    a, b = (load_data(DataConfig(name="digits", test_subset=50)) for _ in range(2))
+    assert len(a.test) == 50 and torch.equal(a.test.x, b.test.x)
+    rows = {tuple(r.tolist()) for r in full.test.x.flatten(1)}
+    assert all(tuple(r.tolist()) in rows for r in a.test.x.flatten(1))
+    assert len(a.train) == len(full.train)

@@ -8,11 +8,11 @@ from autoslim.data import load_data
 from autoslim.methods import get_method, list_methods
 from autoslim.search.objective import run_trial
 
-BUDGET_KNOBS = ("epochs", "rounds", "cycles")
+BUDGET_KNOBS = ("epochs", "rounds", "cycles", "iterations")
 
 
 def smallest_budget(space) -> dict:
-    """The method's defaults with every epoch/round/cycle count at its lower bound."""
+    """The method's defaults with every epoch/round/cycle/iteration count at its lower bound."""
     params = space.defaults()
     for name, p in space.params.items():
         if p.type == "int" and any(k in name for k in BUDGET_KNOBS):

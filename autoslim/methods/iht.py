@@ -1,0 +1,218 @@
+"""IHT: skinny networks by iterative hard thresholding (Jin, Yuan, Feng, Yan 2016, arXiv 1607.05423).
+
+Reading implemented (``docs/methods.md`` section 1; the paper's per-layer
+ratios and schedules were not checked here)::
+
+    train densely (the study's epochs)
+    repeat `cycles` times:
+        hard thresholding: keep the top-k weights by magnitude of every prunable
+            layer (k = round(keep_ratio * size), at least 1), zero the rest
+        sparse phase: train `sparse_epochs` at lr * sparse_lr_scale; the support is fixed
+        unless this is the last cycle:
+            re-activation: release the mask, train all weights `dense_epochs`
+
+The last phase is sparse, so the deliverable is the sparse network. Prunable
+layers are the weights of every ``Conv2d`` and ``Linear`` (biases, BatchNorm
+and other tensors stay dense); ``prune_first`` / ``prune_last`` include the
+first (input) and last (classifier) of them in module order. Conv layers keep
+``keep_ratio``, linear layers ``keep_ratio * linear_keep_factor`` (one ratio
+for all when the factor is 1). ``scope: layer`` takes the top-k of each layer;
+``scope: global`` takes one top-k over all layers that share a ratio (one
+magnitude threshold), so a layer may end up sparser than others or empty.
+
+The mask holds exactly: :class:`MaskCallback` zeroes the pruned weights after
+every optimizer step, so momentum and weight decay never regrow them.
+Released weights restart from exactly zero, and every phase starts a fresh
+optimizer (no stale momentum).
+
+The result is reported as unstructured sparsity: the parameter objective is
+the non-zero count and ``size_bytes`` is the size of :func:`sparse_state_dict`
+saved with ``torch.save`` (a bit mask plus the non-zero values, about
+``density + 1/32`` of the dense file). Unstructured sparsity does NOT lower
+latency on a CPU: dense kernels multiply the zeros too (there are no sparse
+kernels here), so latency and FLOPs equal the dense network's.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
+from autoslim.train import Callback
+
+SCOPES = ("layer", "global")
+FORMAT = "autoslim-bitmask-1"
+
+
+def prunable_layers(model: nn.Module, *, prune_first: bool = True, prune_last: bool = True) -> dict[str, nn.Module]:
+    """The ``Conv2d`` and ``Linear`` modules whose weights IHT thresholds, by qualified name, in module order.
+
+    >>> from autoslim.models import create_model
+    >>> list(prunable_layers(create_model("lenet5", in_shape=(1, 28, 28), num_classes=10), prune_first=False))
+    ['features.conv2', 'classifier.fc1', 'classifier.fc2']
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    names = list(layers)
+    drop = set(names[:1] if not prune_first else []) | set(names[-1:] if not prune_last else [])
+    return {n: m for n, m in layers.items() if n not in drop}
+
+
+def magnitude_masks(layers: Mapping[str, nn.Module], *, keep_ratio: float | Mapping[str, float],
+                    scope: str = "layer") -> dict[str, torch.Tensor]:
+    """Boolean masks of the weights to keep: the top-k by magnitude per layer or per group of equal ratio.
+
+    ``keep_ratio`` is one ratio or one per layer name. A layer (scope ``layer``)
+    or a group of layers with the same ratio (scope ``global``) of n weights
+    keeps exactly ``max(1, round(ratio * n))`` of them; ties are broken by
+    ``torch.topk``.
+
+    >>> layer = nn.Linear(10, 10)
+    >>> int(magnitude_masks({"fc": layer}, keep_ratio=0.3)["fc"].sum())
+    30
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope: unknown value {scope!r}; accepted: {', '.join(SCOPES)}")
+    ratios = {n: keep_ratio if isinstance(keep_ratio, (int, float)) else keep_ratio[n] for n in layers}
+    groups: dict[Any, list[str]] = {}
+    for n in layers:
+        groups.setdefault(n if scope == "layer" else ratios[n], []).append(n)
+    masks = {}
+    for names in groups.values():
+        flat = torch.cat([layers[n].weight.detach().abs().flatten() for n in names])
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[torch.topk(flat, _kept(ratios[names[0]], flat.numel()), sorted=False).indices] = True
+        for n, chunk in zip(names, keep.split([layers[n].weight.numel() for n in names])):
+            masks[n] = chunk.view_as(layers[n].weight)
+    return masks
+
+
+def _kept(ratio: float, n: int) -> int:
+    return min(n, max(1, round(ratio * n)))
+
+
+class MaskCallback(Callback):
+    """Holds pruned weights at exactly zero: zeroes them now and after every optimizer step.
+
+    >>> layer = nn.Linear(4, 4)
+    >>> mask = MaskCallback({"fc": layer}, {"fc": torch.eye(4, dtype=torch.bool)})
+    >>> int(torch.count_nonzero(layer.weight))
+    4
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
+        self.pairs = [(layers[n].weight, masks[n].to(layers[n].weight.device)) for n in masks]
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for weight, mask in self.pairs:
+            weight.masked_fill_(~mask, 0.0)
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        self.apply()
+
+
+def sparse_state_dict(model: nn.Module) -> dict:
+    """A compact, ``torch.load(..., weights_only=True)``-loadable encoding of ``model.state_dict()``.
+
+    Each floating-point tensor whose encoding is smaller is stored as a bit mask
+    of its non-zeros (uint8, 1 bit per element) plus the non-zero values, in
+    ``{"shape": [...], "bits": ..., "values": ...}``; the rest stay dense. A
+    tensor of density d costs about ``d + 1/32`` of its dense bytes (fp32).
+    Restore with :func:`load_sparse_state_dict`.
+
+    >>> layer = nn.Linear(64, 64)
+    >>> with torch.no_grad():
+    ...     _ = layer.weight[:, 8:].zero_()
+    >>> encoded = sparse_state_dict(layer)
+    >>> sorted(encoded["tensors"]["weight"]), encoded["tensors"]["weight"]["values"].numel()
+    (['bits', 'shape', 'values'], 512)
+    """
+    tensors: dict[str, Any] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        nonzero = t != 0
+        nnz = int(nonzero.sum())
+        if t.is_floating_point() and math.ceil(t.numel() / 8) + nnz * t.element_size() < t.numel() * t.element_size():
+            tensors[name] = {"shape": list(t.shape), "bits": _pack_bits(nonzero.flatten()), "values": t[nonzero].clone()}
+        else:
+            tensors[name] = t.clone()
+    return {"format": FORMAT, "tensors": tensors}
+
+
+def load_sparse_state_dict(model: nn.Module, encoded: Mapping[str, Any]) -> nn.Module:
+    """Load an encoding made by :func:`sparse_state_dict` into ``model`` (dense tensors, exact values); return it.
+
+    >>> layer = nn.Linear(64, 64)
+    >>> restored = load_sparse_state_dict(nn.Linear(64, 64), sparse_state_dict(layer))
+    >>> torch.equal(restored.weight, layer.weight)
+    True
+    """
+    if encoded.get("format") != FORMAT:
+        raise ValueError(f"not a sparse state dict of format {FORMAT!r}: {encoded.get('format')!r}")
+    state = {}
+    for name, item in encoded["tensors"].items():
+        if isinstance(item, torch.Tensor):
+            state[name] = item
+            continue
+        mask = _unpack_bits(item["bits"], math.prod(item["shape"]))
+        dense = torch.zeros(mask.numel(), dtype=item["values"].dtype)
+        dense[mask] = item["values"]
+        state[name] = dense.view(item["shape"])
+    model.load_state_dict(state)
+    return model
+
+
+def sparse_size_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(sparse_state_dict(model))``."""
+    buf = io.BytesIO()
+    torch.save(sparse_state_dict(model), buf)
+    return buf.tell()
+
+
+_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+def _pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """A flat bool tensor as uint8 bytes, most significant bit first."""
+    padded = torch.nn.functional.pad(flags.to(torch.uint8), (0, -flags.numel() % 8))
+    return (padded.view(-1, 8) << _SHIFTS).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return ((packed[:, None] >> _SHIFTS) & 1).flatten()[:n].bool()
+
+
+@register_method
+class IHT(Method):
+    """Dense training, then ``cycles`` of hard thresholding + sparse fine-tuning, re-activating between cycles."""
+
+    name = "iht"
+
+    def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
+        p = self.search_space().complete(params, where="iht")
+        layers = prunable_layers(model, prune_first=p["prune_first"], prune_last=p["prune_last"])
+        ratios = {n: p["keep_ratio"] * (p["linear_keep_factor"] if isinstance(m, nn.Linear) else 1.0)
+                  for n, m in layers.items()}
+        ctx.train(model, phase="train")
+        cycles = []
+        for c in range(1, p["cycles"] + 1):
+            masks = magnitude_masks(layers, keep_ratio=ratios, scope=p["scope"])
+            sparse = ctx.train(model, epochs=p["sparse_epochs"], phase=f"sparse{c}", lr_scale=p["sparse_lr_scale"],
+                               callbacks=[MaskCallback(layers, masks)])
+            cycles.append({"sparse_val_accuracy": sparse[-1]["val_accuracy"] if sparse else None})
+            if c < p["cycles"]:
+                dense = ctx.train(model, epochs=p["dense_epochs"], phase=f"dense{c}")
+                cycles[-1]["dense_val_accuracy"] = dense[-1]["val_accuracy"] if dense else None
+        density = {n: round(float(torch.count_nonzero(m.weight)) / m.weight.numel(), 4) for n, m in layers.items()}
+        kept = sum(int(torch.count_nonzero(m.weight)) for m in layers.values())
+        total = sum(m.weight.numel() for m in layers.values())
+        ctx.log(f"iht: kept {kept:,} of {total:,} prunable weights ({100 * kept / max(1, total):.1f}%)")
+        return CompressionResult(model, sparse=True, size_bytes=sparse_size_bytes(model),
+                                 info={"density": density, "kept_weights": kept, "prunable_weights": total,
+                                       "cycles": cycles})

@@ -1,0 +1,46 @@
+"""ThriftyNet as a searched architecture (Coiffier, Boukli Hacene, Gripon 2020, arXiv 2007.10106).
+
+Not a compressor: the method builds a :class:`~autoslim.models.thriftynet.ThriftyNet`
+from its knobs (the study's ``model`` is ignored) and trains it from scratch
+with the study's training budget. The width is either ``filters`` or, when
+``filters`` is 0, the largest f whose parameter count fits ``budget`` for the
+sampled T, h and conv type (the official code's ``--n-params`` reading: a
+bigger T or h leaves fewer filters). Architecture details, the formulas and
+the alpha initialisation are in :mod:`autoslim.models.thriftynet`.
+
+>>> from autoslim.methods import get_method
+>>> net = get_method("thriftynet").build_model({"budget": 40000}, in_shape=(3, 32, 32), num_classes=10)
+>>> net.filters, sum(p.numel() for p in net.parameters())
+(163, 39636)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from autoslim.measure import count_params
+from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
+from autoslim.models.thriftynet import ThriftyNet, width_for_budget
+
+
+@register_method
+class ThriftyNetMethod(Method):
+    """Build a ThriftyNet from the sampled knobs; :meth:`compress` only trains it."""
+
+    name = "thriftynet"
+    builds_model = True
+
+    def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
+        p = self.search_space().complete(params, where="thriftynet")
+        f = p["filters"] or width_for_budget(p["budget"], T=p["iterations"], h=p["history"], conv=p["conv"],
+                                             num_classes=num_classes)
+        return ThriftyNet(in_shape=in_shape, num_classes=num_classes, filters=f, iterations=p["iterations"],
+                          history=p["history"], pool_every=p["pool_every"], conv=p["conv"],
+                          activation=p["activation"])
+
+    def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
+        ctx.train(model, phase="train")
+        return CompressionResult(model, info={"filters": model.filters, "params": count_params(model),
+                                              "pool_at": sorted(model.pool_at)})
