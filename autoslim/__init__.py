@@ -12,6 +12,7 @@ True
 from autoslim.config import DataConfig, StudyConfig, TrainConfig, TrialConfig, load_study
 from autoslim.data import load_data, register_dataset
 from autoslim.errors import UsageError
+from autoslim.export import load_model
 from autoslim.measure import measure
 from autoslim.methods import CompressionResult, Method, TrialContext, get_method, list_methods, register_method
 from autoslim.models import create_model, list_models, register_model
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Callback", "CompressionResult", "DataConfig", "Method", "StudyConfig", "TrainConfig", "TrialConfig",
     "TrialContext", "UsageError", "create_model", "evaluate", "get_method", "list_methods", "list_models",
-    "load_data", "load_study", "measure", "open_study", "optimize", "pareto_front", "register_dataset",
+    "load_data", "load_model", "load_study", "measure", "open_study", "optimize", "pareto_front", "register_dataset",
     "register_method", "register_model", "run_trial", "train",
 ]

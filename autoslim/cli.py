@@ -2,6 +2,11 @@
 
     autoslim optimize studies/quickstart.yaml [--n-trials N] [--timeout S] [--storage URL] [--study-name NAME]
     autoslim show studies/quickstart.yaml [-f table|json|csv]      (alias: best)
+    autoslim dashboard studies/quickstart.yaml [--host 127.0.0.1] [--port 8080] [--artifact-dir DIR]
+    autoslim report studies/quickstart.yaml [--out DIR]
+    autoslim export studies/quickstart.yaml --trial N | --pareto | --best-under-params K [--out DIR] [--retrain]
+    autoslim train exports/trial_N/config.yaml [--out DIR]
+    autoslim recover studies/quickstart.yaml --older-than 10m [--storage URL] [--study-name NAME]
 
 Bad input gives one line on stderr and exit code 2; nothing is written to storage.
 """
@@ -26,7 +31,7 @@ def cmd_optimize(args) -> int:
 
     cfg = load_study(args.study)
     study = optimize(cfg, n_trials=args.n_trials, timeout=args.timeout, storage=args.storage,
-                     study_name=args.study_name, log=_log if not args.quiet else (lambda s: None))
+                     study_name=args.study_name, artifact_dir=args.artifact_dir, log=_log if not args.quiet else (lambda s: None))
     _print_front(study, "table", history=True)
     return 0
 
@@ -36,6 +41,58 @@ def cmd_show(args) -> int:
 
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
     _print_front(study, args.format, history=args.history)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from autoslim.dashboard import serve
+
+    serve(args.study, study_name=args.study_name, storage=args.storage, host=args.host, port=args.port,
+          artifact_dir=args.artifact_dir, log=lambda s: print(s, flush=True))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from autoslim.report import write_report
+    from autoslim.study import open_study
+
+    study = open_study(args.study, study_name=args.study_name, storage=args.storage)
+    for path in write_report(study, out=args.out or f"reports/{study.study_name}").values():
+        print(path)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from autoslim.artifacts import open_artifact_store, storage_url
+    from autoslim.export import export_trial, select_trials
+    from autoslim.study import open_study
+
+    study = open_study(args.study, study_name=args.study_name, storage=args.storage)
+    store = open_artifact_store(storage_url(args.study, storage=args.storage), artifact_dir=args.artifact_dir)
+    for trial in select_trials(study, trial=args.trial, pareto=args.pareto, best_under_params=args.best_under_params):
+        print(export_trial(study, trial, out=args.out, artifact_store=store, retrain=args.retrain, log=_log))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from autoslim.export import train_config_file
+
+    result = train_config_file(args.config, out=args.out, log=_log)
+    print(f"val accuracy {100 * result.val_accuracy:.2f}%, test accuracy {100 * result.test_accuracy:.2f}%, "
+          f"params {result.params:,}" + (f"; model files in {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_recover(args) -> int:
+    from autoslim.artifacts import storage_url
+    from autoslim.distributed import study_lock
+    from autoslim.recover import parse_age, recover
+    from autoslim.study import open_study
+
+    older_than = parse_age(args.older_than)
+    study = open_study(args.study, study_name=args.study_name, storage=args.storage)
+    with study_lock(storage_url(args.study, storage=args.storage)):
+        recover(study, older_than=older_than, log=print)
     return 0
 
 
@@ -66,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoslim", description="Search compression methods for small networks with Optuna.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def artifact_arg(p):
+        p.add_argument("--artifact-dir", help="trial artifact folder (default: <db name>-artifacts beside a SQLite "
+                                              "or journal file; other storages keep none without it)")
+
     def storage_args(p):
         p.add_argument("--storage", help="Optuna storage URL (default: the study file's, else sqlite:///<name>.db beside it)")
         p.add_argument("--study-name", help="study name (default: the study file's name)")
@@ -76,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     p.add_argument("--quiet", action="store_true", help="print only the Pareto front")
     storage_args(p)
+    artifact_arg(p)
     p.set_defaults(func=cmd_optimize)
 
     for name in ("show", "best"):
@@ -86,6 +148,48 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with -f csv: the hypervolume after each trial instead of the front; with table: both")
         storage_args(p)
         p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard for a study (trials, Pareto front, artifacts)")
+    p.add_argument("study", help="study file or storage URL")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    storage_args(p)
+    artifact_arg(p)
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("report", help="write trials.csv and Pareto-front and hypervolume charts (HTML, PNG)")
+    p.add_argument("study", help="study file or storage URL")
+    p.add_argument("--out", help="output folder (default: reports/<study name>)")
+    storage_args(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export trials' compressed models: config.yaml, model.pt, TorchScript, ONNX")
+    p.add_argument("study", help="study file or storage URL")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, metavar="N", help="trial number N")
+    which.add_argument("--pareto", action="store_true", help="every trial on the Pareto front")
+    which.add_argument("--best-under-params", type=int, metavar="K",
+                       help="the most accurate trial with at most K parameters")
+    p.add_argument("--out", default="exports", help="output folder; each trial goes to OUT/trial_<N> (default: exports)")
+    p.add_argument("--retrain", action="store_true",
+                   help="retrain from the stored config instead of using the trial's model artifact")
+    storage_args(p)
+    artifact_arg(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("train", help="rebuild and retrain an exported config.yaml (same method, same seed)")
+    p.add_argument("config", help="a trial's config.yaml (from autoslim export)")
+    p.add_argument("--out", help="write model.pt, model.ts, model.onnx and config.yaml there")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recover", help="fail trials whose worker died (no sign of life for --older-than) and "
+                                       "queue retries that resume from their last epoch checkpoint")
+    p.add_argument("study", help="study file or storage URL")
+    p.add_argument("--older-than", required=True, metavar="AGE",
+                   help="a running trial silent (no start, no epoch checkpoint) for longer than this is stale: "
+                        "90s, 10m, 2h, 1d")
+    storage_args(p)
+    p.set_defaults(func=cmd_recover)
     return parser
 
 

@@ -116,6 +116,7 @@ class DataConfig:
     val_fraction: float = field(default=0.15, metadata=_meta(min_exclusive=0.0, max=0.9))
     test_fraction: float = field(default=0.2, metadata=_meta(min_exclusive=0.0, max=0.9))
     train_subset: int | float | None = field(default=None, metadata=_meta(min_exclusive=0))
+    test_subset: int | None = field(default=None, metadata=_meta(min=1))
     augment: bool | None = None
     seed: int = 0
     image_size: int | None = field(default=None, metadata=_meta(min=4))
@@ -191,6 +192,16 @@ class ReferencePointConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    """Surviving dead workers: the heartbeat of an RDB storage, retries, and per-epoch trial checkpoints."""
+
+    heartbeat_interval: int = field(default=60, metadata=_meta(min=1))
+    grace_period: int | None = field(default=None, metadata=_meta(min=1))
+    max_retry: int | None = field(default=3, metadata=_meta(min=0))
+    checkpoint: bool = True
+
+
+@dataclass
 class StudyConfig:
     """Everything a study file says. Paths in it are relative to the study file."""
 
@@ -211,6 +222,7 @@ class StudyConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     warm_start: bool = True
     reference_point: ReferencePointConfig = field(default_factory=ReferencePointConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     path: Path | None = field(default=None, init=False, repr=False)
 
     @classmethod

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import optuna
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from autoslim.config import StudyConfig
+from autoslim.artifacts import open_artifact_store
+from autoslim.config import RecoveryConfig, StudyConfig
 from autoslim.data import load_data
+from autoslim.distributed import FileLock, run_worker, study_lock, worker_index
 from autoslim.errors import UsageError
 from autoslim.methods import get_method
 from autoslim.search.objective import Objective
@@ -30,8 +32,9 @@ from autoslim.train import resolve_device
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
-    seed = cfg.sampler.seed if cfg.sampler.seed is not None else cfg.seed
+def make_sampler(cfg: StudyConfig, *, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler; worker ``k`` of a study shared by several gets seed ``seed + k``."""
+    seed = (cfg.sampler.seed if cfg.sampler.seed is not None else cfg.seed) + worker
     cls = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
            "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler}[cfg.sampler.name]
     try:
@@ -71,21 +74,35 @@ def paper_defaults(spaces) -> list[dict]:
     return trials
 
 
-def get_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``, checked to be reachable; a UsageError line if it is not."""
+def get_storage(url: str, *, recovery: RecoveryConfig | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``, checked to be reachable; a UsageError line if it is not.
+
+    A journal file is shared by processes through an ``fcntl`` lock; with
+    ``recovery``, an RDB storage runs trials with a heartbeat and retries the
+    trials of dead workers (:mod:`autoslim.checkpoint` resumes them).
+    """
     try:
         if url.endswith((".journal", ".log")) and "://" not in url:
             from optuna.storages.journal import JournalFileBackend
-            return optuna.storages.JournalStorage(JournalFileBackend(url))
+            if not Path(url).parent.is_dir():
+                raise UsageError(f"--storage: folder {Path(url).parent} does not exist")
+            return optuna.storages.JournalStorage(JournalFileBackend(url, lock_obj=FileLock(f"{url}.flock")))
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             parent = Path(url[len("sqlite:///"):]).parent
             if not parent.is_dir():
                 raise UsageError(f"--storage: folder {parent} does not exist")
+        if recovery is not None and url != "sqlite:///:memory:":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=recovery.heartbeat_interval, grace_period=recovery.grace_period,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=recovery.max_retry, inherit_intermediate_values=True))
         return optuna.storages.get_storage(url)
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"--storage: cannot open {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--storage: cannot open {_redact(url)!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def study_config_dict(cfg: StudyConfig) -> dict:
@@ -95,13 +112,15 @@ def study_config_dict(cfg: StudyConfig) -> dict:
 
 
 def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
-             storage: str | None = None, study_name: str | None = None,
+             storage: str | None = None, study_name: str | None = None, artifact_dir: str | None = None,
              log: Callable[[str], None] = print) -> optuna.Study:
     """Create or resume the study of ``cfg`` and run it until it holds ``n_trials`` finished trials.
 
     Everything the user gave is checked (names, ranges, data files, storage)
     before anything is written to storage. Completed and pruned trials are
     never redone: a second call with the same arguments runs only the rest.
+    Every completed trial uploads its artifacts (:mod:`autoslim.artifacts`) to
+    ``artifact_dir``, by default the folder beside a file storage.
     """
     n_trials = n_trials or cfg.n_trials
     timeout = timeout if timeout is not None else cfg.timeout
@@ -109,10 +128,36 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     spaces = {m: get_method(m).search_space().narrow(o, where=f"methods.{m}") for m, o in cfg.methods.items()}
     sampler = make_sampler(cfg)
     data = load_data(cfg.data, device=resolve_device(cfg.device))
-    storage_obj = get_storage(storage or cfg.storage or cfg.default_storage())
-    study = optuna.create_study(storage=storage_obj, study_name=study_name, sampler=sampler,
-                                directions=["maximize" if o == "accuracy" else "minimize" for o in cfg.objectives],
-                                load_if_exists=True)
+    url = storage or cfg.storage or cfg.default_storage()
+    lock = study_lock(url)
+    with lock:  # several workers: the tables, the study, its attrs and warm-start trials are made once
+        storage_obj = get_storage(url, recovery=cfg.recovery)
+        artifact_store = open_artifact_store(url, artifact_dir=artifact_dir, create=True)
+        study = optuna.create_study(storage=storage_obj, study_name=study_name, sampler=sampler,
+                                    directions=["maximize" if o == "accuracy" else "minimize" for o in cfg.objectives],
+                                    load_if_exists=True)
+        _set_up(study, cfg, spaces, data)
+        study.sampler = make_sampler(cfg, worker=worker_index(study, storage=storage_obj))
+    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    remaining = n_trials - done
+    log(f"study {study_name!r} in {_redact(url)}: "
+        f"{done} finished trial(s), running {max(0, remaining)} more on {cfg.data.name} "
+        f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
+        f"methods {', '.join(spaces)}")
+    if remaining > 0:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)  # the Objective logs failures, one line
+        heartbeat = isinstance(storage_obj, optuna.storages.RDBStorage) and storage_obj.heartbeat_interval is not None
+        if heartbeat and artifact_store is None and cfg.recovery.checkpoint:
+            log("no --artifact-dir: trials are not checkpointed, so a trial retried after its worker died starts over")
+        run_worker(study, Objective(cfg, data, spaces, log=log, artifact_store=artifact_store), n_trials=n_trials,
+                   max_trials=remaining, timeout=timeout, lock=lock, heartbeat=heartbeat,
+                   poll=min(5.0, cfg.recovery.heartbeat_interval), log=log)
+    return study
+
+
+def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data) -> None:
+    """Name the metrics, store the config and reference point, enqueue warm starts: once, when the study is new."""
     if study.metric_names is None:
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -124,19 +169,8 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
             for params in paper_defaults(spaces):
                 study.enqueue_trial(params, user_attrs={"warm_start": "paper default"})
     elif list(study.metric_names) != cfg.objectives:
-        raise UsageError(f"third_objective: study {study_name!r} was created with objectives "
+        raise UsageError(f"third_objective: study {study.study_name!r} was created with objectives "
                          f"{', '.join(study.metric_names)}; a study's objectives cannot change")
-    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
-    remaining = n_trials - done
-    log(f"study {study_name!r} in {_redact(storage or cfg.storage or cfg.default_storage())}: "
-        f"{done} finished trial(s), running {max(0, remaining)} more on {cfg.data.name} "
-        f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
-        f"methods {', '.join(spaces)}")
-    if remaining > 0:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(Objective(cfg, data, spaces, log=log), n_trials=remaining, timeout=timeout,
-                       callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], catch=(Exception,))
-    return study
 
 
 def open_study(target: str, *, study_name: str | None = None, storage: str | None = None) -> optuna.Study:
@@ -151,6 +185,8 @@ def open_study(target: str, *, study_name: str | None = None, storage: str | Non
                              f"run `autoslim optimize {target}` first")
     else:
         url, name = storage or target, study_name
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+            raise UsageError(f"study: no database at {url[len('sqlite:///'):]}")
     storage_obj = get_storage(url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage_obj)]
     if name is None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -104,7 +104,9 @@ def evaluate(model: nn.Module, split: Split, *, batch_size: int = 1000) -> float
 
 def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | None = None, seed: int = 0,
           lr_scale: float = 1.0, callbacks: Sequence[Callback] = (), param_groups: Iterable | None = None,
-          extra_optimizers: Sequence[torch.optim.Optimizer] = (), epoch_offset: int = 0) -> list[dict]:
+          extra_optimizers: Sequence[torch.optim.Optimizer] = (), epoch_offset: int = 0,
+          resume: Mapping[str, Any] | None = None,
+          on_state: Callable[[list[dict], dict], None] | None = None) -> list[dict]:
     """Train ``model`` in place for ``epochs`` (default ``config.epochs``); return one record per epoch.
 
     ``param_groups`` replaces the model's parameters in the main optimizer
@@ -113,6 +115,12 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
     ``epoch_offset`` numbers the records when a method trains in phases.
     Each record holds ``epoch``, ``loss`` (mean training loss), ``val_accuracy``,
     ``lr`` and ``seconds``. A NaN or infinite loss raises :class:`Diverged`.
+
+    ``on_state(records, state)`` is called after every epoch (after the
+    callbacks) with this call's records so far and the loop state (``epoch``
+    done, ``step``, optimizer and schedule states, the shuffling generator);
+    ``resume=state`` continues from that epoch as if never interrupted
+    (:mod:`autoslim.checkpoint` saves and restores the rest of a trial).
     """
     epochs = config.epochs if epochs is None else epochs
     device = data.train.x.device
@@ -123,10 +131,16 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
     factor = lr_factor(config, epochs)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
     generator = torch.Generator(device=device).manual_seed(seed)
+    if resume is not None:
+        for o, state in zip(optimizers, resume["optimizers"], strict=True):
+            o.load_state_dict(state)
+        for s, state in zip(schedulers, resume["schedulers"], strict=True):
+            s.load_state_dict(state)
+        generator.set_state(resume["generator"])
     loss_hooks = [c for c in callbacks if type(c).extra_loss is not Callback.extra_loss]
     step_hooks = [c for c in callbacks if type(c).on_step_end is not Callback.on_step_end]
-    history, step = [], 0
-    for epoch in range(epochs):
+    history, step = [], 0 if resume is None else resume["step"]
+    for epoch in range(0 if resume is None else resume["epoch"], epochs):
         start = time.perf_counter()
         total = torch.zeros((), device=device)
         for x, y in batches(data.train, batch_size=config.batch_size, shuffle=True, generator=generator,
@@ -156,4 +170,7 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
         history.append(record)
         for c in callbacks:
             c.on_epoch_end(model, record)
+        if on_state is not None:
+            on_state(history, {"epoch": epoch + 1, "step": step, "optimizers": [o.state_dict() for o in optimizers],
+                               "schedulers": [s.state_dict() for s in schedulers], "generator": generator.get_state()})
     return history

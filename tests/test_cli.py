@@ -95,8 +95,9 @@ def test_a_resumed_study_runs_only_the_remaining_trials(tmp_path, capsys):
     assert t.values == [t.user_attrs["val_accuracy"], t.user_attrs["params"]]
     capsys.readouterr()
     assert main(["show", str(study), "-f", "json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert rows and {"trial", "method", "accuracy", "params"} <= set(rows[0])
+    result = json.loads(capsys.readouterr().out)
+    assert result["front"] and {"trial", "method", "accuracy", "params"} <= set(result["front"][0])
+    assert [r["trial"] for r in result["hypervolume_history"]] == [0, 1, 2] and 0 < result["hypervolume"] <= 1
 
 
 def test_python_dash_m_and_exit_code(tmp_path):

@@ -14,10 +14,11 @@ True
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from autoslim.errors import accepted
 from autoslim.search.space import SearchSpace
 from autoslim.train import Callback, evaluate, train
 
+if TYPE_CHECKING:
+    from autoslim.checkpoint import Checkpointer
+
 
 @dataclass
 class TrialContext:
@@ -35,7 +39,9 @@ class TrialContext:
 
     :meth:`train` is how a method trains: it numbers epochs across phases, keeps
     the history, and calls ``callbacks`` (the early-stopping rung check, the
-    progress printer, the checkpointer) after every epoch.
+    progress printer) after every epoch. With a ``checkpointer``
+    (:class:`autoslim.checkpoint.Checkpointer`) every phase is checkpointed
+    after each epoch, and a resumed trial replays the phases it had finished.
     """
 
     data: Data
@@ -44,6 +50,7 @@ class TrialContext:
     callbacks: Sequence[Callback] = ()
     log: Callable[[str], None] = lambda msg: None
     history: list[dict] = field(default_factory=list)
+    checkpointer: Checkpointer | None = None
 
     @property
     def epochs_done(self) -> int:
@@ -57,10 +64,12 @@ class TrialContext:
         if epochs <= 0:
             return []
         tagger = _PhaseTag(phase)
-        records = train(model, self.data, config=config or self.train_config, epochs=epochs,
-                        seed=self.seed + self.epochs_done, lr_scale=lr_scale,
-                        callbacks=[tagger, *callbacks, *self.callbacks], param_groups=param_groups,
-                        extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done)
+        run = functools.partial(train, model, self.data, config=config or self.train_config, epochs=epochs,
+                                seed=self.seed + self.epochs_done, lr_scale=lr_scale,
+                                callbacks=[tagger, *callbacks, *self.callbacks], param_groups=param_groups,
+                                extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done)
+        records = run() if self.checkpointer is None else self.checkpointer.phase(
+            run, model=model, name=phase, extra_optimizers=extra_optimizers)
         self.history.extend(records)
         return records
 

@@ -9,6 +9,8 @@ the trial's user attrs.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -16,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import optuna
 from torch import nn
 
+from autoslim.checkpoint import Checkpointer, TrialCheckpoints, run_resumable
 from autoslim.config import ConstraintsConfig, StudyConfig, TrialConfig
 from autoslim.data import Data
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
@@ -23,7 +26,7 @@ from autoslim.methods import TrialContext, get_method
 from autoslim.models import create_model
 from autoslim.search.halving import SuccessiveHalving
 from autoslim.search.space import SearchSpace
-from autoslim.train import Callback, evaluate, seed_everything
+from autoslim.train import Callback, Diverged, evaluate, seed_everything
 
 
 @dataclass
@@ -74,15 +77,18 @@ def build_model(config: TrialConfig, *, in_shape, num_classes: int) -> nn.Module
 
 
 def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] = (),
-              log: Callable[[str], None] = lambda s: None) -> TrialResult:
-    """Build, train and compress the network of ``config`` on ``data``; measure the result."""
+              log: Callable[[str], None] = lambda s: None, checkpointer: Checkpointer | None = None) -> TrialResult:
+    """Build, train and compress the network of ``config`` on ``data``; measure the result.
+
+    ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes."""
     start = time.perf_counter()
     seed_everything(config.seed)
     method = get_method(config.method)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes)
     widths_before = layer_widths(model)
     baseline = count_params(model)
-    ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log)
+    ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
+                       checkpointer=checkpointer)
     result = method.compress(model, ctx, config.params)
     compressed = result.model
     measurements = measure(compressed, in_shape=data.in_shape, size_bytes=result.size_bytes)
@@ -110,19 +116,39 @@ class Objective:
     """The Optuna objective of a study: sample, run, store, return the objective values."""
 
     def __init__(self, study_config: StudyConfig, data: Data, spaces: Mapping[str, SearchSpace], *,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, artifact_store=None) -> None:
         self.cfg, self.data, self.spaces, self.log = study_config, data, dict(spaces), log
+        self.artifact_store = artifact_store  # optuna artifact store for per-trial files; None: none kept
 
     def trial_config(self, trial: optuna.Trial) -> TrialConfig:
         method = trial.suggest_categorical("method", list(self.spaces))
         params = self.spaces[method].suggest(trial)
         return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
-                           data=self.cfg.data, train=self.cfg.train, seed=self.cfg.seed + trial.number,
+                           data=self.cfg.data, train=self.cfg.train, seed=self.cfg.seed + _original_number(trial),
                            device=self.cfg.device)
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
+        """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``); an error fails it
+        (user attr ``error``, one line); the study goes on either way."""
+        prefix = f"[trial {trial.number}]"
+        try:
+            return self._run(trial)
+        except Diverged as e:
+            trial.set_user_attr("pruned_reason", f"diverged: {e}")
+            self.log(f"{prefix} pruned: diverged: {e}")
+            raise optuna.TrialPruned(f"diverged: {e}") from None
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:
+            error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            trial.set_user_attr("error", error)
+            self.log(f"{prefix} failed: {error}")
+            raise
+
+    def _run(self, trial: optuna.Trial) -> Sequence[float]:
         config = self.trial_config(trial)
         trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         prefix = f"[trial {trial.number}]"
         knobs = " ".join(f"{k}={_short(v)}" for k, v in config.params.items())
         self.log(f"{prefix} {config.method}: {knobs}")
@@ -131,7 +157,14 @@ class Objective:
         if stopping.enabled:
             callbacks.append(SuccessiveHalving(trial, rungs=stopping.rungs, eta=stopping.eta,
                                                min_trials=stopping.min_trials))
-        result = run_trial(config, data=self.data, callbacks=callbacks, log=lambda s: self.log(f"{prefix} {s}"))
+
+        def log(message: str) -> None:
+            self.log(f"{prefix} {message}")
+
+        checkpoints = (TrialCheckpoints(trial, store=self.artifact_store)
+                       if self.artifact_store is not None and self.cfg.recovery.checkpoint else None)
+        result = run_resumable(lambda checkpointer: run_trial(config, data=self.data, callbacks=callbacks, log=log,
+                                                              checkpointer=checkpointer), checkpoints, log=log)
         for k, v in result.user_attrs().items():
             trial.set_user_attr(k, v)
         for name, value in constraint_values(self.cfg.constraints, result).items():
@@ -139,6 +172,10 @@ class Objective:
         self.log(f"{prefix} done in {result.seconds:.1f}s: val {100 * result.val_accuracy:.2f}% "
                  f"(test {100 * result.test_accuracy:.2f}%), params {result.params:,} "
                  f"({result.user_attrs()['compression']:.1f}x smaller), FLOPs {result.measurements.flops:,}")
+        if self.artifact_store is not None:
+            from autoslim.artifacts import upload_trial_artifacts
+            upload_trial_artifacts(trial, result, artifact_store=self.artifact_store,
+                                   in_shape=self.data.in_shape, num_classes=self.data.num_classes)
         return [result.objective(o) for o in self.cfg.objectives]
 
 
@@ -152,6 +189,11 @@ def constraint_values(budgets: ConstraintsConfig, result: TrialResult) -> dict[s
     if budgets.min_accuracy is not None:
         values["min_accuracy"] = budgets.min_accuracy - result.val_accuracy
     return values
+
+
+def _original_number(trial: optuna.Trial) -> int:
+    """The number of the trial that ``trial`` retries (system attr of Optuna's retry callback), else its own."""
+    return trial.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial", trial.number)
 
 
 def _short(v: Any) -> str:

@@ -1,0 +1,254 @@
+"""Several workers on one study: the study lock and the trial loop that finishes exactly ``n_trials`` trials.
+
+Start the same command in as many processes, on as many machines, as you like;
+they share the study through its storage (PostgreSQL; a journal file or SQLite
+for processes on one machine)::
+
+    autoslim optimize studies/x.yaml --storage postgresql://autoslim:pw@db/autoslim --artifact-dir /shared/x
+
+**The study lock** serialises what must happen once: creating the storage's
+tables and the study, setting its metric names and attrs, enqueuing its
+warm-start trials, and each decision to start a trial. It is a PostgreSQL
+advisory lock for a PostgreSQL storage, else an ``fcntl`` lock file beside the
+storage file (or in the temp folder). The server, or the kernel, releases it
+when its holder dies, so a killed worker never blocks the others.
+
+**Exactly n trials.** A worker starts a trial only while, under the lock,
+fewer than ``n_trials`` trials are finished (complete or pruned) or running,
+and creates it (``study.ask`` inside ``study.optimize``) before it lets go of
+the lock, so no two workers can take the last slot (Optuna's
+``MaxTrialsCallback`` stops only after a trial ends, by which time up to
+``workers - 1`` extra trials have started). A worker with nothing to start
+waits while trials run elsewhere with a heartbeat (if one dies it is failed and
+retried, see :mod:`autoslim.checkpoint`), and leaves when the study is done.
+Without a heartbeat (a journal file) it leaves at once and says so: a trial
+whose worker died stays running until ``autoslim recover`` requeues it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from autoslim.errors import UsageError
+
+
+class FileLock:
+    """An exclusive ``fcntl.flock`` on ``path`` between threads and processes of one machine.
+
+    The kernel drops it when its process dies, so it also serves as the lock
+    of a journal file shared by worker processes.
+
+    >>> lock = FileLock(f"{tempfile.mkdtemp()}/x.lock")
+    >>> with lock:
+    ...     pass
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._threads = threading.Lock()
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self._threads.acquire()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            self._threads.release()
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Release the lock; a no-op if it is not held (a started trial released it early)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        self._threads.release()
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class AdvisoryLock:
+    """A PostgreSQL session-level advisory lock named ``name``, held on a connection of its own.
+
+    >>> with AdvisoryLock("postgresql://autoslim@localhost/autoslim", name="autoslim study lock"):  # doctest: +SKIP
+    ...     pass
+    """
+
+    def __init__(self, url: str, *, name: str) -> None:
+        import sqlalchemy
+
+        self._sql = sqlalchemy
+        self._engine = sqlalchemy.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+        self._key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+        self._conn = None
+
+    def acquire(self) -> bool:
+        try:
+            conn = self._engine.connect()
+        except self._sql.exc.SQLAlchemyError as e:
+            cause = getattr(e, "orig", None) or e
+            raise UsageError(f"--storage: cannot open {self._engine.url.render_as_string(hide_password=True)!r}: "
+                             f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}") from None
+        try:
+            conn.execute(self._sql.text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return True
+
+    def release(self) -> None:
+        """Release the lock; a no-op if it is not held."""
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        try:
+            conn.execute(self._sql.text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
+            conn.commit()
+        finally:
+            conn.close()
+
+    def __enter__(self) -> "AdvisoryLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def storage_file(url: str) -> Path | None:
+    """The local file of a SQLite URL or journal path, else None.
+
+    >>> storage_file("sqlite:///runs/x.db"), storage_file("postgresql://db/x")
+    (PosixPath('runs/x.db'), None)
+    """
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url[len("sqlite:///"):])
+    if "://" not in url and url.endswith((".journal", ".log")):
+        return Path(url)
+    return None
+
+
+def study_lock(url: str) -> FileLock | AdvisoryLock:
+    """The lock that all workers on the storage ``url`` share (one for all its studies, so it also covers
+    creating the storage's tables); a UsageError line if it cannot be had.
+
+    >>> study_lock(f"{tempfile.mkdtemp()}/x.journal").path.endswith("x.journal.autoslim-lock")
+    True
+    """
+    if url.startswith(("postgresql", "postgres://")):
+        try:
+            return AdvisoryLock(url, name="autoslim study lock")
+        except ImportError as e:
+            raise UsageError(f"--storage: {e.name or 'a driver'} is not installed; "
+                             "pip install 'autoslim[postgres]'") from None
+    local = storage_file(url)
+    if local is not None:
+        if not local.parent.is_dir():
+            raise UsageError(f"--storage: folder {local.parent} does not exist")
+        return FileLock(f"{local}.autoslim-lock")
+    digest = hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
+    return FileLock(Path(tempfile.gettempdir()) / f"autoslim-{digest}.lock")
+
+
+def worker_index(study: optuna.Study, *, storage: optuna.storages.BaseStorage) -> int:
+    """How many workers started on ``study`` (in ``storage``) before this one; call it under the study lock.
+
+    Worker ``k`` seeds its sampler with ``seed + k``: workers with one seed would sample the same parameters.
+
+    >>> [worker_index(study, storage=storage) for _ in range(3)]  # doctest: +SKIP
+    [0, 1, 2]
+    """
+    key = "autoslim:workers_started"
+    started = storage.get_study_system_attrs(study._study_id).get(key, 0)
+    storage.set_study_system_attr(study._study_id, key, started + 1)
+    return started
+
+
+class _Started:
+    """The objective, called with the study lock held: the trial exists now, so let go of the lock."""
+
+    def __init__(self, objective: Callable[[optuna.Trial], Any], lock: FileLock | AdvisoryLock) -> None:
+        self.objective, self.lock = objective, lock
+        self.trial: optuna.Trial | None = None
+
+    def __call__(self, trial: optuna.Trial) -> Any:
+        self.trial = trial
+        self.lock.release()
+        return self.objective(trial)
+
+
+def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, n_trials: int,
+               lock: FileLock | AdvisoryLock, heartbeat: bool, max_trials: int | None = None,
+               timeout: float | None = None, poll: float = 2.0, log: Callable[[str], None] = print) -> int:
+    """Run trials until ``study`` holds ``n_trials`` finished ones; return how many this worker started.
+
+    A trial that raises is recorded as failed and the worker goes on; a worker
+    starts at most ``max_trials`` trials and none after ``timeout`` seconds.
+    On Ctrl-C the trial in progress is failed and requeued: the next run
+    resumes it from its checkpoint (:func:`autoslim.recover.requeue`).
+
+    >>> run_worker(study, objective, n_trials=20, lock=study_lock(url), heartbeat=True)  # doctest: +SKIP
+    5
+    """
+    from autoslim.recover import requeue
+
+    start, ran, said = time.monotonic(), 0, False
+    started = _Started(objective, lock)
+    while (max_trials is None or ran < max_trials) and (timeout is None or time.monotonic() - start < timeout):
+        with lock:
+            if heartbeat:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                              TrialState.RUNNING))
+            running = [t.number for t in trials if t.state == TrialState.RUNNING]
+            if len(trials) - len(running) >= n_trials:
+                break
+            if len(trials) < n_trials:
+                started.trial = None
+                try:
+                    study.optimize(started, n_trials=1, catch=(Exception,))
+                except KeyboardInterrupt:
+                    interrupted = started.trial and study._storage.get_trial(started.trial._trial_id)
+                    if interrupted and interrupted.state == TrialState.FAIL:
+                        requeue(study, interrupted, log=log)
+                    raise
+                ran += 1
+                continue
+        if not heartbeat:
+            log(f"trial(s) {', '.join(map(str, running))} still run in other workers; nothing left to start here. "
+                "If their worker died, `autoslim recover` requeues them.")
+            break
+        if not said:
+            log(f"waiting for trial(s) {', '.join(map(str, running))} in other workers "
+                "(a dead worker's trial is retried here after the heartbeat grace period)")
+            said = True
+        time.sleep(poll)
+    return ran

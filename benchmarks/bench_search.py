@@ -1,0 +1,125 @@
+"""autoslim's search against random search and a hand-rolled pruning study, same wall-clock budget each.
+
+Runs, one after the other in one process, on the same MNIST split:
+
+(a) autoslim's default search (``studies/search_mnist.yaml``: every method, TPE, early stopping);
+(b) the same space with Optuna's random sampler and no early stopping;
+(c) what a user would write by hand: Optuna's TPE over the pruning ratio of
+    ``torch.nn.utils.prune`` global L1 magnitude pruning of LeNet-5 (train,
+    prune, fine-tune; non-zero parameters counted).
+
+and prints each one's hypervolume against the same reference point (accuracy
+0, LeNet-5's 431,080 parameters), the ratios (a)/(b) and (a)/(c) (target: at
+least 1.2), and each one's best model under 10,000 parameters (test accuracy
+and parameters; target for (a): at least 99.0% within an hour on 2 cores).
+
+    python benchmarks/bench_search.py --budget 1200 [--data-dir ../shared/datasets]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+import torch.nn.utils.prune as prune
+from optuna.trial import TrialState
+
+from autoslim.config import TrainConfig, load_study
+from autoslim.data import load_data
+from autoslim.errors import UsageError
+from autoslim.measure import count_nonzeros
+from autoslim.models import create_model
+from autoslim.search.pareto import hypervolume
+from autoslim.study import optimize
+from autoslim.train import evaluate, seed_everything, train
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = [0.0, 431080.0]
+DIRECTIONS = ["maximize", "minimize"]
+
+
+def hand_rolled(data, *, budget: float, epochs: int, seed: int) -> optuna.Study:
+    """(c): the study a user writes without autoslim."""
+    study = optuna.create_study(directions=DIRECTIONS, sampler=optuna.samplers.TPESampler(seed=seed))
+    cfg = TrainConfig(epochs=epochs, batch_size=128, lr=0.05)
+
+    def objective(trial: optuna.Trial):
+        ratio = trial.suggest_float("ratio", 0.5, 0.995)
+        seed_everything(seed + trial.number)
+        model = create_model("lenet5", in_shape=data.in_shape, num_classes=10)
+        train(model, data, config=cfg, seed=seed + trial.number)
+        layers = [(m, "weight") for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=ratio)
+        train(model, data, config=TrainConfig(epochs=max(1, epochs // 3), batch_size=128, lr=0.005), seed=seed)
+        for m, name in layers:
+            prune.remove(m, name)
+        acc, params = evaluate(model, data.val), count_nonzeros(model)
+        trial.set_user_attr("test_accuracy", evaluate(model, data.test))
+        trial.set_user_attr("params", params)
+        return acc, params
+
+    study.optimize(objective, timeout=budget)
+    return study
+
+
+def best_under(study: optuna.Study, limit: int):
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE and t.user_attrs["params"] <= limit]
+    best = max(done, key=lambda t: t.values[0], default=None)
+    return (best.user_attrs["test_accuracy"], best.user_attrs["params"]) if best else (float("nan"), None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=1200, help="wall-clock seconds for each of (a), (b), (c)")
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "datasets"))
+    ap.add_argument("--limit", type=int, default=10_000, help="parameter limit of the reported best model")
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        cfg = load_study(ROOT / "studies" / "search_mnist.yaml")
+        cfg.data.data_dir = args.data_dir
+        data = load_data(cfg.data)
+    except UsageError as e:
+        print(f"bench_search: {e}", file=sys.stderr)
+        return 2
+    quiet = dict(log=lambda s: None, storage="sqlite:///:memory:")
+    results = {}
+    t = time.perf_counter()
+    results["a"] = optimize(cfg, timeout=args.budget, n_trials=10_000, **quiet)
+    print(f"(a) done in {time.perf_counter() - t:.0f}s", flush=True)
+    cfg_b = load_study(ROOT / "studies" / "search_mnist.yaml")
+    cfg_b.data = cfg.data
+    cfg_b.sampler.name, cfg_b.early_stopping.enabled, cfg_b.warm_start = "random", False, False
+    t = time.perf_counter()
+    results["b"] = optimize(cfg_b, timeout=args.budget, n_trials=10_000, **quiet)
+    print(f"(b) done in {time.perf_counter() - t:.0f}s", flush=True)
+    t = time.perf_counter()
+    results["c"] = hand_rolled(data, budget=args.budget, epochs=cfg.train.epochs, seed=cfg.seed)
+    print(f"(c) done in {time.perf_counter() - t:.0f}s", flush=True)
+
+    def hv(study):  # every completed trial counts, feasible or not, so that the three are compared alike
+        points = [t.values for t in study.trials if t.state == TrialState.COMPLETE]
+        return hypervolume(points, DIRECTIONS, REFERENCE) if points else 0.0
+
+    names = {"a": "autoslim default (all methods, TPE, early stopping)",
+             "b": "same space, random sampler, no early stopping",
+             "c": "hand-rolled Optuna + torch prune (L1, LeNet-5)"}
+    hvs = {k: hv(s) for k, s in results.items()}
+    print(f"\nMNIST, {len(data.train)} train images, {args.budget:.0f} s per search, reference point "
+          f"(accuracy 0, {REFERENCE[1]:,.0f} params)")
+    for k, s in results.items():
+        acc, params = best_under(s, args.limit)
+        best = f"{100 * acc:.2f}% test with {params:,} params" if params else "none"
+        print(f"({k}) {names[k]:<52} trials {len(s.trials):>3}  hypervolume {hvs[k]:.4f}  "
+              f"best <= {args.limit:,} params: {best}")
+    for k in ("b", "c"):
+        print(f"hypervolume ratio (a)/({k}) = {hvs['a'] / max(hvs[k], 1e-12):.3f}  (target >= 1.2)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Per-trial artifacts: every completed trial uploads its model, charts and note; none without a store."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna_dashboard import get_note
+
+from autoslim.artifacts import default_artifact_dir, open_artifact_store, trial_artifacts
+from autoslim.config import StudyConfig, load_study
+from autoslim.export import load_model
+from autoslim.study import optimize
+
+TINY = {"name": "tiny", "data": {"name": "digits", "train_subset": 200}, "model": "lenet300_100",
+        "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
+        "train": {"epochs": 1, "batch_size": 64}, "n_trials": 1}
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("artifacts")
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    optimize(load_study(folder / "tiny.yaml"), log=lambda s: None)
+    return folder
+
+
+def test_completed_trial_uploads_model_charts_and_note(study_dir):
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir / 'tiny.db'}")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    metas = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)
+    assert sorted(m.filename for m in metas) == ["model.pt", "note.md", "training.png", "widths.png"]
+    folder = study_dir / "tiny-artifacts"
+    for m in metas:
+        assert (folder / m.artifact_id).stat().st_size > 100
+    files = {name: folder / m.artifact_id for name, m in trial_artifacts(study, trial).items()}
+    assert files["widths.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" == files["training.png"].read_bytes()[:8]
+    note = files["note.md"].read_text()
+    assert note.startswith("## Trial 0: trimming") and "compression" in note and "FLOPs" in note
+    assert get_note(optuna.trial.Trial(study, trial._trial_id)) == note  # shown by optuna-dashboard
+    model = load_model(files["model.pt"])
+    assert sum(p.numel() for p in model.parameters()) == trial.user_attrs["params"]
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_artifact_folder_sits_beside_file_storages(tmp_path):
+    assert default_artifact_dir(f"sqlite:///{tmp_path}/runs/x.db") == tmp_path / "runs" / "x-artifacts"
+    assert default_artifact_dir(str(tmp_path / "x.journal")) == tmp_path / "x-artifacts"
+    assert default_artifact_dir("sqlite:///:memory:") is None
+    assert default_artifact_dir("postgresql://user@db/optuna") is None
+    assert open_artifact_store("postgresql://user@db/optuna") is None
+    open_artifact_store("postgresql://user@db/optuna", artifact_dir=tmp_path / "a", create=True)
+    assert (tmp_path / "a").is_dir()
+
+
+def test_trials_run_without_an_artifact_store():
+    study = optimize(StudyConfig.from_dict(TINY), storage="sqlite:///:memory:", log=lambda s: None)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage) == []
+

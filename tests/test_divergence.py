@@ -1,0 +1,70 @@
+"""A diverging trial is pruned with its reason; a trial whose method raises fails with its message; the study goes on."""
+
+import json
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from autoslim.config import load_study
+from autoslim.methods import base as methods_base
+from autoslim.methods import get_method
+from autoslim.methods.base import Method, register_method
+from autoslim.study import optimize
+
+TINY = {"data": {"name": "digits", "train_subset": 200}, "model": "lenet300_100",
+        "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
+        "train": {"epochs": 1, "batch_size": 64}, "n_trials": 2, "warm_start": False}
+
+
+def run(tmp_path, body: dict, lines: list[str]):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return optimize(load_study(path), log=lines.append)
+
+
+def test_a_nan_loss_prunes_the_trial_with_its_reason_and_the_study_goes_on(tmp_path):
+    lines = []
+    study = run(tmp_path, {**TINY, "train": {**TINY["train"], "lr": 1.0e12}}, lines)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    for t in trials:
+        reason = t.user_attrs["pruned_reason"]
+        assert reason.startswith("diverged: training loss is ") and "at epoch 1 (lr 1e+12)" in reason
+        assert f"[trial {t.number}] pruned: {reason}" in lines
+
+
+@pytest.fixture
+def flaky_method():
+    """A registered method whose first trial raises a two-line error; later trials run Network Trimming."""
+
+    @register_method
+    class Flaky(Method):
+        name = "flaky"
+        calls = 0
+
+        @classmethod
+        def search_space(cls):
+            return get_method("trimming").search_space()
+
+        def compress(self, model, ctx, params):
+            type(self).calls += 1
+            if type(self).calls == 1:
+                raise RuntimeError("the method broke\n  on a second line")
+            return get_method("trimming").compress(model, ctx, params)
+
+    yield "flaky"
+    methods_base._METHODS.pop("flaky")
+
+
+def test_a_method_that_raises_fails_its_trial_with_the_message_and_the_study_goes_on(tmp_path, capsys,
+                                                                                      flaky_method):
+    lines = []
+    study = run(tmp_path, {**TINY, "methods": {flaky_method: TINY["methods"]["trimming"]}}, lines)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # a failure uses up an attempt
+    error = "RuntimeError: the method broke on a second line"
+    assert trials[0].user_attrs["error"] == error
+    assert f"[trial 0] failed: {error}" in lines
+    assert "Traceback" not in capsys.readouterr().err  # Optuna's own multi-line report is silenced
+    assert json.dumps(trials[1].user_attrs["config"])  # the next trials ran normally

@@ -1,0 +1,217 @@
+"""Crash recovery: per-epoch checkpoints, resuming exactly, ``autoslim recover``, and bad files and names.
+
+A resumed trial must end with the very weights of an uninterrupted one (on one
+machine); a journal study whose worker died is repaired by ``autoslim recover``
+and the retry resumes; unreadable checkpoints and model files, unknown study
+names are one line (exit code 2 where a command is given them) and change nothing.
+"""
+
+import io
+import os
+import signal
+import time
+
+import optuna
+import pytest
+import torch
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState, create_trial
+from worker_helpers import (SLOW_STUDY, WORKER_STUDY, checkpointed_mid_trial, start_worker, trained_epochs,
+                            wait_for, write_study)
+
+from autoslim.artifacts import open_artifact_store
+from autoslim.checkpoint import Checkpointer, read_checkpoint
+from autoslim.cli import main
+from autoslim.config import DataConfig, TrainConfig, TrialConfig
+from autoslim.data import load_data
+from autoslim.methods import get_method
+from autoslim.search.objective import run_trial
+from autoslim.train import Callback
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfter(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, model, record) -> None:
+        if record["epoch"] == self.epoch:
+            raise Crash
+
+
+def round_trip(payload: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    buffer.seek(0)
+    return read_checkpoint(buffer)
+
+
+CASES = [("trimming", "lenet300_100", {"rounds": 2, "retrain_epochs": 1}, [1, 3]),  # surgery between phases
+         ("iht", "lenet300_100", {"cycles": 2, "sparse_epochs": 1, "dense_epochs": 1}, [3]),  # masks from weights
+         ("sss", "lenet5", {"finetune_epochs": 1}, [1])]                                 # extra optimizer state
+
+
+@pytest.mark.parametrize("method,model,params,crashes", CASES, ids=[c[0] for c in CASES])
+def test_a_resumed_trial_ends_exactly_as_an_uninterrupted_one(method, model, params, crashes):
+    data_cfg = DataConfig(name="digits", train_subset=150)
+    data = load_data(data_cfg)
+    params = get_method(method).search_space().complete(params, where=method)
+    config = TrialConfig(method=method, params=params, model=model, data=data_cfg,
+                         train=TrainConfig(epochs=2, batch_size=32), seed=3)
+    whole = run_trial(config, data=data)
+    for k in crashes:
+        saved = []
+        with pytest.raises(Crash):
+            run_trial(config, data=data, callbacks=[CrashAfter(k + 1)],
+                      checkpointer=Checkpointer(save=lambda p: saved.append(round_trip(p))))
+        assert [c["current"]["loop"]["step"] > 0 for c in saved] == [True] * k
+        resumed_epochs = []
+        resumed = run_trial(config, data=data, callbacks=[RecordEpochs(resumed_epochs)],
+                            checkpointer=Checkpointer(save=lambda p: None, resume=saved[-1]))
+        assert resumed_epochs == list(range(k + 1, len(whole.history) + 1))  # nothing trained twice
+        a, b = whole.model.state_dict(), resumed.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), f"crash after epoch {k}"
+        assert [r["phase"] for r in resumed.history] == [r["phase"] for r in whole.history]
+        assert resumed.val_accuracy == whole.val_accuracy and resumed.params == whole.params
+
+
+class RecordEpochs(Callback):
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def on_epoch_end(self, model, record) -> None:
+        self.into.append(record["epoch"])
+
+
+def journal_study(path: str, name: str, storage=None) -> optuna.Study:
+    storage = storage or optuna.storages.JournalStorage(JournalFileBackend(path))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_recover_requeues_a_dead_workers_journal_trial_and_the_retry_resumes(tmp_path, capsys):
+    study, journal = write_study(tmp_path, SLOW_STUDY, n_trials=2), str(tmp_path / "s.journal")
+    worker = start_worker(study, journal, log=tmp_path / "killed.log")
+    storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
+    victim = wait_for(lambda: journal_study(journal, study.stem, storage),
+                      lambda t: checkpointed_mid_trial(t, last_epoch=3))
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    size = os.path.getsize(journal)
+
+    assert main(["recover", str(study), "--storage", journal, "--older-than", "10m"]) == 0
+    assert "no stale trials (1 running" in capsys.readouterr().out and os.path.getsize(journal) == size
+    time.sleep(1.1)
+    assert main(["recover", str(study), "--storage", journal, "--older-than", "1s"]) == 0
+    out = capsys.readouterr().out
+    assert f"trial {victim.number}: failed; retry queued as trial 1 (resumes after epoch" in out
+
+    assert main(["optimize", str(study), "--storage", journal]) == 0
+    err = capsys.readouterr().err
+    trials = journal_study(journal, study.stem).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    retry = trials[1]
+    assert retry.system_attrs["failed_trial"] == victim.number and retry.params == victim.params
+    resumed = retry.user_attrs["resumed_from"]["epoch"]
+    assert resumed >= victim.user_attrs["checkpoint"]["epoch"] and min(trained_epochs(err, 1)) == resumed + 1 > 1
+    assert f"[trial 1] resuming trial {victim.number} from its checkpoint after epoch {resumed}" in err
+    assert [r["epoch"] for r in retry.user_attrs["history"]] == [1, 2, 3, 4, 5]
+    assert not any((tmp_path / "s-artifacts").glob("checkpoint-*"))  # removed once the trials finished
+
+
+def test_ctrl_c_requeues_the_trial_in_progress_and_the_next_run_resumes_it(tmp_path, capsys):
+    study, journal = write_study(tmp_path, SLOW_STUDY, n_trials=1), str(tmp_path / "s.journal")
+    worker = start_worker(study, journal, log=tmp_path / "interrupted.log")
+    storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
+    wait_for(lambda: journal_study(journal, study.stem, storage), lambda t: checkpointed_mid_trial(t, last_epoch=3))
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=60) == 130
+    assert "trial 0: failed; retry queued as trial 1 (resumes after epoch" in (tmp_path / "interrupted.log").read_text()
+    assert main(["optimize", str(study), "--storage", journal]) == 0
+    trials = journal_study(journal, study.stem).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    resumed = trials[1].user_attrs["resumed_from"]
+    assert resumed["trial"] == 0 and min(trained_epochs(capsys.readouterr().err, 1)) == resumed["epoch"] + 1 > 1
+
+
+def test_recover_refuses_a_bad_age_before_touching_anything(tmp_path, capsys):
+    study = write_study(tmp_path, WORKER_STUDY)
+    assert main(["recover", str(study), "--older-than", "soon"]) == 2
+    assert capsys.readouterr().err == ("autoslim: error: --older-than: 'soon' is not an age; accepted: a number "
+                                       "with s, m, h or d (e.g. 10m)\n")
+    assert [p.name for p in tmp_path.iterdir()] == [study.name]
+
+
+def _finished_study(folder):
+    """A journal study with one completed trial (its artifacts beside it)."""
+    study, journal = write_study(folder, WORKER_STUDY, n_trials=1), str(folder / "s.journal")
+    assert main(["optimize", str(study), "--storage", journal, "--quiet"]) == 0
+    return study, journal
+
+
+@pytest.fixture
+def finished_study(tmp_path):
+    return _finished_study(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def unchanged_study(tmp_path_factory):
+    return _finished_study(tmp_path_factory.mktemp("recovery"))
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content,reason", [(b"\x00garbage", "cannot be read"),
+                                            (_torch_bytes({"format": "something else"}), "is not an autoslim"),
+                                            (None, "is not in the artifact store")],
+                         ids=["garbage", "foreign", "missing"])
+def test_an_unusable_checkpoint_is_one_line_and_the_retry_starts_over(finished_study, capsys, content, reason):
+    study_file, journal = finished_study
+    study = journal_study(journal, study_file.stem)
+    done = study.trials[0]
+    store = open_artifact_store(journal)
+    if content is not None:
+        store.write("checkpoint-bad", io.BytesIO(content))
+    study.add_trial(create_trial(state=TrialState.WAITING, params=done.params, distributions=done.distributions,
+                                 user_attrs={"checkpoint": {"artifact_id": "checkpoint-bad", "trial": 0, "epoch": 1,
+                                                            "phase": "train", "saved_at": "2026-01-01T00:00:00"}},
+                                 system_attrs={"failed_trial": 0, "retry_history": [0]}))
+    capsys.readouterr()
+    assert main(["optimize", str(study_file), "--storage", journal, "--n-trials", "2"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "cannot resume" in line]
+    assert len(lines) == 1 and lines[0].startswith("[trial 1] cannot resume: checkpoint checkpoint-bad of trial 0 ")
+    assert reason in lines[0] and lines[0].endswith("; starting over")
+    retry = journal_study(journal, study_file.stem).trials[1]
+    assert retry.state == TrialState.COMPLETE and "resumed_from" not in retry.user_attrs
+    assert retry.user_attrs["config"]["seed"] == done.user_attrs["config"]["seed"]
+
+
+def test_export_of_a_corrupt_model_file_is_one_line_and_writes_nothing(finished_study, tmp_path, capsys):
+    study_file, journal = finished_study
+    study = journal_study(journal, study_file.stem)
+    (meta,) = [m for m in optuna.artifacts.get_all_artifact_meta(study.trials[0], storage=study._storage)
+               if m.filename == "model.pt"]
+    (tmp_path / "s-artifacts" / meta.artifact_id).write_bytes(b"not a model")
+    size = os.path.getsize(journal)
+    assert main(["export", str(study_file), "--storage", journal, "--trial", "0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoslim: error: model file:") and "cannot be read" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists() and os.path.getsize(journal) == size
+
+
+@pytest.mark.parametrize("argv", [["show"], ["export", "--pareto"], ["report"], ["recover", "--older-than", "1m"]],
+                         ids=lambda a: a[0])
+def test_an_unknown_study_name_is_one_line_and_changes_nothing(unchanged_study, capsys, argv):
+    study_file, journal = unchanged_study
+    size = os.path.getsize(journal)
+    capsys.readouterr()
+    assert main([argv[0], journal, *argv[1:], "--study-name", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoslim: error: --study-name: no study 'nope'") and err.count("\n") == 1
+    assert os.path.getsize(journal) == size
