@@ -8,14 +8,14 @@ import torch
 import yaml
 from optuna_dashboard import get_note
 
+from helpers import tiny_study
+
 from autoslim.artifacts import default_artifact_dir, open_artifact_store, trial_artifacts
 from autoslim.config import StudyConfig, load_study
 from autoslim.export import load_model
 from autoslim.study import optimize
 
-TINY = {"name": "tiny", "data": {"name": "digits", "train_subset": 200}, "model": "lenet300_100",
-        "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
-        "train": {"epochs": 1, "batch_size": 64}, "n_trials": 1}
+TINY = tiny_study(name="tiny", n_trials=1)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import optuna
 import pytest
 import yaml
 
+from helpers import tiny_study
+
 from autoslim.cli import main
 
-TINY = {"data": {"name": "digits", "train_subset": 200}, "model": "lenet300_100",
-        "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
-        "train": {"epochs": 1, "batch_size": 64}, "n_trials": 2}
+TINY = tiny_study()
 
 
 def write(tmp_path: Path, body, name="s.yaml") -> Path:

@@ -6,15 +6,15 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from helpers import tiny_study
+
 from autoslim.config import load_study
 from autoslim.methods import base as methods_base
 from autoslim.methods import get_method
 from autoslim.methods.base import Method, register_method
 from autoslim.study import optimize
 
-TINY = {"data": {"name": "digits", "train_subset": 200}, "model": "lenet300_100",
-        "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
-        "train": {"epochs": 1, "batch_size": 64}, "n_trials": 2, "warm_start": False}
+TINY = tiny_study(warm_start=False)
 
 
 def run(tmp_path, body: dict, lines: list[str]):

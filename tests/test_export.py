@@ -13,6 +13,8 @@ import torch
 import yaml
 from optuna.trial import TrialState, create_trial
 
+from helpers import tiny_study
+
 from autoslim.cli import main
 from autoslim.config import DataConfig, TrainConfig, TrialConfig, load_study
 from autoslim.errors import UsageError
@@ -21,9 +23,7 @@ from autoslim.methods import get_method
 from autoslim.search.objective import run_trial
 from autoslim.study import optimize
 
-TINY = {"name": "tiny", "data": {"name": "digits", "train_subset": 200}, "model": "lenet300_100",
-        "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
-        "train": {"epochs": 1, "batch_size": 64}, "n_trials": 1}
+TINY = tiny_study(name="tiny", n_trials=1)
 
 
 @pytest.fixture(scope="module")

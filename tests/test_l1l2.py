@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import randomize_batchnorm
+
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
 from autoslim.methods.l1l2 import EPS, L1L2Penalty, prunable_groups, prune_small_filters, pseudo_norm
@@ -58,15 +60,6 @@ def test_only_untied_layers_inside_the_network_are_pruned():
     assert all(g.name.endswith(".conv1") and g.name != "conv1" for g in prunable_groups(resnet, example_input=x))
 
 
-def _randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                for t in (m.weight, m.bias, m.running_mean):
-                    t.copy_(torch.randn(t.shape, generator=gen))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-
-
 def _zero_filters(layer: nn.Module, idx: list[int], bias: float | None = None) -> None:
     with torch.no_grad():
         layer.weight[idx] = 0
@@ -97,7 +90,7 @@ def test_removal_folds_the_constant_of_zero_filters_with_bias_lenet5():
 def test_removal_folds_batchnorm_beta_of_zero_filters_vgg11():
     gen = torch.Generator().manual_seed(0)
     model = create_model("vgg11", in_shape=(1, 8, 8), num_classes=4, width=0.25)
-    _randomize_batchnorm(model, gen)
+    randomize_batchnorm(model, gen)
     model.eval()
     x = torch.randn(5, 1, 8, 8, generator=gen)
     last = prunable_groups(model, example_input=x)[-1]  # its consumer is the linear layer after global pooling

@@ -2,6 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import randomize_batchnorm
+
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
 from autoslim.methods import TrialContext, get_method
@@ -60,15 +62,6 @@ def test_factors_are_outside_the_model_and_receive_no_weight_decay(digits):
     assert factor[3].item() == 1.0 and (factor != 1.0).sum() > 250
 
 
-def _randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                for t in (m.weight, m.bias, m.running_mean):
-                    t.copy_(torch.randn(t.shape, generator=gen))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-
-
 def _set_factors(scales: Scales, gen: torch.Generator, *, zero_blocks: set[str] = frozenset()) -> None:
     """Random positive factors; about half the channels of every group and the blocks ``zero_blocks`` at 0."""
     with torch.no_grad():
@@ -91,7 +84,7 @@ def _set_factors(scales: Scales, gen: torch.Generator, *, zero_blocks: set[str] 
 def test_removing_zero_structures_keeps_the_outputs(name, kwargs, level, in_shape):
     gen = torch.Generator().manual_seed(0)
     model = create_model(name, in_shape=in_shape, num_classes=5, **kwargs)
-    _randomize_batchnorm(model, gen)
+    randomize_batchnorm(model, gen)
     model.eval()
     x = torch.randn(4, *in_shape, generator=gen)
     scales = Scales(model, level=level, example_input=x)
