@@ -191,7 +191,7 @@ def open_study(target: str, *, study_name: str | None = None, storage: str | Non
     names = [s.study_name for s in optuna.get_all_study_summaries(storage_obj)]
     if name is None:
         if len(names) != 1:
-            raise UsageError(f"--study-name: {url} holds {len(names)} studies; name one of: {', '.join(names) or '(none)'}")
+            raise UsageError(f"--study-name: {_redact(url)} holds {len(names)} studies; name one of: {', '.join(names) or '(none)'}")
         name = names[0]
     if name not in names:
         raise UsageError(f"--study-name: no study {name!r} in {_redact(url)}; accepted: {', '.join(names) or '(none)'}")
