@@ -31,7 +31,8 @@ def cmd_optimize(args) -> int:
 
     cfg = load_study(args.study)
     study = optimize(cfg, n_trials=args.n_trials, timeout=args.timeout, storage=args.storage,
-                     study_name=args.study_name, artifact_dir=args.artifact_dir, log=_log if not args.quiet else (lambda s: None))
+                     study_name=args.study_name, artifact_dir=args.artifact_dir,
+                     strict_timeout=args.strict_timeout, log=_log if not args.quiet else (lambda s: None))
     _print_front(study, "table", history=True)
     return 0
 
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study file (studies/*.yaml)")
     p.add_argument("--n-trials", type=int, help="total number of finished trials to reach")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--strict-timeout", action="store_true",
+                   help="also stop a trial still running at the timeout, at its next epoch end (pruned)")
     p.add_argument("--quiet", action="store_true", help="print only the Pareto front")
     storage_args(p)
     artifact_arg(p)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -113,14 +114,17 @@ def study_config_dict(cfg: StudyConfig) -> dict:
 
 def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
              storage: str | None = None, study_name: str | None = None, artifact_dir: str | None = None,
-             log: Callable[[str], None] = print) -> optuna.Study:
+             strict_timeout: bool = False, log: Callable[[str], None] = print) -> optuna.Study:
     """Create or resume the study of ``cfg`` and run it until it holds ``n_trials`` finished trials.
 
     Everything the user gave is checked (names, ranges, data files, storage)
     before anything is written to storage. Completed and pruned trials are
     never redone: a second call with the same arguments runs only the rest.
     Every completed trial uploads its artifacts (:mod:`autoslim.artifacts`) to
-    ``artifact_dir``, by default the folder beside a file storage.
+    ``artifact_dir``, by default the folder beside a file storage. As in Optuna,
+    ``timeout`` stops starting trials; with ``strict_timeout`` a trial still
+    running then is also stopped at its next epoch end (pruned, its partial
+    results kept), so the wall time is the timeout plus at most one epoch.
     """
     n_trials = n_trials or cfg.n_trials
     timeout = timeout if timeout is not None else cfg.timeout
@@ -150,7 +154,9 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
         heartbeat = isinstance(storage_obj, optuna.storages.RDBStorage) and storage_obj.heartbeat_interval is not None
         if heartbeat and artifact_store is None and cfg.recovery.checkpoint:
             log("no --artifact-dir: trials are not checkpointed, so a trial retried after its worker died starts over")
-        run_worker(study, Objective(cfg, data, spaces, log=log, artifact_store=artifact_store), n_trials=n_trials,
+        deadline = time.time() + timeout if strict_timeout and timeout is not None else None
+        objective = Objective(cfg, data, spaces, log=log, artifact_store=artifact_store, deadline=deadline)
+        run_worker(study, objective, n_trials=n_trials,
                    max_trials=remaining, timeout=timeout, lock=lock, heartbeat=heartbeat,
                    poll=min(5.0, cfg.recovery.heartbeat_interval), log=log)
     return study

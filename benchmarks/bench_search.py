@@ -89,13 +89,13 @@ def main() -> int:
     quiet = dict(log=lambda s: None, storage="sqlite:///:memory:")
     results = {}
     t = time.perf_counter()
-    results["a"] = optimize(cfg, timeout=args.budget, n_trials=10_000, **quiet)
+    results["a"] = optimize(cfg, timeout=args.budget, strict_timeout=True, n_trials=10_000, **quiet)
     print(f"(a) done in {time.perf_counter() - t:.0f}s", flush=True)
     cfg_b = load_study(ROOT / "studies" / "search_mnist.yaml")
     cfg_b.data = cfg.data
     cfg_b.sampler.name, cfg_b.early_stopping.enabled, cfg_b.warm_start = "random", False, False
     t = time.perf_counter()
-    results["b"] = optimize(cfg_b, timeout=args.budget, n_trials=10_000, **quiet)
+    results["b"] = optimize(cfg_b, timeout=args.budget, strict_timeout=True, n_trials=10_000, **quiet)
     print(f"(b) done in {time.perf_counter() - t:.0f}s", flush=True)
     t = time.perf_counter()
     results["c"] = hand_rolled(data, budget=args.budget, epochs=cfg.train.epochs, seed=cfg.seed)

@@ -101,6 +101,21 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
         history=ctx.history, info=result.info, seconds=time.perf_counter() - start)
 
 
+class Deadline(Callback):
+    """Stops a trial at the first epoch end after ``deadline`` (a ``time.time()``): pruned, partial results kept."""
+
+    def __init__(self, trial: optuna.Trial, deadline: float) -> None:
+        self.trial, self.deadline, self.history = trial, deadline, []
+
+    def on_epoch_end(self, model, record) -> None:
+        self.history.append(dict(record))
+        if time.time() > self.deadline:
+            reason = f"stopped at epoch {record['epoch']}: the study's strict timeout was reached"
+            self.trial.set_user_attr("pruned_reason", reason)
+            self.trial.set_user_attr("history", self.history)
+            raise optuna.TrialPruned(reason)
+
+
 class EpochPrinter(Callback):
     """Prints one progress line per epoch."""
 
@@ -116,9 +131,10 @@ class Objective:
     """The Optuna objective of a study: sample, run, store, return the objective values."""
 
     def __init__(self, study_config: StudyConfig, data: Data, spaces: Mapping[str, SearchSpace], *,
-                 log: Callable[[str], None] = print, artifact_store=None) -> None:
+                 log: Callable[[str], None] = print, artifact_store=None, deadline: float | None = None) -> None:
         self.cfg, self.data, self.spaces, self.log = study_config, data, dict(spaces), log
         self.artifact_store = artifact_store  # optuna artifact store for per-trial files; None: none kept
+        self.deadline = deadline  # time.time() after which a running trial stops at its next epoch end
 
     def trial_config(self, trial: optuna.Trial) -> TrialConfig:
         method = trial.suggest_categorical("method", list(self.spaces))
@@ -157,6 +173,8 @@ class Objective:
         if stopping.enabled:
             callbacks.append(SuccessiveHalving(trial, rungs=stopping.rungs, eta=stopping.eta,
                                                min_trials=stopping.min_trials))
+        if self.deadline is not None:
+            callbacks.append(Deadline(trial, self.deadline))
 
         def log(message: str) -> None:
             self.log(f"{prefix} {message}")
