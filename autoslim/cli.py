@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, help="total number of finished trials to reach")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     p.add_argument("--strict-timeout", action="store_true",
-                   help="also stop a trial still running at the timeout, at its next epoch end (pruned)")
+                   help="also stop a trial still running at the timeout, at its next training step (pruned)")
     p.add_argument("--quiet", action="store_true", help="print only the Pareto front")
     storage_args(p)
     artifact_arg(p)

@@ -123,8 +123,8 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     Every completed trial uploads its artifacts (:mod:`autoslim.artifacts`) to
     ``artifact_dir``, by default the folder beside a file storage. As in Optuna,
     ``timeout`` stops starting trials; with ``strict_timeout`` a trial still
-    running then is also stopped at its next epoch end (pruned, its partial
-    results kept), so the wall time is the timeout plus at most one epoch.
+    running then is also stopped at its next optimizer step (pruned, its
+    partial results kept), so the wall time is the timeout plus at most one step.
     """
     n_trials = n_trials or cfg.n_trials
     timeout = timeout if timeout is not None else cfg.timeout

@@ -157,13 +157,16 @@ def test_paper_defaults_are_enqueued_and_run_first():
     assert first.user_attrs["config"]["params"]["retrain_epochs"] == 1  # the study file's pin wins
 
 
-def test_a_strict_timeout_stops_a_running_trial_at_its_next_epoch_end():
+def test_a_strict_timeout_stops_a_running_trial_at_its_next_step():
     import time
 
     from autoslim.search.objective import Deadline
 
     trial = optuna.create_study().ask()
-    Deadline(trial, time.time() + 3600).on_epoch_end(None, {"epoch": 1})  # before the deadline: goes on
+    later = Deadline(trial, time.time() + 3600)
+    later.on_step_end(None, 1)  # before the deadline: goes on
+    late = Deadline(trial, time.time() - 1)
+    late.on_epoch_end(None, {"epoch": 1})
     with pytest.raises(optuna.TrialPruned, match="strict timeout"):
-        Deadline(trial, time.time() - 1).on_epoch_end(None, {"epoch": 2})
-    assert "epoch 2" in trial.user_attrs["pruned_reason"] and trial.user_attrs["history"] == [{"epoch": 2}]
+        late.on_step_end(None, 7)
+    assert "step 7, after 1 epoch" in trial.user_attrs["pruned_reason"] and trial.user_attrs["history"] == [{"epoch": 1}]

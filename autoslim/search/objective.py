@@ -102,18 +102,20 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
 
 
 class Deadline(Callback):
-    """Stops a trial at the first epoch end after ``deadline`` (a ``time.time()``): pruned, partial results kept."""
+    """Stops a trial at the first optimizer step after ``deadline`` (a ``time.time()``): pruned, partial results kept."""
 
     def __init__(self, trial: optuna.Trial, deadline: float) -> None:
         self.trial, self.deadline, self.history = trial, deadline, []
 
-    def on_epoch_end(self, model, record) -> None:
-        self.history.append(dict(record))
+    def on_step_end(self, model, step) -> None:
         if time.time() > self.deadline:
-            reason = f"stopped at epoch {record['epoch']}: the study's strict timeout was reached"
+            reason = f"stopped at step {step}, after {len(self.history)} epoch(s): the study's strict timeout was reached"
             self.trial.set_user_attr("pruned_reason", reason)
             self.trial.set_user_attr("history", self.history)
             raise optuna.TrialPruned(reason)
+
+    def on_epoch_end(self, model, record) -> None:
+        self.history.append(dict(record))
 
 
 class EpochPrinter(Callback):
