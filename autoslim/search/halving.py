@@ -65,6 +65,13 @@ def should_stop(point: tuple[float, float], others: Sequence[tuple[float, float]
     return order.index(0) >= math.ceil(n / eta)
 
 
+def stop_trial(trial: optuna.Trial, reason: str, history: list[dict], **partial) -> None:
+    """End ``trial`` as pruned, keeping the reason, its epochs so far and ``partial`` results in its user attrs."""
+    for key, value in {"pruned_reason": reason, "history": history, **partial}.items():
+        trial.set_user_attr(key, value)
+    raise optuna.TrialPruned(reason)
+
+
 class SuccessiveHalving(Callback):
     """The rung check of one trial: record its point at each rung, stop it if it is among the worst."""
 
@@ -85,8 +92,4 @@ class SuccessiveHalving(Callback):
         if should_stop(point, others, eta=self.eta, min_trials=self.min_trials):
             reason = (f"stopped at rung {epoch} epochs: val {100 * point[0]:.2f}% with {point[1]:,} non-zero "
                       f"parameters is dominated and not in the best 1/{self.eta} of {len(others) + 1} trials")
-            self.trial.set_user_attr("pruned_reason", reason)
-            self.trial.set_user_attr("history", self.history)
-            self.trial.set_user_attr("val_accuracy", point[0])
-            self.trial.set_user_attr("nonzeros", point[1])
-            raise optuna.TrialPruned(reason)
+            stop_trial(self.trial, reason, self.history, val_accuracy=point[0], nonzeros=point[1])

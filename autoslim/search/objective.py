@@ -24,7 +24,7 @@ from autoslim.data import Data
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
 from autoslim.methods import TrialContext, get_method
 from autoslim.models import create_model
-from autoslim.search.halving import SuccessiveHalving
+from autoslim.search.halving import SuccessiveHalving, stop_trial
 from autoslim.search.space import SearchSpace
 from autoslim.train import Callback, Diverged, evaluate, seed_everything
 
@@ -109,10 +109,8 @@ class Deadline(Callback):
 
     def on_step_end(self, model, step) -> None:
         if time.time() > self.deadline:
-            reason = f"stopped at step {step}, after {len(self.history)} epoch(s): the study's strict timeout was reached"
-            self.trial.set_user_attr("pruned_reason", reason)
-            self.trial.set_user_attr("history", self.history)
-            raise optuna.TrialPruned(reason)
+            stop_trial(self.trial, f"stopped at step {step}, after {len(self.history)} epoch(s): "
+                                   "the study's strict timeout was reached", self.history)
 
     def on_epoch_end(self, model, record) -> None:
         self.history.append(dict(record))
@@ -185,13 +183,14 @@ class Objective:
                        if self.artifact_store is not None and self.cfg.recovery.checkpoint else None)
         result = run_resumable(lambda checkpointer: run_trial(config, data=self.data, callbacks=callbacks, log=log,
                                                               checkpointer=checkpointer), checkpoints, log=log)
-        for k, v in result.user_attrs().items():
+        attrs = result.user_attrs()
+        for k, v in attrs.items():
             trial.set_user_attr(k, v)
         for name, value in constraint_values(self.cfg.constraints, result).items():
             trial.set_constraint(name, value)
         self.log(f"{prefix} done in {result.seconds:.1f}s: val {100 * result.val_accuracy:.2f}% "
                  f"(test {100 * result.test_accuracy:.2f}%), params {result.params:,} "
-                 f"({result.user_attrs()['compression']:.1f}x smaller), FLOPs {result.measurements.flops:,}")
+                 f"({attrs['compression']:.1f}x smaller), FLOPs {result.measurements.flops:,}")
         if self.artifact_store is not None:
             from autoslim.artifacts import upload_trial_artifacts
             upload_trial_artifacts(trial, result, artifact_store=self.artifact_store,
