@@ -169,16 +169,30 @@ class ConstraintsConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    """Successive halving over rungs of trained epochs, by Pareto dominance on (accuracy, non-zeros)."""
+    """Successive halving over rungs of trained epochs, by Pareto dominance on (accuracy, non-zeros).
+
+    ``rungs`` count epochs across a method's phases. Unset, they lie 1, 3 and 9
+    epochs after the base network's training (``train.epochs``): before that
+    every trial that compresses the study's model is still that dense model, and
+    a rung would rank seeds, not compression.
+
+    >>> EarlyStoppingConfig().rungs_for(epochs=6), EarlyStoppingConfig(rungs=[2, 4]).rungs_for(epochs=6)
+    ([7, 9, 15], [2, 4])
+    """
 
     enabled: bool = False
-    rungs: list[int] = field(default_factory=lambda: [1, 3, 9])
+    rungs: list[int] | None = None
     eta: int = field(default=3, metadata=_meta(min=2))
     min_trials: int = field(default=3, metadata=_meta(min=1))
 
     def __post_init__(self):
-        if any(r < 1 for r in self.rungs) or sorted(set(self.rungs)) != self.rungs:
+        if self.rungs is not None and (any(r < 1 for r in self.rungs) or sorted(set(self.rungs)) != self.rungs
+                                       or not self.rungs):
             raise UsageError(f"early_stopping.rungs: expected increasing epoch counts >= 1, got {self.rungs!r}")
+
+    def rungs_for(self, *, epochs: int) -> list[int]:
+        """The rungs of a study whose base network trains ``epochs`` epochs."""
+        return list(self.rungs) if self.rungs is not None else [epochs + 1, epochs + 3, epochs + 9]
 
 
 @dataclass

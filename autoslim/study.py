@@ -1,7 +1,8 @@
 """Creating, resuming and opening studies.
 
 >>> from autoslim.config import StudyConfig
->>> cfg = StudyConfig.from_dict({"name": "doc", "n_trials": 1, "train": {"epochs": 1},
+>>> cfg = StudyConfig.from_dict({"name": "doc", "n_trials": 1, "train": {"epochs": 1}, "warm_start": False,
+...                              "data": {"name": "digits", "train_subset": 300}, "model": "lenet300_100",
 ...                              "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1}}})
 >>> study = optimize(cfg, storage="sqlite:///:memory:", log=lambda s: None)
 >>> len(study.trials)

@@ -113,6 +113,14 @@ def test_early_stopping_prunes_dominated_trials_in_a_study_and_keeps_partial_res
         assert len(t.user_attrs["history"]) == 3  # 2 epochs + 1 retrain: it went past the rung
 
 
+def test_default_rungs_lie_after_the_base_training():
+    # 2 base epochs, then one trimming round of 1 retrain epoch: only the default rung epochs + 1 = 3 is reached
+    cfg = tiny(n_trials=1, train={"epochs": 2, "batch_size": 64}, early_stopping={"enabled": True})
+    assert cfg.early_stopping.rungs_for(epochs=2) == [3, 5, 11]
+    (trial,) = optimize(cfg, storage="sqlite:///:memory:", **QUIET).trials
+    assert sorted(k for k in trial.user_attrs if k.startswith("rung_")) == ["rung_3"]
+
+
 def test_early_stopping_with_two_processes_sharing_a_journal(tmp_path):
     study_file = tmp_path / "two.yaml"
     study_file.write_text(yaml.safe_dump({

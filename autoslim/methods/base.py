@@ -9,7 +9,7 @@ CLI, the tests parametrized over the registry) finds it by name.
 >>> "trimming" in list_methods()
 True
 >>> sorted(get_method("trimming").search_space().params)[:2]
-['alpha', 'fraction']
+['alpha', 'apoz_examples']
 """
 
 from __future__ import annotations

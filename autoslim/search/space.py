@@ -16,7 +16,7 @@ mapping narrows a range (``{low: 1, high: 2}``) or the choices. The Optuna
 parameter of ``rounds`` under method ``trimming`` is named ``trimming.rounds``,
 so one study can hold every method's parameters without collisions.
 
->>> space = SearchSpace.load("trimming").narrow({"rounds": 1})
+>>> space = SearchSpace.load("trimming").narrow({"rounds": 1}, where="methods.trimming")
 >>> space.params["rounds"].pinned, space.defaults()["rounds"]
 (True, 1)
 """
