@@ -43,6 +43,17 @@ def storage_url(target: str, *, storage: str | None = None) -> str:
     return storage or target
 
 
+def artifact_dir_of(target: str, *, artifact_dir: str | None = None) -> str | None:
+    """The artifact folder asked for: ``artifact_dir`` (``--artifact-dir``), else a study file's ``artifact_dir``.
+
+    None means the default folder of the storage (:func:`default_artifact_dir`)."""
+    from autoslim.config import load_study
+
+    if artifact_dir is None and Path(target).suffix in (".yaml", ".yml"):
+        return load_study(target).artifact_dir
+    return artifact_dir
+
+
 def default_artifact_dir(url: str) -> Path | None:
     """The artifact folder beside a file storage (SQLite or journal file), else None."""
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":

@@ -230,6 +230,7 @@ class StudyConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
     storage: str | None = None
+    artifact_dir: str | None = None
     device: str = field(default="auto", metadata=_meta(choices=["auto", "cpu", "cuda", "mps"]))
     third_objective: str | None = field(default=None, metadata=_meta(choices=["flops", "latency"]))
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
@@ -254,6 +255,8 @@ class StudyConfig:
         base = path.parent if path else Path.cwd()
         if cfg.data.data_dir is not None:
             cfg.data.data_dir = str((base / Path(cfg.data.data_dir).expanduser()).resolve())
+        if cfg.artifact_dir is not None:
+            cfg.artifact_dir = str((base / Path(cfg.artifact_dir).expanduser()).resolve())
         return cfg
 
     @property

@@ -129,6 +129,7 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     """
     n_trials = n_trials or cfg.n_trials
     timeout = timeout if timeout is not None else cfg.timeout
+    artifact_dir = artifact_dir or cfg.artifact_dir
     study_name = study_name or cfg.name
     spaces = {m: get_method(m).search_space().narrow(o, where=f"methods.{m}") for m, o in cfg.methods.items()}
     sampler = make_sampler(cfg)
@@ -154,7 +155,7 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
         logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)  # the Objective logs failures, one line
         heartbeat = isinstance(storage_obj, optuna.storages.RDBStorage) and storage_obj.heartbeat_interval is not None
         if heartbeat and artifact_store is None and cfg.recovery.checkpoint:
-            log("no --artifact-dir: trials are not checkpointed, so a trial retried after its worker died starts over")
+            log("no --artifact-dir (or artifact_dir in the study file): trials are not checkpointed, so a trial retried after its worker died starts over")
         deadline = time.time() + timeout if strict_timeout and timeout is not None else None
         objective = Objective(cfg, data, spaces, log=log, artifact_store=artifact_store, deadline=deadline)
         run_worker(study, objective, n_trials=n_trials,
