@@ -150,6 +150,10 @@ def main() -> int:
         print(f"hypervolume ratio (a)/({k}): linear {hvs['a'] / max(hvs[k], 1e-12):.3f}, "
               f"log {logs['a'] / max(logs[k], 1e-12):.3f}  (target >= 1.2)")
     for k, s in results.items():
+        print(f"\n({k}) trials: " + ", ".join(
+            f"{t.number} {t.params.get('method', 'prune')} {t.state.name.lower()} {t.duration.total_seconds():.0f}s"
+            for t in s.trials if t.duration is not None))
+    for k, s in results.items():
         print(f"\n({k}) Pareto front of the completed trials (validation accuracy, params; test accuracy):")
         done = [t for t in s.trials if t.state == TrialState.COMPLETE]
         front = [t for t, keep in zip(done, pareto_mask([t.values for t in done], DIRECTIONS)) if keep] if done else []
