@@ -124,7 +124,7 @@ def trials_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
 
 def format_table(df: pd.DataFrame) -> str:
     if df.empty:
-        return "(no completed trials)"
+        return "(empty: no trial is both completed and feasible)"
     shown = df.copy()
     for col in ("accuracy", "test_accuracy"):
         shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%")
