@@ -33,25 +33,24 @@ if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
 
 
-def storage_url(target: str, *, storage: str | None = None) -> str:
-    """The storage URL of a study file or storage URL ``target``, as :func:`autoslim.study.open_study` reads it."""
+def study_locations(target: str, *, storage: str | None = None,
+                    artifact_dir: str | None = None) -> tuple[str, str | None]:
+    """The storage URL and artifact folder of a study file or storage URL ``target``.
+
+    The flags (``--storage``, ``--artifact-dir``) win over a study file's fields, as
+    :func:`autoslim.study.open_study` reads them; a None folder means the storage's
+    default (:func:`default_artifact_dir`)."""
     from autoslim.config import load_study
 
     if Path(target).suffix in (".yaml", ".yml"):
         cfg = load_study(target)
-        return storage or cfg.storage or cfg.default_storage()
-    return storage or target
+        return storage or cfg.storage or cfg.default_storage(), artifact_dir or cfg.artifact_dir
+    return storage or target, artifact_dir
 
 
-def artifact_dir_of(target: str, *, artifact_dir: str | None = None) -> str | None:
-    """The artifact folder asked for: ``artifact_dir`` (``--artifact-dir``), else a study file's ``artifact_dir``.
-
-    None means the default folder of the storage (:func:`default_artifact_dir`)."""
-    from autoslim.config import load_study
-
-    if artifact_dir is None and Path(target).suffix in (".yaml", ".yml"):
-        return load_study(target).artifact_dir
-    return artifact_dir
+def storage_url(target: str, *, storage: str | None = None) -> str:
+    """The storage URL of a study file or storage URL ``target``."""
+    return study_locations(target, storage=storage)[0]
 
 
 def default_artifact_dir(url: str) -> Path | None:

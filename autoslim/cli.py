@@ -64,13 +64,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from autoslim.artifacts import artifact_dir_of, open_artifact_store, storage_url
+    from autoslim.artifacts import open_artifact_store, study_locations
     from autoslim.export import export_trial, select_trials
     from autoslim.study import open_study
 
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
-    store = open_artifact_store(storage_url(args.study, storage=args.storage),
-                                artifact_dir=artifact_dir_of(args.study, artifact_dir=args.artifact_dir))
+    url, artifact_dir = study_locations(args.study, storage=args.storage, artifact_dir=args.artifact_dir)
+    store = open_artifact_store(url, artifact_dir=artifact_dir)
     for trial in select_trials(study, trial=args.trial, pareto=args.pareto, best_under_params=args.best_under_params):
         print(export_trial(study, trial, out=args.out, artifact_store=store, retrain=args.retrain, log=_log))
     return 0

@@ -23,12 +23,11 @@ def serve(target: str, *, study_name: str | None = None, storage: str | None = N
     """
     from optuna_dashboard import run_server
 
-    from autoslim.artifacts import artifact_dir_of, default_artifact_dir, open_artifact_store, storage_url
+    from autoslim.artifacts import default_artifact_dir, open_artifact_store, study_locations
     from autoslim.study import get_storage, open_study
 
     study = open_study(target, study_name=study_name, storage=storage)
-    artifact_dir = artifact_dir_of(target, artifact_dir=artifact_dir)
-    url = storage_url(target, storage=storage)
+    url, artifact_dir = study_locations(target, storage=storage, artifact_dir=artifact_dir)
     storage_obj = get_storage(url)
     study_id = storage_obj.get_study_id_from_name(study.study_name)
     store = open_artifact_store(url, artifact_dir=artifact_dir)

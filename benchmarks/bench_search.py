@@ -85,12 +85,9 @@ def hand_rolled(data, *, budget: float, epochs: int, seed: int) -> optuna.Study:
 
 def log_hypervolume(points, reference=LOG_REFERENCE) -> float:
     """Area dominated in (accuracy, log10 parameters) above ``reference``: accuracy x decades."""
-    from optuna._hypervolume import compute_hypervolume
-
-    loss = np.array([[-acc, np.log10(max(params, 1))] for acc, params in points], dtype=float).reshape(-1, 2)
-    ref = np.array([-reference[0], np.log10(reference[1])])
-    inside = loss[(loss < ref).all(1)]
-    return float(compute_hypervolume(inside, ref)) if len(inside) else 0.0
+    decades = np.log10(reference[1])  # hypervolume() divides a minimised objective by its reference: undo it
+    logged = [[acc, np.log10(max(params, 1))] for acc, params in points]
+    return hypervolume(logged, DIRECTIONS, [reference[0], decades]) * decades if logged else 0.0
 
 
 def best_under(study: optuna.Study, limit: int):

@@ -68,13 +68,13 @@ def test_a_study_files_artifact_dir_is_used_by_optimize_and_export(tmp_path):
 
     (tmp_path / "runs").mkdir()
     study_file = tmp_path / "runs" / "tiny.yaml"
-    study_file.write_text(yaml.safe_dump({**TINY, "artifact_dir": "../shared/art"}))
+    study_file.write_text(yaml.safe_dump({**TINY, "artifact_dir": "../common/art"}))
     cfg = load_study(study_file)
-    assert cfg.artifact_dir == str(tmp_path / "shared" / "art")  # read from the study file's folder
+    assert cfg.artifact_dir == str(tmp_path / "common" / "art")  # read from the study file's folder
     study = optimize(cfg, log=lambda s: None)
     (trial,) = study.trials
     metas = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)
-    assert len(metas) == 4 and all((tmp_path / "shared" / "art" / m.artifact_id).is_file() for m in metas)
+    assert len(metas) == 4 and all((tmp_path / "common" / "art" / m.artifact_id).is_file() for m in metas)
     assert not (tmp_path / "runs" / "tiny-artifacts").exists()
     # export finds the model there without --artifact-dir (else it would fail: nothing beside the database)
     assert main(["export", str(study_file), "--trial", "0", "--out", str(tmp_path / "out")]) == 0
