@@ -201,7 +201,13 @@ def _analyse(model: nn.Module, example_input: torch.Tensor) -> _Analysis:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many types for untraceable Python
         raise UsageError(f"surgery: {type(model).__name__} cannot be traced by torch.fx: {e}") from e
-    return _Analysis(fx.GraphModule(model, graph), example_input)
+    return _Analysis(fx.GraphModule(model, graph), _on_device_of(model, example_input))
+
+
+def _on_device_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the device of ``model``'s parameters (a CUDA batch for a CPU model, or the reverse)."""
+    p = next(model.parameters(), None)
+    return x if p is None else x.to(p.device)
 
 
 class _Analysis(fx.Interpreter):
@@ -525,7 +531,7 @@ def remove_channels(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.T
             _resize(module, in_keep, None if layer.out_ids is None else kept_of(layer.out_ids))
     with _eval_mode(new):
         try:
-            new(example_input)
+            new(_on_device_of(new, example_input))
         except RuntimeError as e:  # never hand back a model that does not run
             raise RuntimeError(f"surgery: the reduced model does not run ({e}); please report this model") from e
     return new

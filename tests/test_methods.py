@@ -45,3 +45,19 @@ def test_method_runs_end_to_end_and_really_compresses_or_builds(name, data):
     assert attrs["history"] and attrs["flops"] > 0
     if not method.builds_model:
         assert result.params <= result.baseline_params
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")
+@pytest.mark.parametrize("name", list_methods())
+def test_method_runs_on_cuda(name):
+    """Data on the GPU, model built on the CPU: the trial moves the model before any method sees it
+    (l1l2 and SSS analyse the graph with a data batch before their first epoch)."""
+    cuda = torch.device("cuda")
+    data = load_data(DataConfig(name="synthetic", num_samples=160, image_shape=[1, 12, 12], num_classes=4), device=cuda)
+    method = get_method(name)
+    config = TrialConfig(method=name, params=smallest_budget(method.search_space()), model="lenet5",
+                         data=DataConfig(name="synthetic"), train=TrainConfig(epochs=1, batch_size=32), device="cuda")
+    result = run_trial(config, data=data)
+    assert next(result.model.parameters()).device.type == "cuda"
+    assert result.model(data.val.x[:2]).shape == (2, 4)
+    assert result.user_attrs()["params"] == sum(p.numel() for p in result.model.parameters())

@@ -84,7 +84,7 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     start = time.perf_counter()
     seed_everything(config.seed)
     method = get_method(config.method)
-    model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes)
+    model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
     widths_before = layer_widths(model)
     baseline = count_params(model)
     ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
