@@ -22,6 +22,7 @@ Sources are a name-keyed registry (:func:`register_dataset`):
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -239,6 +240,28 @@ def _torchvision_root(name: str, data_dir: str | None) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def _preparing(name: str) -> Iterator[None]:
+    """Holds a per-user lock on data set ``name`` while its files are copied, downloaded or extracted.
+
+    Workers of one study often start together on a fresh folder; without it one
+    reads the archive another is still writing."""
+    from autoslim.distributed import FileLock
+
+    cache = Path.home() / ".cache" / "autoslim"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(cache / f"{name}.lock")
+        lock.acquire()
+    except OSError:  # no writable home: go on unlocked, as before
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _writable(path: Path) -> bool:
     try:
         with tempfile.TemporaryFile(dir=path):
@@ -252,10 +275,11 @@ def _torchvision_source(name: str):
         import torchvision
 
         cls_name, sub, files, crop, flip = _TORCHVISION[name]
-        root = _torchvision_root(name, data_dir)
         cls = getattr(torchvision.datasets, cls_name)
         try:
-            train, test = (cls(root=str(root), train=t, download=download) for t in (True, False))
+            with _preparing(name):
+                root = _torchvision_root(name, data_dir)
+                train, test = [cls(root=str(root), train=t, download=download) for t in (True, False)]
         except Exception as e:  # missing files, offline download, corrupt archive
             where = Path(data_dir or root).expanduser() / sub
             raise UsageError(

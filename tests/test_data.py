@@ -86,3 +86,34 @@ def test_test_subset_is_a_fixed_part_of_the_test_split():
     rows = {tuple(r.tolist()) for r in full.test.x.flatten(1)}
     assert all(tuple(r.tolist()) in rows for r in a.test.x.flatten(1))
     assert len(a.train) == len(full.train)
+
+
+def test_workers_starting_together_prepare_a_torchvision_set_one_at_a_time(tmp_path, monkeypatch):
+    """Two loads of MNIST at once (two workers of a new study) never run torchvision's extraction together."""
+    import threading
+    import time
+
+    import torchvision
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    inside, overlaps = [], []
+
+    class SlowMNIST:  # stands in for torchvision's class: records overlapping preparations
+        classes = list(range(10))
+
+        def __init__(self, *, root, train, download):
+            inside.append(1)
+            overlaps.append(len(inside) > 1)
+            time.sleep(0.2)
+            self.data = torch.zeros(50 if train else 20, 28, 28, dtype=torch.uint8)
+            self.targets = torch.arange(len(self.data)) % 10
+            inside.pop()
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", SlowMNIST)
+    cfg = DataConfig(name="mnist", data_dir=str(tmp_path / "data"))
+    threads = [threading.Thread(target=load_data, args=(cfg,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(overlaps) == 4 and not any(overlaps)
