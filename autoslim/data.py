@@ -279,7 +279,9 @@ def _torchvision_source(name: str):
         try:
             with _preparing(name):
                 root = _torchvision_root(name, data_dir)
-                train, test = [cls(root=str(root), train=t, download=download) for t in (True, False)]
+                # the archives on disk: torchvision checks their md5 and extracts them, never going online
+                local = all((root / sub / f).is_file() for f in files)
+                train, test = [cls(root=str(root), train=t, download=download or local) for t in (True, False)]
         except Exception as e:  # missing files, offline download, corrupt archive
             where = Path(data_dir or root).expanduser() / sub
             raise UsageError(

@@ -117,3 +117,33 @@ def test_workers_starting_together_prepare_a_torchvision_set_one_at_a_time(tmp_p
     for t in threads:
         t.join()
     assert len(overlaps) == 4 and not any(overlaps)
+
+
+def test_download_off_still_extracts_archives_already_on_disk(tmp_path, monkeypatch):
+    """``download: false`` means "do not go online": the .gz files in data_dir are still verified and extracted
+    (torchvision does both only when asked to download, and then downloads nothing)."""
+    import torchvision
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+              "t10k-labels-idx1-ubyte.gz"):
+        (raw / f).write_bytes(b"")
+    asked = []
+
+    class RecordingMNIST:
+        classes = list(range(10))
+
+        def __init__(self, *, root, train, download):
+            asked.append(download)
+            self.data = torch.zeros(30, 28, 28, dtype=torch.uint8)
+            self.targets = torch.arange(30) % 10
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torchvision.datasets, "MNIST", RecordingMNIST)
+    load_data(DataConfig(name="mnist", data_dir=str(tmp_path), download=False))
+    assert asked == [True, True]
+    (raw / "t10k-labels-idx1-ubyte.gz").unlink()  # one archive missing: nothing to extract, stay offline
+    asked.clear()
+    load_data(DataConfig(name="mnist", data_dir=str(tmp_path), download=False))
+    assert asked == [False, False]
