@@ -146,6 +146,7 @@ class TrainConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = field(default=0.1, metadata=_meta(min_exclusive=0.0, max=1.0))
     label_smoothing: float = field(default=0.0, metadata=_meta(min=0.0, max=1.0))
+    deterministic: bool = False  # CUDA: deterministic kernels, so a rerun on the same GPU model is bit-identical (slower)
 
 
 @dataclass

@@ -25,10 +25,12 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +66,40 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool = True) -> Iterator[None]:
+    """While inside, CUDA uses deterministic kernels (``train.deterministic``); the previous settings come back after.
+
+    With the same seed, a rerun on the same GPU model and software then gives
+    the same weights (by default cuDNN's backward convolutions add in an
+    arbitrary order, so two runs drift apart). cuBLAS also needs
+    ``CUBLAS_WORKSPACE_CONFIG``: it is set here when unset, which takes effect
+    if this process has not used cuBLAS yet; export it to be sure. An operation
+    with no deterministic CUDA kernel warns rather than fails. CPU training is
+    deterministic without this.
+
+    >>> with deterministic_kernels():
+    ...     torch.are_deterministic_algorithms_enabled()
+    True
+    >>> torch.are_deterministic_algorithms_enabled()
+    False
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.deterministic, cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -141,38 +177,39 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
         generator.set_state(resume["generator"])
     loss_hooks = [c for c in callbacks if type(c).extra_loss is not Callback.extra_loss]
     step_hooks = [c for c in callbacks if type(c).on_step_end is not Callback.on_step_end]
-    history, step = [], 0 if resume is None else resume["step"]
-    for epoch in range(0 if resume is None else resume["epoch"], epochs):
-        start = time.perf_counter()
-        total = torch.zeros((), device=device)
-        for x, y in batches(data.train, batch_size=config.batch_size, shuffle=True, generator=generator,
-                            crop_padding=data.crop_padding, flip=data.flip):
-            loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
-            for c in loss_hooks:
-                extra = c.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
-            for o in optimizers:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in optimizers:
-                o.step()
-            step += 1
-            for c in step_hooks:
-                c.on_step_end(model, step)
-            total += loss.detach() * len(y)
-        lr = optimizer.param_groups[0]["lr"]
-        for s in schedulers:
-            s.step()
-        mean_loss = total.item() / len(data.train)
-        if not math.isfinite(mean_loss):
-            raise Diverged(f"training loss is {mean_loss} at epoch {epoch_offset + epoch + 1} (lr {lr:g})")
-        record = {"epoch": epoch_offset + epoch + 1, "loss": mean_loss, "val_accuracy": evaluate(model, data.val),
-                  "lr": lr, "seconds": time.perf_counter() - start}
-        history.append(record)
-        for c in callbacks:
-            c.on_epoch_end(model, record)
-        if on_state is not None:
-            on_state(history, {"epoch": epoch + 1, "step": step, "optimizers": [o.state_dict() for o in optimizers],
-                               "schedulers": [s.state_dict() for s in schedulers], "generator": generator.get_state()})
+    with deterministic_kernels(config.deterministic and device.type == "cuda"):
+        history, step = [], 0 if resume is None else resume["step"]
+        for epoch in range(0 if resume is None else resume["epoch"], epochs):
+            start = time.perf_counter()
+            total = torch.zeros((), device=device)
+            for x, y in batches(data.train, batch_size=config.batch_size, shuffle=True, generator=generator,
+                                crop_padding=data.crop_padding, flip=data.flip):
+                loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+                for c in loss_hooks:
+                    extra = c.extra_loss(model)
+                    if extra is not None:
+                        loss = loss + extra
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in optimizers:
+                    o.step()
+                step += 1
+                for c in step_hooks:
+                    c.on_step_end(model, step)
+                total += loss.detach() * len(y)
+            lr = optimizer.param_groups[0]["lr"]
+            for s in schedulers:
+                s.step()
+            mean_loss = total.item() / len(data.train)
+            if not math.isfinite(mean_loss):
+                raise Diverged(f"training loss is {mean_loss} at epoch {epoch_offset + epoch + 1} (lr {lr:g})")
+            record = {"epoch": epoch_offset + epoch + 1, "loss": mean_loss, "val_accuracy": evaluate(model, data.val),
+                      "lr": lr, "seconds": time.perf_counter() - start}
+            history.append(record)
+            for c in callbacks:
+                c.on_epoch_end(model, record)
+            if on_state is not None:
+                on_state(history, {"epoch": epoch + 1, "step": step, "optimizers": [o.state_dict() for o in optimizers],
+                                   "schedulers": [s.state_dict() for s in schedulers], "generator": generator.get_state()})
     return history

@@ -60,3 +60,30 @@ def test_schedules():
     assert cos(0) == 1 and abs(cos(5) - 0.5) < 1e-9
     step = lr_factor(TrainConfig(schedule="step", milestones=[0.5, 0.75], gamma=0.1), 8)
     assert [round(step(e), 6) for e in (0, 3, 4, 6, 7)] == [1, 1, 0.1, 0.01, 0.01]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")
+def test_deterministic_cuda_training_is_bit_identical():
+    """train.deterministic: two runs of a conv net on the GPU with one seed end with the same weights,
+    and the global kernel settings are back as they were afterwards."""
+    from autoslim.config import DataConfig
+    from autoslim.data import load_data
+
+    data = load_data(DataConfig(name="synthetic", num_samples=512, image_shape=[1, 16, 16], num_classes=4),
+                     device=torch.device("cuda"))
+    runs = []
+    for _ in range(2):
+        seed_everything(0)
+        model = create_model("lenet5", in_shape=data.in_shape, num_classes=data.num_classes)
+        train(model, data, config=TrainConfig(epochs=2, batch_size=32, deterministic=True), seed=0)
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+def test_deterministic_is_a_train_setting_of_the_study_file():
+    from autoslim.config import StudyConfig
+
+    cfg = StudyConfig.from_dict({"name": "d", "train": {"deterministic": True}})
+    assert cfg.train.deterministic is True
+    assert TrainConfig().deterministic is False
