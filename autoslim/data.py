@@ -276,6 +276,7 @@ def _torchvision_source(name: str):
 
         cls_name, sub, files, crop, flip = _TORCHVISION[name]
         cls = getattr(torchvision.datasets, cls_name)
+        root = Path(data_dir or Path.home() / ".cache" / "autoslim" / "data")
         try:
             with _preparing(name):
                 root = _torchvision_root(name, data_dir)
