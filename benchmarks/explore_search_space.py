@@ -5,8 +5,8 @@ settings of ``studies/search_mnist.yaml`` (20k MNIST training images, LeNet-5
 trained 6 epochs before compression) and prints validation and test accuracy,
 parameters (non-zeros for IHT), FLOPs and seconds of each. The narrowed ranges
 of ``studies/search_mnist.yaml`` were read off its output (run on a lent H100,
-8 configurations at a time: about 4 minutes for the grid; on 2 CPU cores the
-ThriftyNet rows take 6-15 minutes each).
+10 configurations at a time: 193 s for the grid; on 2 CPU cores a ThriftyNet
+row takes 5-20 minutes).
 
     python benchmarks/explore_search_space.py [--device cuda] [--workers 8] [--data-dir ../shared/datasets]
 """
