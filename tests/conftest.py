@@ -4,6 +4,13 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own empty folder: a study without ``--storage`` writes ``<name>.db`` next to its
+    study file or in the working directory, and a database left from an earlier run would be resumed."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def digits():
     from autoslim.config import DataConfig

@@ -12,6 +12,7 @@ import yaml
 from optuna.trial import TrialState
 
 from autoslim.config import StudyConfig
+from autoslim.errors import UsageError
 from autoslim.methods import get_method, list_methods
 from autoslim.search.halving import nondominated_ranks, should_stop
 from autoslim.search.pareto import hypervolume, pareto_front, pareto_mask
@@ -56,6 +57,40 @@ def test_a_study_file_pins_and_narrows_without_editing_the_space():
         assert v["rounds"] == 2 and 0.5 <= v["alpha"] <= 0.6 and v["rule"] == "std"
         assert "trimming.rounds" not in trial.params
         study.tell(trial, 0.0)
+
+
+def test_a_setting_is_not_sampled_unless_a_study_file_opens_it():
+    """``search: false`` (ThriftyNet's filters, trimming's apoz_examples) keeps the default; a range opens it."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    closed = SearchSpace.load("thriftynet")
+    opened = closed.narrow({"filters": {"low": 8, "high": 16}}, where="methods.thriftynet")
+    for _ in range(10):
+        trial = study.ask()
+        assert closed.suggest(trial)["filters"] == 0 and "thriftynet.filters" not in trial.params
+        assert 8 <= opened.suggest(trial)["filters"] <= 16 and "thriftynet.filters" in trial.params
+        study.tell(trial, 0.0)
+    searched = {n for n, p in SearchSpace.load("trimming").params.items() if not p.pinned}
+    assert "apoz_examples" not in searched and {"rounds", "rule", "fraction"} <= searched
+
+
+def test_a_setting_with_an_unknown_key_or_a_non_bool_search_is_one_clear_error():
+    spec = {"type": "int", "low": 0, "high": 4, "default": 0}
+    with pytest.raises(UsageError, match=r"params.k.search: expected true or false"):
+        SearchSpace.from_dict({"params": {"k": {**spec, "search": "no"}}}, where="x.yaml")
+    with pytest.raises(UsageError, match=r"params.k.hgih: unknown key; accepted: .*search"):
+        SearchSpace.from_dict({"params": {"k": {**spec, "hgih": 3}}}, where="x.yaml")
+
+
+def test_thriftynet_trials_of_a_study_stay_within_the_parameter_budget():
+    """The budget decides the width: every trial's network has at most ``budget`` parameters."""
+    cfg = tiny(methods={"thriftynet": {"budget": {"low": 2000, "high": 3000}, "iterations": {"low": 4, "high": 6},
+                                       "history": {"low": 1, "high": 2}, "pool_every": 2}},
+               train={"epochs": 1, "batch_size": 64}, n_trials=3, sampler={"name": "random"})
+    study = optimize(cfg, **QUIET)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3
+    for t in done:
+        assert t.values[1] <= t.params["thriftynet.budget"] and "thriftynet.filters" not in t.params
 
 
 # ---------------------------------------------------------------- Pareto front and hypervolume

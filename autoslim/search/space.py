@@ -9,16 +9,25 @@ A search-space file declares each hyperparameter once::
       alpha:   {type: float, low: 0.0, high: 2.0, default: 1.0}
       lr:      {type: float, low: 1.0e-4, high: 0.1, log: true, default: 0.01}
       rule:    {type: categorical, choices: [std, fraction], default: std}
+      examples: {type: int, low: 100, high: 10000, default: 2000, search: false}
     paper_default: {rounds: 3, alpha: 1.0}   # the published configuration
 
 A study file narrows it without editing the file: a scalar pins a value, a
-mapping narrows a range (``{low: 1, high: 2}``) or the choices. The Optuna
+mapping narrows a range (``{low: 1, high: 2}``) or the choices. A parameter
+declared ``search: false`` is a setting, not a knob: it keeps its default
+unless a study file gives it a value or a range (a mapping, even ``{}``, opens
+it to the search). ThriftyNet's ``filters`` is one: sampled freely it would
+override the parameter ``budget`` in nearly every trial. The Optuna
 parameter of ``rounds`` under method ``trimming`` is named ``trimming.rounds``,
 so one study can hold every method's parameters without collisions.
 
 >>> space = SearchSpace.load("trimming").narrow({"rounds": 1}, where="methods.trimming")
 >>> space.params["rounds"].pinned, space.defaults()["rounds"]
 (True, 1)
+>>> space.params["apoz_examples"].pinned   # search: false
+True
+>>> SearchSpace.load("trimming").narrow({"apoz_examples": {"high": 5000}}, where="m").params["apoz_examples"].pinned
+False
 """
 
 from __future__ import annotations
@@ -83,13 +92,15 @@ class Param:
         return trial.suggest_categorical(key, list(self.choices))
 
     def narrow(self, override: Any, where: str) -> "Param":
+        """A scalar pins the value; a mapping narrows the range or choices and opens the parameter to the search."""
         if not isinstance(override, dict):
             return dataclasses.replace(self, default=self.check(override, where), pinned=True)
         allowed = {"choices"} if self.type in ("categorical", "bool") else {"low", "high", "log", "step"}
         unknown = set(override) - allowed - {"default"}
         if unknown:
             raise UsageError(f"{where}.{sorted(unknown)[0]}: unknown key; accepted: {', '.join(sorted(allowed | {'default'}))}")
-        new = dataclasses.replace(self, **{k: override[k] for k in ("low", "high", "log", "step") if k in override})
+        new = dataclasses.replace(self, pinned=False,
+                                  **{k: override[k] for k in ("low", "high", "log", "step") if k in override})
         if "choices" in override:
             if not isinstance(override["choices"], list) or not override["choices"]:
                 raise UsageError(f"{where}.choices: expected a non-empty list")
@@ -137,7 +148,14 @@ class SearchSpace:
                 raise UsageError(f"{where}: params.{name}.default is missing")
             if "choices" in spec:
                 spec["choices"] = tuple(spec["choices"])
-            params[name] = Param(name=name, type=kind, **spec)
+            searched = spec.pop("search", True)
+            if not isinstance(searched, bool):
+                raise UsageError(f"{where}: params.{name}.search: expected true or false, got {searched!r}")
+            unknown = set(spec) - {"default", "low", "high", "log", "step", "choices"}
+            if unknown:
+                raise UsageError(f"{where}: params.{name}.{sorted(unknown)[0]}: unknown key; accepted: "
+                                 "type, default, low, high, log, step, choices, search")
+            params[name] = Param(name=name, type=kind, pinned=not searched, **spec)
             params[name].check(params[name].default, f"{where}: params.{name}.default")
         space = cls(method=raw.get("method", Path(where).stem), params=params, summary=raw.get("summary", ""),
                     paper_default=dict(raw.get("paper_default") or {}))
