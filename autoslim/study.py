@@ -35,12 +35,20 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def make_sampler(cfg: StudyConfig, *, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """The study's sampler; worker ``k`` of a study shared by several gets seed ``seed + k``."""
+    """The study's sampler; worker ``k`` of a study shared by several gets seed ``seed + k``.
+
+    TPE defaults to ``multivariate=True, group=True``: every autoslim space is conditional on
+    ``method``, and grouped multivariate TPE models each method's knobs jointly, on the trials that
+    sampled them. Optuna's own default for multi-objective studies samples every parameter on its
+    own. ``sampler.options`` overrides either."""
     seed = (cfg.sampler.seed if cfg.sampler.seed is not None else cfg.seed) + worker
     cls = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
            "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler}[cfg.sampler.name]
+    options = {"multivariate": True, "group": True, **cfg.sampler.options} if cfg.sampler.name == "tpe" else cfg.sampler.options
     try:
-        return cls(seed=seed, **cfg.sampler.options)
+        with warnings.catch_warnings():  # group is experimental in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(seed=seed, **options)
     except TypeError as e:
         raise UsageError(f"sampler.options: {e}") from None
 
@@ -61,7 +69,8 @@ def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int) -> dic
 def paper_defaults(spaces) -> list[dict]:
     """Each method's published configuration as the Optuna parameters of a trial to enqueue.
 
-    A value the study file pinned wins; a published value outside a narrowed range is left to the sampler."""
+    A value the study file pinned wins; a published value outside a range the study file narrowed is
+    replaced by the nearer end of that range (the narrowed parameter's default)."""
     trials = []
     for method, space in spaces.items():
         if not space.paper_default:

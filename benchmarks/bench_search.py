@@ -31,6 +31,9 @@ Two hypervolumes, each against one reference point for all three searches:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +42,7 @@ import numpy as np
 import optuna
 import torch
 import torch.nn.utils.prune as prune
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from autoslim.config import TrainConfig, load_study
 from autoslim.data import load_data
@@ -90,10 +93,47 @@ def log_hypervolume(points, reference=LOG_REFERENCE) -> float:
     return hypervolume(logged, DIRECTIONS, [reference[0], decades]) * decades if logged else 0.0
 
 
-def best_under(study: optuna.Study, limit: int):
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE and t.user_attrs["params"] <= limit]
+def best_under(trials: list[FrozenTrial], limit: int):
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["params"] <= limit]
     best = max(done, key=lambda t: t.values[0], default=None)
     return (best.user_attrs["test_accuracy"], best.user_attrs["params"]) if best else (float("nan"), None)
+
+
+NAMES = {"a": "autoslim default (all methods, TPE, early stopping)",
+         "b": "same space, random sampler, no early stopping",
+         "c": "hand-rolled Optuna + torch prune (L1, LeNet-5)"}
+
+
+def study_configs(data_dir: str):
+    """The study configs of (a) and (b): ``studies/search_mnist.yaml``, and the same with random sampling,
+    no early stopping and no warm start."""
+    cfg = load_study(ROOT / "studies" / "search_mnist.yaml")
+    cfg.data.data_dir = data_dir
+    cfg_b = load_study(ROOT / "studies" / "search_mnist.yaml")
+    cfg_b.data = cfg.data
+    cfg_b.sampler.name, cfg_b.sampler.options = "random", {}
+    cfg_b.early_stopping.enabled, cfg_b.warm_start = False, False
+    return {"a": cfg, "b": cfg_b}
+
+
+def run_arm(arm: str, *, budget: float, data_dir: str, threads: int | None) -> list[FrozenTrial]:
+    """Run search ``arm`` for ``budget`` seconds (in-memory storage, no artifacts); its trials."""
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfgs = study_configs(data_dir)
+    if arm == "c":
+        cfg = cfgs["a"]
+        data = load_data(cfg.data, device=resolve_device(cfg.device))
+        return hand_rolled(data, budget=budget, epochs=cfg.train.epochs, seed=cfg.seed).trials
+    return optimize(cfgs[arm], timeout=budget, strict_timeout=True, n_trials=10_000, log=lambda s: None,
+                    storage="sqlite:///:memory:").trials
+
+
+def _run_arm_job(job: tuple) -> tuple[str, list[FrozenTrial], float]:
+    arm, kwargs = job
+    start = time.perf_counter()
+    return arm, run_arm(arm, **kwargs), time.perf_counter() - start
 
 
 def main() -> int:
@@ -102,37 +142,37 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "datasets"))
     ap.add_argument("--limit", type=int, default=10_000, help="parameter limit of the reported best model")
     ap.add_argument("--arms", default="abc", help="which searches to run, e.g. 'a' for autoslim's alone")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the searches at the same time, each in its own process with --threads torch threads "
+                         "(default 1): every search gets the same wall-clock budget and an equal share of the cores")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per search (default: torch's own; 1 with --parallel)")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        cfg = load_study(ROOT / "studies" / "search_mnist.yaml")
-        cfg.data.data_dir = args.data_dir
-        data = load_data(cfg.data, device=resolve_device(cfg.device))
         if not args.arms or set(args.arms) - set("abc"):
             raise UsageError(f"--arms: {args.arms!r}; accepted: letters of 'abc'")
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"--threads: {args.threads}; accepted: a whole number >= 1")
+        cfg = study_configs(args.data_dir)["a"]
+        data = load_data(cfg.data, device=resolve_device(cfg.device))  # checks the files before any search runs
     except UsageError as e:
         print(f"bench_search: {e}", file=sys.stderr)
         return 2
-    quiet = dict(log=lambda s: None, storage="sqlite:///:memory:")
-    cfg_b = load_study(ROOT / "studies" / "search_mnist.yaml")
-    cfg_b.data = cfg.data
-    cfg_b.sampler.name, cfg_b.sampler.options = "random", {}
-    cfg_b.early_stopping.enabled, cfg_b.warm_start = False, False
-    arms = {"a": lambda: optimize(cfg, timeout=args.budget, strict_timeout=True, n_trials=10_000, **quiet),
-            "b": lambda: optimize(cfg_b, timeout=args.budget, strict_timeout=True, n_trials=10_000, **quiet),
-            "c": lambda: hand_rolled(data, budget=args.budget, epochs=cfg.train.epochs, seed=cfg.seed)}
+    arms = sorted(set(args.arms))
+    threads = args.threads or (1 if args.parallel else None)
+    jobs = [(k, dict(budget=args.budget, data_dir=args.data_dir, threads=threads)) for k in arms]
+    print(f"{'at once, each' if args.parallel else 'one after the other, each'} with "
+          f"{threads or torch.get_num_threads()} torch thread(s) on {os.cpu_count()} cores: {', '.join(arms)}", flush=True)
     results = {}
-    for k in sorted(set(args.arms) & set(arms)):
-        t = time.perf_counter()
-        results[k] = arms[k]()
-        print(f"({k}) done in {time.perf_counter() - t:.0f}s", flush=True)
+    with mp.get_context("spawn").Pool(len(jobs)) if args.parallel else contextlib.nullcontext() as pool:
+        for k, trials, seconds in (pool.imap_unordered(_run_arm_job, jobs) if pool else map(_run_arm_job, jobs)):
+            print(f"({k}) done in {seconds:.0f}s", flush=True)
+            results[k] = trials
+    results = {k: results[k] for k in arms}
 
-    def points(study):  # every completed trial counts, feasible or not, so that the three are compared alike
-        return [t.values for t in study.trials if t.state == TrialState.COMPLETE]
+    def points(trials):  # every completed trial counts, feasible or not, so that the three are compared alike
+        return [t.values for t in trials if t.state == TrialState.COMPLETE]
 
-    names = {"a": "autoslim default (all methods, TPE, early stopping)",
-             "b": "same space, random sampler, no early stopping",
-             "c": "hand-rolled Optuna + torch prune (L1, LeNet-5)"}
     hvs = {k: hypervolume(points(s), DIRECTIONS, REFERENCE) if points(s) else 0.0 for k, s in results.items()}
     logs = {k: log_hypervolume(points(s)) for k, s in results.items()}
     print(f"\nMNIST, {len(data.train)} train images, {args.budget:.0f} s per search; hypervolume reference points: "
@@ -141,8 +181,8 @@ def main() -> int:
     for k, s in results.items():
         acc, params = best_under(s, args.limit)
         best = f"{100 * acc:.2f}% test with {params:,} params" if params else "none"
-        states = {st: sum(t.state == st for t in s.trials) for st in (TrialState.COMPLETE, TrialState.PRUNED)}
-        print(f"({k}) {names[k]:<52} trials {states[TrialState.COMPLETE]:>3} complete, "
+        states = {st: sum(t.state == st for t in s) for st in (TrialState.COMPLETE, TrialState.PRUNED)}
+        print(f"({k}) {NAMES[k]:<52} trials {states[TrialState.COMPLETE]:>3} complete, "
               f"{states[TrialState.PRUNED]:>3} stopped  hypervolume linear {hvs[k]:.4f} log {logs[k]:.4f}  "
               f"best <= {args.limit:,} params: {best}")
     for k in sorted({"b", "c"} & set(results) if "a" in results else ()):
@@ -151,10 +191,10 @@ def main() -> int:
     for k, s in results.items():
         print(f"\n({k}) trials: " + ", ".join(
             f"{t.number} {t.params.get('method', 'prune')} {t.state.name.lower()} {t.duration.total_seconds():.0f}s"
-            for t in s.trials if t.duration is not None))
+            for t in s if t.duration is not None))
     for k, s in results.items():
         print(f"\n({k}) Pareto front of the completed trials (validation accuracy, params; test accuracy):")
-        done = [t for t in s.trials if t.state == TrialState.COMPLETE]
+        done = [t for t in s if t.state == TrialState.COMPLETE]
         front = [t for t, keep in zip(done, pareto_mask([t.values for t in done], DIRECTIONS)) if keep] if done else []
         for t in sorted(front, key=lambda t: t.values[1]):
             what = t.user_attrs.get("method", "torch prune")

@@ -190,6 +190,27 @@ def test_every_sampler_runs_seeded(sampler):
     assert [t.params for t in runs[0].trials] == [t.params for t in runs[1].trials]
 
 
+def test_default_tpe_models_each_methods_knobs_jointly():
+    """Grouped TPE: each method's knobs are in the relative (jointly modelled) space, not only ``method``."""
+    from autoslim.study import make_sampler
+
+    spaces = {m: get_method(m).search_space() for m in ("trimming", "sss")}
+    draws = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for i, method in enumerate(["trimming", "sss", "trimming", "sss"]):
+        draws.enqueue_trial({"method": method})
+        trial = draws.ask()
+        spaces[trial.suggest_categorical("method", list(spaces))].suggest(trial)
+        study.add_trial(optuna.trial.create_trial(params=trial.params, distributions=trial.distributions,
+                                                  values=[0.9, 1000.0 + i]))
+    knobs = {f"{m}.{k}" for m, space in spaces.items() for k, p in space.params.items() if not p.pinned}
+    grouped = make_sampler(tiny()).infer_relative_search_space(study, study.ask())
+    plain = make_sampler(tiny(sampler={"name": "tpe", "options": {"multivariate": False, "group": False}})).infer_relative_search_space(
+        study, study.ask())
+    assert set(grouped) == knobs | {"method"}
+    assert set(plain) == set()  # Optuna's multi-objective default: every parameter sampled on its own
+
+
 def test_paper_defaults_are_enqueued_and_run_first():
     cfg = tiny(n_trials=1, warm_start=True, methods={"trimming": {"apoz_examples": 100, "retrain_epochs": 1}})
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
