@@ -44,7 +44,9 @@ def make_sampler(cfg: StudyConfig, *, worker: int = 0) -> optuna.samplers.BaseSa
     seed = (cfg.sampler.seed if cfg.sampler.seed is not None else cfg.seed) + worker
     cls = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
            "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler}[cfg.sampler.name]
-    options = {"multivariate": True, "group": True, **cfg.sampler.options} if cfg.sampler.name == "tpe" else cfg.sampler.options
+    options = dict(cfg.sampler.options)
+    if cfg.sampler.name == "tpe":
+        options = {"multivariate": True, "group": True, **options}
     try:
         with warnings.catch_warnings():  # group is experimental in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

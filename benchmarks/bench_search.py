@@ -1,6 +1,9 @@
 """autoslim's search against random search and a hand-rolled pruning study, same wall-clock budget each.
 
-Runs, one after the other in one process, on the same MNIST split:
+Runs on the same MNIST split, one after the other in one process (each search
+with all cores), or with ``--parallel`` all at once, each in its own process
+with one torch thread, so that every search has the same wall-clock hour and an
+equal share of the machine:
 
 (a) autoslim's default search (``studies/search_mnist.yaml``: every method, TPE, early stopping);
 (b) the same space with Optuna's random sampler and no early stopping;
@@ -25,7 +28,7 @@ Two hypervolumes, each against one reference point for all three searches:
   read on (10x and 100x smaller are one decade apart), and it was fixed before
   the hour-long runs quoted in the README.
 
-    python benchmarks/bench_search.py --budget 1200 [--data-dir ../shared/datasets]
+    python benchmarks/bench_search.py --budget 1200 [--parallel] [--arms abc] [--data-dir ../shared/datasets]
 """
 
 from __future__ import annotations
@@ -198,8 +201,10 @@ def main() -> int:
         front = [t for t, keep in zip(done, pareto_mask([t.values for t in done], DIRECTIONS)) if keep] if done else []
         for t in sorted(front, key=lambda t: t.values[1]):
             what = t.user_attrs.get("method", "torch prune")
+            knobs = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                             for k, v in t.params.items() if k != "method")
             print(f"    trial {t.number:>3} {what:<11} val {100 * t.values[0]:.2f}%  params {int(t.values[1]):>7,}  "
-                  f"test {100 * t.user_attrs['test_accuracy']:.2f}%")
+                  f"test {100 * t.user_attrs['test_accuracy']:.2f}%  {knobs}")
     return 0
 
 

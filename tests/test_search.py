@@ -205,8 +205,8 @@ def test_default_tpe_models_each_methods_knobs_jointly():
                                                   values=[0.9, 1000.0 + i]))
     knobs = {f"{m}.{k}" for m, space in spaces.items() for k, p in space.params.items() if not p.pinned}
     grouped = make_sampler(tiny()).infer_relative_search_space(study, study.ask())
-    plain = make_sampler(tiny(sampler={"name": "tpe", "options": {"multivariate": False, "group": False}})).infer_relative_search_space(
-        study, study.ask())
+    ungrouped = tiny(sampler={"name": "tpe", "options": {"multivariate": False, "group": False}})
+    plain = make_sampler(ungrouped).infer_relative_search_space(study, study.ask())
     assert set(grouped) == knobs | {"method"}
     assert set(plain) == set()  # Optuna's multi-objective default: every parameter sampled on its own
 
