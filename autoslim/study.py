@@ -40,19 +40,20 @@ def make_sampler(cfg: StudyConfig, *, worker: int = 0) -> optuna.samplers.BaseSa
     TPE defaults to ``multivariate=True, group=True``: every autoslim space is conditional on
     ``method``, and grouped multivariate TPE models each method's knobs jointly, on the trials that
     sampled them. Optuna's own default for multi-objective studies samples every parameter on its
-    own. ``sampler.options`` overrides either."""
+    own. ``sampler.options`` overrides either (``multivariate: false`` alone also turns grouping off)."""
     seed = (cfg.sampler.seed if cfg.sampler.seed is not None else cfg.seed) + worker
     cls = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
            "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler}[cfg.sampler.name]
     options = dict(cfg.sampler.options)
     if cfg.sampler.name == "tpe":
-        options = {"multivariate": True, "group": True, **options}
+        options.setdefault("multivariate", True)
+        options.setdefault("group", bool(options["multivariate"]))  # Optuna refuses group without multivariate
     try:
         with warnings.catch_warnings():  # group is experimental in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return cls(seed=seed, **options)
-    except TypeError as e:
-        raise UsageError(f"sampler.options: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"sampler.options: {' '.join(str(e).split())}") from None
 
 
 def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int) -> dict[str, float]:

@@ -148,7 +148,8 @@ def main() -> int:
     ap.add_argument("--parallel", action="store_true",
                     help="run the searches at the same time, each in its own process with --threads torch threads "
                          "(default 1): every search gets the same wall-clock budget and an equal share of the cores")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per search (default: torch's own; 1 with --parallel)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per search (default: torch's own; 1 with --parallel)")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

@@ -205,10 +205,17 @@ def test_default_tpe_models_each_methods_knobs_jointly():
                                                   values=[0.9, 1000.0 + i]))
     knobs = {f"{m}.{k}" for m, space in spaces.items() for k, p in space.params.items() if not p.pinned}
     grouped = make_sampler(tiny()).infer_relative_search_space(study, study.ask())
-    ungrouped = tiny(sampler={"name": "tpe", "options": {"multivariate": False, "group": False}})
+    ungrouped = tiny(sampler={"name": "tpe", "options": {"multivariate": False}})  # grouping follows it
     plain = make_sampler(ungrouped).infer_relative_search_space(study, study.ask())
     assert set(grouped) == knobs | {"method"}
     assert set(plain) == set()  # Optuna's multi-objective default: every parameter sampled on its own
+
+
+def test_sampler_options_optuna_refuses_are_one_usage_error():
+    from autoslim.study import make_sampler
+
+    with pytest.raises(UsageError, match=r"^sampler\.options: ``group`` option can only be enabled when"):
+        make_sampler(tiny(sampler={"name": "tpe", "options": {"multivariate": False, "group": True}}))
 
 
 def test_paper_defaults_are_enqueued_and_run_first():
