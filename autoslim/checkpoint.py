@@ -36,10 +36,14 @@ exactly the weights of an uninterrupted one.
 the store's own ``write``/``open_reader``/``remove``; the trial's user attr
 ``checkpoint`` names the latest (artifact id, epoch, phase, time). A new
 checkpoint gets a new id and replaces the previous one only once written, so a
-worker killed while writing leaves the previous checkpoint intact. Checkpoints
-are working state, not results: they are not registered as the trial's
-artifacts, and are removed when the trial finishes (completed, pruned or
-failed). A retry inherits the user attr and so finds its predecessor's file.
+worker killed while writing leaves the previous checkpoint intact. Before a
+file is written, the user attr ``checkpoint_pending`` records its id and the
+id it replaces, so a worker killed at any point between writing the new file
+and removing the old one leaves no file that its retry does not know about.
+Checkpoints are working state, not results: they are not registered as the
+trial's artifacts, and are removed when the trial finishes (completed, pruned
+or failed), with any its dead predecessor left behind. A retry inherits the
+user attrs and so finds its predecessor's files.
 """
 
 from __future__ import annotations
@@ -182,6 +186,10 @@ def read_checkpoint(stream: io.BufferedIOBase | str, *, what: str = "checkpoint"
 class TrialCheckpoints:
     """The latest checkpoint of ``trial`` in ``store``; the trial's user attr ``checkpoint`` points to it.
 
+    Every checkpoint file of the trial (and of the trials it retries) that may
+    exist is the latest or is listed in the user attr ``checkpoint_pending``;
+    :meth:`discard` removes them all.
+
     >>> checkpoints = TrialCheckpoints(trial, store=store)  # doctest: +SKIP
     >>> checkpoints.save(payload); checkpoints.load()["format"]  # doctest: +SKIP
     'autoslim-checkpoint-1'
@@ -190,6 +198,13 @@ class TrialCheckpoints:
     def __init__(self, trial: optuna.Trial, *, store: optuna.artifacts.FileSystemArtifactStore) -> None:
         self.trial, self.store = trial, store
         self.latest: dict | None = trial.user_attrs.get("checkpoint")
+        # Files a dead predecessor may have left: being written, or replaced but not yet removed.
+        inherited = trial.user_attrs.get("checkpoint_pending") or ()
+        self.pending: set[str] = set(inherited) - {self._latest_id()}
+        self._recorded = bool(inherited)  # the user attr checkpoint_pending is set
+
+    def _latest_id(self) -> str | None:
+        return self.latest["artifact_id"] if self.latest else None
 
     def load(self) -> dict | None:
         """The checkpoint the trial (or the trial it retries) wrote last; None if none; ValueError if unreadable."""
@@ -203,31 +218,45 @@ class TrialCheckpoints:
             raise ValueError(f"{what} is not in the artifact store") from None
 
     def save(self, payload: dict) -> None:
-        """Write ``payload`` under a new artifact id, point the user attr at it, then drop the previous one."""
+        """Write ``payload`` under a new artifact id, point the user attr at it, then drop the previous one.
+
+        The new id and the one it replaces are recorded as pending first, so a
+        kill between any two of these steps leaves no file unaccounted for.
+        """
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         buffer.seek(0)
         artifact_id = f"checkpoint-{uuid.uuid4().hex}"
+        previous = self._latest_id()
+        self.pending |= {artifact_id} | ({previous} if previous else set())
+        self.trial.set_user_attr("checkpoint_pending", sorted(self.pending))
+        self._recorded = True
         self.store.write(artifact_id, buffer)
-        previous, self.latest = self.latest, {
+        self.latest = {
             "artifact_id": artifact_id, "trial": self.trial.number, "epoch": epochs_in(payload),
             "phase": payload["current"]["phase"], "saved_at": datetime.datetime.now().isoformat(timespec="seconds")}
         self.trial.set_user_attr("checkpoint", self.latest)
-        self._remove(previous)
+        self.pending.discard(artifact_id)
+        self._remove_pending()
 
     def discard(self) -> None:
-        """Remove the latest checkpoint (the trial has finished)."""
-        previous, self.latest = self.latest, None
-        if previous:
+        """Remove the latest checkpoint and any pending file (the trial has finished)."""
+        latest, self.latest = self._latest_id(), None
+        if latest:
             self.trial.set_user_attr("checkpoint", None)
-            self._remove(previous)
+            self.pending.add(latest)
+        self._remove_pending()
+        if self._recorded:
+            self.trial.set_user_attr("checkpoint_pending", None)
+            self._recorded = False
 
-    def _remove(self, entry: Mapping[str, Any] | None) -> None:
-        if entry:
+    def _remove_pending(self) -> None:
+        for artifact_id in sorted(self.pending):
             try:
-                self.store.remove(entry["artifact_id"])
+                self.store.remove(artifact_id)
             except optuna.artifacts.exceptions.ArtifactNotFound:
                 pass
+        self.pending.clear()
 
 
 def run_resumable(run: Callable[[Checkpointer | None], T], checkpoints: TrialCheckpoints | None, *,

@@ -20,7 +20,7 @@ from worker_helpers import (SLOW_STUDY, WORKER_STUDY, checkpointed_mid_trial, st
                             wait_for, write_study)
 
 from autoslim.artifacts import open_artifact_store
-from autoslim.checkpoint import Checkpointer, read_checkpoint
+from autoslim.checkpoint import FORMAT, Checkpointer, TrialCheckpoints, read_checkpoint
 from autoslim.cli import main
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
@@ -190,6 +190,90 @@ def test_an_unusable_checkpoint_is_one_line_and_the_retry_starts_over(finished_s
     retry = journal_study(journal, study_file.stem).trials[1]
     assert retry.state == TrialState.COMPLETE and "resumed_from" not in retry.user_attrs
     assert retry.user_attrs["config"]["seed"] == done.user_attrs["config"]["seed"]
+
+
+class Killed(BaseException):
+    """The worker dies here (SIGKILL runs no handler: nothing after this point happens)."""
+
+
+def _payload(epoch: int) -> dict:
+    return {"format": FORMAT, "phases": [], "current": {"phase": "train", "history": [{"epoch": e} for e in range(epoch)]}}
+
+
+def _kill_at(step, trial, store):
+    """Make the next ``TrialCheckpoints.save`` die at ``step`` (the CI race: a kill right after the attr moved on)."""
+    write, remove, set_user_attr = store.write, store.remove, trial.set_user_attr
+
+    def torn_write(artifact_id, content):
+        store.write = write
+        write(artifact_id, io.BytesIO(content.read()[:10]))  # half a file on disk
+        raise Killed
+
+    def write_then_die(artifact_id, content):
+        write(artifact_id, content)
+        raise Killed
+
+    def attr_then_die(key, value):
+        set_user_attr(key, value)
+        if key == "checkpoint":
+            raise Killed
+
+    def die_removing(artifact_id):
+        raise Killed
+
+    if step == "writing":
+        store.write = torn_write
+    elif step == "written":
+        store.write = write_then_die
+    elif step == "pointed":
+        trial.set_user_attr = attr_then_die
+    else:
+        store.remove = die_removing
+
+
+@pytest.mark.parametrize("step", ["writing", "written", "pointed", "removing"])
+def test_a_worker_killed_between_checkpoint_steps_leaves_no_file_its_retry_does_not_remove(tmp_path, step):
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path))
+    study = optuna.create_study()
+    victim = study.ask()
+    checkpoints = TrialCheckpoints(victim, store=store)
+    checkpoints.save(_payload(1))
+    kept = victim.user_attrs["checkpoint"]
+    _kill_at(step, victim, store)
+    with pytest.raises(Killed):
+        checkpoints.save(_payload(2))
+    assert len(list(tmp_path.iterdir())) == 2  # the previous checkpoint and the new (maybe torn) one
+    attrs = study.trials[0].user_attrs
+    resumes_from = 2 if step in ("pointed", "removing") else 1
+    assert attrs["checkpoint"]["epoch"] == resumes_from and (resumes_from == 2 or attrs["checkpoint"] == kept)
+    study.tell(victim, state=TrialState.FAIL)
+    study.enqueue_trial(victim.params, user_attrs=attrs)
+    retry = TrialCheckpoints(study.ask(), store=optuna.artifacts.FileSystemArtifactStore(str(tmp_path)))
+    assert epochs_in_loaded(retry) == resumes_from  # what it points to is whole
+    retry.save(_payload(resumes_from + 1))
+    assert len(list(tmp_path.iterdir())) == 1  # the predecessor's leftovers went with its latest
+    retry.discard()
+    assert not any(tmp_path.iterdir())
+    assert study.trials[1].user_attrs["checkpoint"] is None and study.trials[1].user_attrs["checkpoint_pending"] is None
+
+
+def test_a_retry_that_finishes_without_saving_removes_its_predecessors_leftovers(tmp_path):
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path))
+    study = optuna.create_study()
+    victim = study.ask()
+    checkpoints = TrialCheckpoints(victim, store=store)
+    checkpoints.save(_payload(1))
+    _kill_at("pointed", victim, store)
+    with pytest.raises(Killed):
+        checkpoints.save(_payload(2))
+    study.tell(victim, state=TrialState.FAIL)
+    study.enqueue_trial(victim.params, user_attrs=study.trials[0].user_attrs)
+    TrialCheckpoints(study.ask(), store=store).discard()  # e.g. the retry's checkpoint did not match: it started over
+    assert not any(tmp_path.iterdir())
+
+
+def epochs_in_loaded(checkpoints: TrialCheckpoints) -> int:
+    return len(checkpoints.load()["current"]["history"])
 
 
 def test_export_of_a_corrupt_model_file_is_one_line_and_writes_nothing(finished_study, tmp_path, capsys):
