@@ -240,6 +240,8 @@ class StudyConfig:
     reference_point: ReferencePointConfig = field(default_factory=ReferencePointConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     path: Path | None = field(default=None, init=False, repr=False)
+    # A method's own ``train:`` (methods.<name>.train) over the study's train section.
+    method_train: dict[str, TrainConfig] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_dict(cls, raw: Any, *, path: Path | None = None) -> "StudyConfig":
@@ -251,6 +253,13 @@ class StudyConfig:
             if not isinstance(m, str) or not isinstance(v, (dict, type(None))):
                 raise UsageError(f"methods.{m}: expected a mapping of parameter overrides, got {v!r}")
         cfg.methods = {m: dict(v or {}) for m, v in cfg.methods.items()}
+        for m, overrides in cfg.methods.items():
+            if "train" in overrides:
+                own = overrides.pop("train")
+                if not isinstance(own, dict):
+                    raise UsageError(f"methods.{m}.train: expected a mapping of train settings, got {own!r}")
+                cfg.method_train[m] = _build(TrainConfig, {**dataclasses.asdict(cfg.train), **own},
+                                             f"methods.{m}.train")
         if not cfg.methods:
             raise UsageError("methods: expected at least one method")
         base = path.parent if path else Path.cwd()
@@ -259,6 +268,16 @@ class StudyConfig:
         if cfg.artifact_dir is not None:
             cfg.artifact_dir = str((base / Path(cfg.artifact_dir).expanduser()).resolve())
         return cfg
+
+    def train_for(self, method: str) -> TrainConfig:
+        """The training settings of ``method``'s trials: the study's ``train``, updated by ``methods.<method>.train``.
+
+        >>> cfg = StudyConfig.from_dict({"methods": {"trimming": {}, "thriftynet": {"train": {"epochs": 12}}},
+        ...                              "train": {"epochs": 6, "lr": 0.1}})
+        >>> cfg.train_for("trimming").epochs, cfg.train_for("thriftynet").epochs, cfg.train_for("thriftynet").lr
+        (6, 12, 0.1)
+        """
+        return self.method_train.get(method, self.train)
 
     @property
     def objectives(self) -> list[str]:

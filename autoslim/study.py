@@ -122,6 +122,8 @@ def get_storage(url: str, *, recovery: RecoveryConfig | None = None) -> optuna.s
 def study_config_dict(cfg: StudyConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d.pop("path", None)
+    for method, train in d.pop("method_train").items():  # back where the study file has it
+        d["methods"][method]["train"] = train
     return d
 
 

@@ -93,6 +93,27 @@ def test_thriftynet_trials_of_a_study_stay_within_the_parameter_budget():
         assert t.values[1] <= t.params["thriftynet.budget"] and "thriftynet.filters" not in t.params
 
 
+def test_a_methods_own_train_section_sets_the_training_of_its_trials_only():
+    """methods.<name>.train updates the study's train section for that method's trials, and is saved with them."""
+    cfg = tiny(methods={"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100},
+                        "thriftynet": {"budget": 2000, "iterations": 4, "history": 1, "pool_every": 2,
+                                       "train": {"epochs": 3, "lr": 0.02}}},
+               n_trials=4, sampler={"name": "random", "seed": 3})
+    study = optimize(cfg, **QUIET)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert {t.params["method"] for t in done} == {"trimming", "thriftynet"}
+    for t in done:
+        train = t.user_attrs["config"]["train"]
+        if t.params["method"] == "thriftynet":
+            assert (train["epochs"], train["lr"], train["batch_size"]) == (3, 0.02, 64)
+            assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2, 3]
+        else:
+            assert (train["epochs"], train["lr"]) == (1, 0.05)
+            assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2]  # base epoch + one retrain epoch
+    saved = StudyConfig.from_dict(study.user_attrs["autoslim_config"])
+    assert saved.train_for("thriftynet") == cfg.train_for("thriftynet") and saved.train_for("trimming") == cfg.train
+
+
 # ---------------------------------------------------------------- Pareto front and hypervolume
 
 def test_pareto_front_and_hypervolume_equal_a_hand_computation():

@@ -140,8 +140,8 @@ class Objective:
         method = trial.suggest_categorical("method", list(self.spaces))
         params = self.spaces[method].suggest(trial)
         return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
-                           data=self.cfg.data, train=self.cfg.train, seed=self.cfg.seed + _original_number(trial),
-                           device=self.cfg.device)
+                           data=self.cfg.data, train=self.cfg.train_for(method),
+                           seed=self.cfg.seed + _original_number(trial), device=self.cfg.device)
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
         """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``); an error fails it
