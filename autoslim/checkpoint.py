@@ -227,8 +227,7 @@ class TrialCheckpoints:
         torch.save(payload, buffer)
         buffer.seek(0)
         artifact_id = f"checkpoint-{uuid.uuid4().hex}"
-        previous = self._latest_id()
-        self.pending |= {artifact_id} | ({previous} if previous else set())
+        self.pending |= {artifact_id, self._latest_id()} - {None}
         self.trial.set_user_attr("checkpoint_pending", sorted(self.pending))
         self._recorded = True
         self.store.write(artifact_id, buffer)

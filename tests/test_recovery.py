@@ -20,7 +20,7 @@ from worker_helpers import (SLOW_STUDY, WORKER_STUDY, checkpointed_mid_trial, st
                             wait_for, write_study)
 
 from autoslim.artifacts import open_artifact_store
-from autoslim.checkpoint import FORMAT, Checkpointer, TrialCheckpoints, read_checkpoint
+from autoslim.checkpoint import FORMAT, Checkpointer, TrialCheckpoints, epochs_in, read_checkpoint
 from autoslim.cli import main
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
@@ -249,7 +249,7 @@ def test_a_worker_killed_between_checkpoint_steps_leaves_no_file_its_retry_does_
     study.tell(victim, state=TrialState.FAIL)
     study.enqueue_trial(victim.params, user_attrs=attrs)
     retry = TrialCheckpoints(study.ask(), store=optuna.artifacts.FileSystemArtifactStore(str(tmp_path)))
-    assert epochs_in_loaded(retry) == resumes_from  # what it points to is whole
+    assert epochs_in(retry.load()) == resumes_from  # what it points to is whole
     retry.save(_payload(resumes_from + 1))
     assert len(list(tmp_path.iterdir())) == 1  # the predecessor's leftovers went with its latest
     retry.discard()
@@ -270,10 +270,6 @@ def test_a_retry_that_finishes_without_saving_removes_its_predecessors_leftovers
     study.enqueue_trial(victim.params, user_attrs=study.trials[0].user_attrs)
     TrialCheckpoints(study.ask(), store=store).discard()  # e.g. the retry's checkpoint did not match: it started over
     assert not any(tmp_path.iterdir())
-
-
-def epochs_in_loaded(checkpoints: TrialCheckpoints) -> int:
-    return len(checkpoints.load()["current"]["history"])
 
 
 def test_export_of_a_corrupt_model_file_is_one_line_and_writes_nothing(finished_study, tmp_path, capsys):

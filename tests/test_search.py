@@ -2,10 +2,7 @@
 
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import yaml
