@@ -41,8 +41,10 @@ def _check(path: str, value: Any, tp: Any, meta: dict) -> Any:
                 return _check(path, value, arg, meta)
             except UsageError as e:
                 errors.append(str(e))
-        raise UsageError(errors[-1] if len(errors) == 1 else
-                         f"{path}: expected {' or '.join(_name(a) for a in args)}, got {value!r}")
+        typed = [e for e in errors if not e.startswith(f"{path}: expected ")]  # of the type, but out of range
+        raise UsageError(typed[-1] if typed else errors[-1] if len(errors) == 1 else
+                         f"{path}: expected {' or '.join(_name(a) for a in args if a is not type(None))}"
+                         f"{' or null' if type(None) in args else ''}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if origin is list:
@@ -78,6 +80,8 @@ def _check(path: str, value: Any, tp: Any, meta: dict) -> Any:
         lo_s = f"> {meta['min_exclusive']}" if meta.get("min_exclusive") is not None else (f">= {lo}" if lo is not None else "")
         hi_s = f"<= {hi}" if hi is not None else ""
         raise UsageError(f"{path}: {value!r} is out of range; accepted: {' and '.join(s for s in (lo_s, hi_s) if s)}")
+    if meta.get("count_or_fraction") and tp is float and value > 1:
+        raise UsageError(f"{path}: {value!r} is out of range; accepted: a count >= 1 or a fraction in (0, 1]")
     return value
 
 
@@ -115,7 +119,7 @@ class DataConfig:
     download: bool = True
     val_fraction: float = field(default=0.15, metadata=_meta(min_exclusive=0.0, max=0.9))
     test_fraction: float = field(default=0.2, metadata=_meta(min_exclusive=0.0, max=0.9))
-    train_subset: int | float | None = field(default=None, metadata=_meta(min_exclusive=0))
+    train_subset: int | float | None = field(default=None, metadata=_meta(min_exclusive=0, count_or_fraction=True))
     test_subset: int | None = field(default=None, metadata=_meta(min=1))
     augment: bool | None = None
     seed: int = 0
@@ -124,11 +128,6 @@ class DataConfig:
     image_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
     num_classes: int = field(default=4, metadata=_meta(min=2))
     num_samples: int = field(default=512, metadata=_meta(min=8))
-
-    def __post_init__(self):
-        if isinstance(self.train_subset, float) and self.train_subset > 1:
-            raise UsageError(f"data.train_subset: {self.train_subset!r} is out of range; accepted: a count >= 1 "
-                             "or a fraction in (0, 1]")
 
 
 @dataclass
@@ -155,6 +154,9 @@ class SamplerConfig:
     seed: int | None = None
     options: dict = field(default_factory=dict)
 
+
+# What ``methods.<name>.data`` may set: how many training images; never the split the methods are compared on.
+METHOD_DATA_KEYS = ["train_subset"]
 
 OBJECTIVES = ["accuracy", "params", "flops", "latency"]
 
@@ -240,8 +242,10 @@ class StudyConfig:
     reference_point: ReferencePointConfig = field(default_factory=ReferencePointConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     path: Path | None = field(default=None, init=False, repr=False)
-    # A method's own ``train:`` (methods.<name>.train) over the study's train section.
+    # A method's own ``train:`` (methods.<name>.train) over the study's train section, and its own
+    # ``data:`` (methods.<name>.data: train_subset only, so that every method is validated on the same split).
     method_train: dict[str, TrainConfig] = field(default_factory=dict, init=False, repr=False)
+    method_data: dict[str, dict] = field(default_factory=dict, init=False, repr=False)  # the keys it sets
 
     @classmethod
     def from_dict(cls, raw: Any, *, path: Path | None = None) -> "StudyConfig":
@@ -260,6 +264,16 @@ class StudyConfig:
                     raise UsageError(f"methods.{m}.train: expected a mapping of train settings, got {own!r}")
                 cfg.method_train[m] = _build(TrainConfig, {**dataclasses.asdict(cfg.train), **own},
                                              f"methods.{m}.train")
+            if "data" in overrides:
+                own = overrides.pop("data")
+                if not isinstance(own, dict):
+                    raise UsageError(f"methods.{m}.data: expected a mapping of data settings, got {own!r}")
+                for key in own:
+                    if key not in METHOD_DATA_KEYS:
+                        raise UsageError(f"methods.{m}.data.{key}: a method may set only "
+                                         f"{', '.join(METHOD_DATA_KEYS)}; the dataset and its split are the study's")
+                _build(DataConfig, {**dataclasses.asdict(cfg.data), **own}, f"methods.{m}.data")  # checks the values
+                cfg.method_data[m] = dict(own)
         if not cfg.methods:
             raise UsageError("methods: expected at least one method")
         base = path.parent if path else Path.cwd()
@@ -278,6 +292,16 @@ class StudyConfig:
         (6, 12, 0.1)
         """
         return self.method_train.get(method, self.train)
+
+    def data_for(self, method: str) -> DataConfig:
+        """The data of ``method``'s trials: the study's ``data``, with ``methods.<method>.data.train_subset``.
+
+        >>> cfg = StudyConfig.from_dict({"data": {"name": "digits", "train_subset": 200},
+        ...                              "methods": {"trimming": {}, "thriftynet": {"data": {"train_subset": None}}}})
+        >>> cfg.data_for("trimming").train_subset, cfg.data_for("thriftynet").train_subset
+        (200, None)
+        """
+        return dataclasses.replace(self.data, **self.method_data[method]) if method in self.method_data else self.data
 
     @property
     def objectives(self) -> list[str]:

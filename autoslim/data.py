@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -110,8 +110,27 @@ def load_data(config, *, device: str | torch.device = "cpu") -> Data:
     ``test_fraction``), ``val_fraction`` of the training images is the
     validation split, and ``train_subset`` (a count, or a fraction in (0, 1])
     keeps the first images of the shuffled remainder; ``test_subset`` (a count)
-    keeps a fixed random part of the test split. Images are normalised
-    with the training split's per-channel mean and standard deviation.
+    keeps a fixed random part of the test split. Images are normalised with
+    the per-channel mean and standard deviation of all training images (those
+    ``train_subset`` keeps and those it leaves out), so the training images of
+    a smaller subset are exactly the first ones of a larger subset's, and the
+    validation and test splits do not depend on it.
+    """
+    (data,) = load_data_subsets(config, [config.train_subset], device=device)
+    return data
+
+
+def load_data_subsets(config, train_subsets: Sequence[int | float | None], *,
+                      device: str | torch.device = "cpu") -> list[Data]:
+    """:func:`load_data` for each of ``train_subsets`` in place of ``config.train_subset``, reading the files once.
+
+    Every result has the same validation and test splits; each training split
+    is the first images of the largest.
+
+    >>> from autoslim.config import DataConfig
+    >>> part, full = load_data_subsets(DataConfig(name="digits"), [100, None])
+    >>> len(part.train), torch.equal(part.train.x, full.train.x[:100]), torch.equal(part.val.x, full.val.x)
+    (100, True, True)
     """
     if config.name not in _SOURCES:
         raise accepted("data.name", config.name, _SOURCES)
@@ -131,21 +150,35 @@ def load_data(config, *, device: str | torch.device = "cpu") -> Data:
     perm = torch.randperm(len(y), generator=gen)
     n_val = max(1, int(round(config.val_fraction * len(y))))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
-    if config.train_subset is not None:
-        n = config.train_subset if isinstance(config.train_subset, int) else int(round(config.train_subset * len(train_idx)))
-        train_idx = train_idx[: max(1, n)]
     train_x = x[train_idx].float()
     mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
     std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    del train_x
 
     def split(images, labels) -> Split:
-        return Split(((images.float() - mean) / std).contiguous(), labels.long())
+        return Split(((images.float() - mean) / std).contiguous(), labels.long()).to(device)
 
     augment = config.augment if config.augment is not None else (raw.crop_padding > 0 or raw.flip)
-    data = Data(config.name, split(x[train_idx], y[train_idx]), split(x[val_idx], y[val_idx]),
-                split(test_x, test_y), raw.num_classes,
-                crop_padding=raw.crop_padding if augment else 0, flip=raw.flip if augment else False)
-    return data.to(device)
+    val, test = split(x[val_idx], y[val_idx]), split(test_x, test_y)
+    counts = [train_count(subset, len(train_idx)) for subset in train_subsets]
+    largest = split(x[train_idx[:max(counts)]], y[train_idx[:max(counts)]])
+    trains = {n: largest if n == len(largest) else Split(largest.x[:n].clone(), largest.y[:n].clone())
+              for n in sorted(set(counts))}
+    return [Data(config.name, trains[n], val, test, raw.num_classes, crop_padding=raw.crop_padding if augment else 0,
+                 flip=raw.flip if augment else False)
+            for n in counts]
+
+
+def train_count(train_subset: int | float | None, available: int) -> int:
+    """How many of ``available`` training images ``train_subset`` keeps (a count, a fraction, or None: all).
+
+    >>> train_count(None, 500), train_count(0.5, 500), train_count(100, 500), train_count(900, 500)
+    (500, 250, 100, 500)
+    """
+    if train_subset is None:
+        return available
+    n = train_subset if isinstance(train_subset, int) else int(round(train_subset * available))
+    return min(available, max(1, n))
 
 
 def batches(split: Split, *, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,

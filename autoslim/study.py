@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from autoslim.artifacts import open_artifact_store
 from autoslim.config import RecoveryConfig, StudyConfig
-from autoslim.data import load_data
+from autoslim.data import Data, load_data_subsets
 from autoslim.distributed import FileLock, run_worker, study_lock, worker_index
 from autoslim.errors import UsageError
 from autoslim.methods import get_method
@@ -124,6 +124,8 @@ def study_config_dict(cfg: StudyConfig) -> dict:
     d.pop("path", None)
     for method, train in d.pop("method_train").items():  # back where the study file has it
         d["methods"][method]["train"] = train
+    for method, data in d.pop("method_data").items():
+        d["methods"][method]["data"] = data
     return d
 
 
@@ -147,7 +149,8 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     study_name = study_name or cfg.name
     spaces = {m: get_method(m).search_space().narrow(o, where=f"methods.{m}") for m, o in cfg.methods.items()}
     sampler = make_sampler(cfg)
-    data = load_data(cfg.data, device=resolve_device(cfg.device))
+    method_data = load_method_data(cfg, device=resolve_device(cfg.device))
+    data = method_data[next(iter(cfg.methods))]
     url = storage or cfg.storage or cfg.default_storage()
     lock = study_lock(url)
     with lock:  # several workers: the tables, the study, its attrs and warm-start trials are made once
@@ -162,7 +165,7 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     remaining = n_trials - done
     log(f"study {study_name!r} in {_redact(url)}: "
         f"{done} finished trial(s), running {max(0, remaining)} more on {cfg.data.name} "
-        f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
+        f"({_train_sizes(method_data)} train / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
         f"methods {', '.join(spaces)}")
     if remaining > 0:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -171,11 +174,33 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
         if heartbeat and artifact_store is None and cfg.recovery.checkpoint:
             log("no --artifact-dir (or artifact_dir in the study file): trials are not checkpointed, so a trial retried after its worker died starts over")
         deadline = time.time() + timeout if strict_timeout and timeout is not None else None
-        objective = Objective(cfg, data, spaces, log=log, artifact_store=artifact_store, deadline=deadline)
+        objective = Objective(cfg, data, spaces, method_data=method_data, log=log, artifact_store=artifact_store, deadline=deadline)
         run_worker(study, objective, n_trials=n_trials,
                    max_trials=remaining, timeout=timeout, lock=lock, heartbeat=heartbeat,
                    poll=min(5.0, cfg.recovery.heartbeat_interval), log=log)
     return study
+
+
+def load_method_data(cfg: StudyConfig, *, device: str = "cpu") -> dict[str, Data]:
+    """Each method's data (the study's, with ``methods.<name>.data``), reading the files once.
+
+    All of them share the validation and test splits; a method's training
+    images are the first ones of the largest set any method trains on.
+
+    >>> cfg = StudyConfig.from_dict({"data": {"name": "digits", "train_subset": 200},
+    ...                              "methods": {"trimming": {}, "thriftynet": {"data": {"train_subset": 0.5}}}})
+    >>> {m: len(d.train) for m, d in load_method_data(cfg).items()}
+    {'trimming': 200, 'thriftynet': 611}
+    """
+    subsets = [cfg.data_for(m).train_subset for m in cfg.methods]
+    return dict(zip(cfg.methods, load_data_subsets(cfg.data, subsets, device=device)))
+
+
+def _train_sizes(method_data: dict[str, Data]) -> str:
+    """'20000', or '20000 (thriftynet 51000)' where a method trains on other images than the first's."""
+    (first, data), *rest = method_data.items()
+    others = [f"{m} {len(d.train)}" for m, d in rest if len(d.train) != len(data.train)]
+    return f"{len(data.train)}" + (f" ({', '.join(others)})" if others else "")
 
 
 def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from autoslim.config import DataConfig
-from autoslim.data import Split, batches, load_data, random_crop, random_flip
+from autoslim.data import Split, batches, load_data, load_data_subsets, random_crop, random_flip
 from autoslim.errors import UsageError
 
 
@@ -29,6 +29,17 @@ def test_train_subset(subset, expected):
     part = load_data(DataConfig(name="digits", train_subset=subset))
     assert len(part.train) == (expected or round(0.5 * len(full.train)))
     assert len(part.val) == len(full.val) and len(part.test) == len(full.test)
+
+
+def test_a_smaller_train_subset_is_the_first_images_of_a_larger_one_and_the_split_does_not_move():
+    """Normalised with all training images' statistics, so one read of the files serves every subset exactly."""
+    full = load_data(DataConfig(name="digits", seed=2))
+    part = load_data(DataConfig(name="digits", seed=2, train_subset=300))
+    assert torch.equal(part.train.x, full.train.x[:300]) and torch.equal(part.train.y, full.train.y[:300])
+    assert torch.equal(part.val.x, full.val.x) and torch.equal(part.test.x, full.test.x)
+    half, none, hundred = load_data_subsets(DataConfig(name="digits", seed=2, train_subset=300), [0.5, None, 100])
+    assert len(half.train) == round(0.5 * len(full.train)) and torch.equal(none.train.x, full.train.x)
+    assert torch.equal(hundred.train.x, part.train.x[:100]) and torch.equal(hundred.val.y, full.val.y)
 
 
 def test_batches_cover_every_example_once_when_shuffled():

@@ -8,13 +8,15 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from autoslim.config import StudyConfig
+from autoslim.config import StudyConfig, TrialConfig
+from autoslim.data import load_data
 from autoslim.errors import UsageError
 from autoslim.methods import get_method, list_methods
 from autoslim.search.halving import nondominated_ranks, should_stop
 from autoslim.search.pareto import hypervolume, pareto_front, pareto_mask
 from autoslim.search.space import SearchSpace
-from autoslim.study import optimize
+from autoslim.search.objective import run_trial
+from autoslim.study import load_method_data, optimize
 
 QUIET = dict(log=lambda s: None)
 
@@ -109,6 +111,27 @@ def test_a_methods_own_train_section_sets_the_training_of_its_trials_only():
             assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2]  # base epoch + one retrain epoch
     saved = StudyConfig.from_dict(study.user_attrs["autoslim_config"])
     assert saved.train_for("thriftynet") == cfg.train_for("thriftynet") and saved.train_for("trimming") == cfg.train
+
+
+def test_a_methods_own_data_sets_the_training_images_of_its_trials_only_and_its_saved_config_repeats_them():
+    """methods.<name>.data.train_subset: that method trains on more (or fewer) images, validated on the same split;
+    a trial rerun from its saved config (what export and `autoslim train` do) trains on the same images."""
+    cfg = tiny(methods={"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100,
+                                     "data": {"train_subset": 400}},
+                        "l1l2": {"finetune_epochs": 1}},
+               n_trials=2, warm_start=True)  # one trial of each method
+    assert [len(d.train) for d in load_method_data(cfg).values()] == [400, 150]
+    study = optimize(cfg, **QUIET)
+    done = {t.params["method"]: t for t in study.trials if t.state == TrialState.COMPLETE}
+    assert set(done) == {"trimming", "l1l2"}
+    for method, t in done.items():
+        config = TrialConfig.from_dict(t.user_attrs["config"])
+        assert config.data.train_subset == {"trimming": 400, "l1l2": 150}[method]
+        again = run_trial(config, data=load_data(config.data))
+        assert [r["loss"] for r in again.user_attrs()["history"]] == [r["loss"] for r in t.user_attrs["history"]]
+        assert again.val_accuracy == t.user_attrs["val_accuracy"]
+    saved = StudyConfig.from_dict(study.user_attrs["autoslim_config"])
+    assert saved.data_for("trimming") == cfg.data_for("trimming") and saved.data_for("l1l2") == cfg.data
 
 
 # ---------------------------------------------------------------- Pareto front and hypervolume

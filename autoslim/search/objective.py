@@ -131,8 +131,13 @@ class Objective:
     """The Optuna objective of a study: sample, run, store, return the objective values."""
 
     def __init__(self, study_config: StudyConfig, data: Data, spaces: Mapping[str, SearchSpace], *,
-                 log: Callable[[str], None] = print, artifact_store=None, deadline: float | None = None) -> None:
+                 method_data: Mapping[str, Data] | None = None, log: Callable[[str], None] = print,
+                 artifact_store=None, deadline: float | None = None) -> None:
         self.cfg, self.data, self.spaces, self.log = study_config, data, dict(spaces), log
+        self.method_data = dict(method_data or {})  # a method's own training images (methods.<name>.data)
+        missing = sorted(set(study_config.method_data) - set(self.method_data))
+        if missing:
+            raise ValueError(f"methods.{missing[0]}.data is set: pass method_data=autoslim.study.load_method_data(cfg)")
         self.artifact_store = artifact_store  # optuna artifact store for per-trial files; None: none kept
         self.deadline = deadline  # time.time() after which a running trial stops at its next epoch end
 
@@ -140,7 +145,7 @@ class Objective:
         method = trial.suggest_categorical("method", list(self.spaces))
         params = self.spaces[method].suggest(trial)
         return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
-                           data=self.cfg.data, train=self.cfg.train_for(method),
+                           data=self.cfg.data_for(method), train=self.cfg.train_for(method),
                            seed=self.cfg.seed + _original_number(trial), device=self.cfg.device)
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
@@ -181,7 +186,8 @@ class Objective:
 
         checkpoints = (TrialCheckpoints(trial, store=self.artifact_store)
                        if self.artifact_store is not None and self.cfg.recovery.checkpoint else None)
-        result = run_resumable(lambda checkpointer: run_trial(config, data=self.data, callbacks=callbacks, log=log,
+        data = self.method_data.get(config.method, self.data)
+        result = run_resumable(lambda checkpointer: run_trial(config, data=data, callbacks=callbacks, log=log,
                                                               checkpointer=checkpointer), checkpoints, log=log)
         attrs = result.user_attrs()
         for k, v in attrs.items():
