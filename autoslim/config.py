@@ -242,10 +242,11 @@ class StudyConfig:
     reference_point: ReferencePointConfig = field(default_factory=ReferencePointConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     path: Path | None = field(default=None, init=False, repr=False)
-    # A method's own ``train:`` (methods.<name>.train) over the study's train section, and its own
-    # ``data:`` (methods.<name>.data: train_subset only, so that every method is validated on the same split).
-    method_train: dict[str, TrainConfig] = field(default_factory=dict, init=False, repr=False)
-    method_data: dict[str, dict] = field(default_factory=dict, init=False, repr=False)  # the keys it sets
+    # The checked keys of a method's own ``train:`` (methods.<name>.train), over the study's train section,
+    # and of its own ``data:`` (methods.<name>.data: train_subset only, so every method is validated on one split).
+    # Kept as overrides, so that a change to the study's sections after loading reaches every method.
+    method_train: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
+    method_data: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_dict(cls, raw: Any, *, path: Path | None = None) -> "StudyConfig":
@@ -262,8 +263,8 @@ class StudyConfig:
                 own = overrides.pop("train")
                 if not isinstance(own, dict):
                     raise UsageError(f"methods.{m}.train: expected a mapping of train settings, got {own!r}")
-                cfg.method_train[m] = _build(TrainConfig, {**dataclasses.asdict(cfg.train), **own},
-                                             f"methods.{m}.train")
+                built = _build(TrainConfig, {**dataclasses.asdict(cfg.train), **own}, f"methods.{m}.train")
+                cfg.method_train[m] = {k: getattr(built, k) for k in own}
             if "data" in overrides:
                 own = overrides.pop("data")
                 if not isinstance(own, dict):
@@ -272,8 +273,8 @@ class StudyConfig:
                     if key not in METHOD_DATA_KEYS:
                         raise UsageError(f"methods.{m}.data.{key}: a method may set only "
                                          f"{', '.join(METHOD_DATA_KEYS)}; the dataset and its split are the study's")
-                _build(DataConfig, {**dataclasses.asdict(cfg.data), **own}, f"methods.{m}.data")  # checks the values
-                cfg.method_data[m] = dict(own)
+                built = _build(DataConfig, {**dataclasses.asdict(cfg.data), **own}, f"methods.{m}.data")
+                cfg.method_data[m] = {k: getattr(built, k) for k in own}
         if not cfg.methods:
             raise UsageError("methods: expected at least one method")
         base = path.parent if path else Path.cwd()
@@ -291,7 +292,7 @@ class StudyConfig:
         >>> cfg.train_for("trimming").epochs, cfg.train_for("thriftynet").epochs, cfg.train_for("thriftynet").lr
         (6, 12, 0.1)
         """
-        return self.method_train.get(method, self.train)
+        return dataclasses.replace(self.train, **self.method_train[method]) if method in self.method_train else self.train
 
     def data_for(self, method: str) -> DataConfig:
         """The data of ``method``'s trials: the study's ``data``, with ``methods.<method>.data.train_subset``.

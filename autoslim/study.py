@@ -165,7 +165,7 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     remaining = n_trials - done
     log(f"study {study_name!r} in {_redact(url)}: "
         f"{done} finished trial(s), running {max(0, remaining)} more on {cfg.data.name} "
-        f"({_train_sizes(method_data)} train / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
+        f"({_train_sizes(method_data)} / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
         f"methods {', '.join(spaces)}")
     if remaining > 0:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -197,10 +197,10 @@ def load_method_data(cfg: StudyConfig, *, device: str = "cpu") -> dict[str, Data
 
 
 def _train_sizes(method_data: dict[str, Data]) -> str:
-    """'20000', or '20000 (thriftynet 51000)' where a method trains on other images than the first's."""
+    """'20000 train', or '20000 train (thriftynet 51000)' where a method trains on more or fewer images."""
     (first, data), *rest = method_data.items()
     others = [f"{m} {len(d.train)}" for m, d in rest if len(d.train) != len(data.train)]
-    return f"{len(data.train)}" + (f" ({', '.join(others)})" if others else "")
+    return f"{len(data.train)} train" + (f" ({', '.join(others)})" if others else "")
 
 
 def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data) -> None:

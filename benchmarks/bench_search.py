@@ -102,6 +102,15 @@ def best_under(trials: list[FrozenTrial], limit: int):
     return (best.user_attrs["test_accuracy"], best.user_attrs["params"]) if best else (float("nan"), None)
 
 
+def trial_summary(t: FrozenTrial) -> str:
+    """'4 thriftynet complete 1028s (98.80% val, 99.05% test, 9,629 params)'; no result for a stopped trial."""
+    line = f"{t.number} {t.params.get('method', 'prune')} {t.state.name.lower()} {t.duration.total_seconds():.0f}s"
+    if t.state == TrialState.COMPLETE:
+        line += (f" ({100 * t.values[0]:.2f}% val, {100 * t.user_attrs['test_accuracy']:.2f}% test, "
+                 f"{int(t.values[1]):,} params)")
+    return line
+
+
 NAMES = {"a": "autoslim default (all methods, TPE, early stopping)",
          "b": "same space, random sampler, no early stopping",
          "c": "hand-rolled Optuna + torch prune (L1, LeNet-5)"}
@@ -179,7 +188,8 @@ def main() -> int:
 
     hvs = {k: hypervolume(points(s), DIRECTIONS, REFERENCE) if points(s) else 0.0 for k, s in results.items()}
     logs = {k: log_hypervolume(points(s)) for k, s in results.items()}
-    print(f"\nMNIST, {len(data.train)} train images, {args.budget:.0f} s per search; hypervolume reference points: "
+    own = "".join(f" ({m}: {cfg.data_for(m).train_subset or 'all'})" for m in cfg.method_data)
+    print(f"\nMNIST, {len(data.train)} train images{own}, {args.budget:.0f} s per search; hypervolume reference points: "
           f"linear (accuracy 0, {REFERENCE[1]:,.0f} params), log (accuracy {LOG_REFERENCE[0]:.0%}, "
           f"{LOG_REFERENCE[1]:,.0f} params)")
     for k, s in results.items():
@@ -193,9 +203,7 @@ def main() -> int:
         print(f"hypervolume ratio (a)/({k}): linear {hvs['a'] / max(hvs[k], 1e-12):.3f}, "
               f"log {logs['a'] / max(logs[k], 1e-12):.3f}  (target >= 1.2)")
     for k, s in results.items():
-        print(f"\n({k}) trials: " + ", ".join(
-            f"{t.number} {t.params.get('method', 'prune')} {t.state.name.lower()} {t.duration.total_seconds():.0f}s"
-            for t in s if t.duration is not None))
+        print(f"\n({k}) trials: " + ", ".join(trial_summary(t) for t in s if t.duration is not None))
     for k, s in results.items():
         print(f"\n({k}) Pareto front of the completed trials (validation accuracy, params; test accuracy):")
         done = [t for t in s if t.state == TrialState.COMPLETE]

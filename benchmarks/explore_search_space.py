@@ -64,9 +64,10 @@ def run(job: tuple[str, dict, str, str]) -> dict:
     torch.set_num_threads(2)
     cfg = load_study(ROOT / "studies" / "search_mnist.yaml")
     cfg.data.data_dir = data_dir
-    data = load_data(cfg.data, device=torch.device(device))
+    data = load_data(cfg.data_for(method), device=torch.device(device))  # as the study trains the method
     full = get_method(method).search_space().complete(params, where=method)
-    config = TrialConfig(method=method, params=full, model=cfg.model, data=cfg.data, train=cfg.train,
+    config = TrialConfig(method=method, params=full, model=cfg.model, data=cfg.data_for(method),
+                         train=cfg.train_for(method),
                          seed=cfg.seed, device=device)
     result = run_trial(config, data=data)
     return dict(method=method, knobs=params, val=result.val_accuracy, test=result.test_accuracy,

@@ -121,7 +121,9 @@ def test_a_methods_own_data_sets_the_training_images_of_its_trials_only_and_its_
                         "l1l2": {"finetune_epochs": 1}},
                n_trials=2, warm_start=True)  # one trial of each method
     assert [len(d.train) for d in load_method_data(cfg).values()] == [400, 150]
-    study = optimize(cfg, **QUIET)
+    lines: list[str] = []
+    study = optimize(cfg, log=lines.append)
+    assert "(400 train (l1l2 150) / 216 val / " in lines[0]
     done = {t.params["method"]: t for t in study.trials if t.state == TrialState.COMPLETE}
     assert set(done) == {"trimming", "l1l2"}
     for method, t in done.items():
