@@ -157,6 +157,8 @@ class SamplerConfig:
 
 # What ``methods.<name>.data`` may set: how many training images; never the split the methods are compared on.
 METHOD_DATA_KEYS = ["train_subset"]
+# What ``methods.<name>.early_stopping`` may set: where its trials are ranked; eta and min_trials are the study's.
+METHOD_STOPPING_KEYS = ["rungs"]
 
 OBJECTIVES = ["accuracy", "params", "flops", "latency"]
 
@@ -175,12 +177,17 @@ class EarlyStoppingConfig:
     """Successive halving over rungs of trained epochs, by Pareto dominance on (accuracy, non-zeros).
 
     ``rungs`` count epochs across a method's phases. Unset, they lie 1, 3 and 9
-    epochs after the base network's training (``train.epochs``): before that
-    every trial that compresses the study's model is still that dense model, and
-    a rung would rank seeds, not compression.
+    epochs after the first ``train.epochs`` of a method that compresses the
+    study's model: until then its trials are the same dense network (trimming,
+    IHT) or have not yet removed what they zeroed (l1/l2, SSS), so a rung would
+    rank seeds, not compression. A method that builds its own architecture
+    (ThriftyNet) has its size from the first epoch: its default rungs are 1, 3
+    and 9. ``methods.<name>.early_stopping.rungs`` sets one method's rungs.
 
-    >>> EarlyStoppingConfig().rungs_for(epochs=6), EarlyStoppingConfig(rungs=[2, 4]).rungs_for(epochs=6)
-    ([7, 9, 15], [2, 4])
+    >>> EarlyStoppingConfig().rungs_for(epochs=6), EarlyStoppingConfig().rungs_for(epochs=3, builds_model=True)
+    ([7, 9, 15], [1, 3, 9])
+    >>> EarlyStoppingConfig(rungs=[2, 4]).rungs_for(epochs=6)
+    [2, 4]
     """
 
     enabled: bool = False
@@ -189,13 +196,19 @@ class EarlyStoppingConfig:
     min_trials: int = field(default=3, metadata=_meta(min=1))
 
     def __post_init__(self):
-        if self.rungs is not None and (any(r < 1 for r in self.rungs) or sorted(set(self.rungs)) != self.rungs
-                                       or not self.rungs):
-            raise UsageError(f"early_stopping.rungs: expected increasing epoch counts >= 1, got {self.rungs!r}")
+        _check_rungs("early_stopping.rungs", self.rungs)
 
-    def rungs_for(self, *, epochs: int) -> list[int]:
-        """The rungs of a study whose base network trains ``epochs`` epochs."""
-        return list(self.rungs) if self.rungs is not None else [epochs + 1, epochs + 3, epochs + 9]
+    def rungs_for(self, *, epochs: int, builds_model: bool = False) -> list[int]:
+        """The rungs of a method that trains ``epochs`` epochs before it compresses (or builds its own model)."""
+        if self.rungs is not None:
+            return list(self.rungs)
+        start = 0 if builds_model else epochs
+        return [start + 1, start + 3, start + 9]
+
+
+def _check_rungs(path: str, rungs: list[int] | None) -> None:
+    if rungs is not None and (not rungs or any(r < 1 for r in rungs) or sorted(set(rungs)) != rungs):
+        raise UsageError(f"{path}: expected increasing epoch counts >= 1, got {rungs!r}")
 
 
 @dataclass
@@ -247,6 +260,8 @@ class StudyConfig:
     # Kept as overrides, so that a change to the study's sections after loading reaches every method.
     method_train: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
     method_data: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
+    # methods.<name>.early_stopping: a method's own rungs
+    method_stopping: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_dict(cls, raw: Any, *, path: Path | None = None) -> "StudyConfig":
@@ -275,6 +290,17 @@ class StudyConfig:
                                          f"{', '.join(METHOD_DATA_KEYS)}; the dataset and its split are the study's")
                 built = _build(DataConfig, {**dataclasses.asdict(cfg.data), **own}, f"methods.{m}.data")
                 cfg.method_data[m] = {k: getattr(built, k) for k in own}
+            if "early_stopping" in overrides:
+                own = overrides.pop("early_stopping")
+                if not isinstance(own, dict):
+                    raise UsageError(f"methods.{m}.early_stopping: expected a mapping with rungs, got {own!r}")
+                for key in own:
+                    if key not in METHOD_STOPPING_KEYS:
+                        raise UsageError(f"methods.{m}.early_stopping.{key}: a method may set only "
+                                         f"{', '.join(METHOD_STOPPING_KEYS)}; eta and min_trials are the study's")
+                rungs = _check(f"methods.{m}.early_stopping.rungs", own.get("rungs"), list[int], {})
+                _check_rungs(f"methods.{m}.early_stopping.rungs", rungs)
+                cfg.method_stopping[m] = {"rungs": rungs}
         if not cfg.methods:
             raise UsageError("methods: expected at least one method")
         base = path.parent if path else Path.cwd()
@@ -303,6 +329,25 @@ class StudyConfig:
         (200, None)
         """
         return dataclasses.replace(self.data, **self.method_data[method]) if method in self.method_data else self.data
+
+    def rungs_for(self, method: str) -> list[int]:
+        """The early-stopping rungs of ``method``'s trials, in epochs across its phases.
+
+        ``methods.<method>.early_stopping.rungs``, else ``early_stopping.rungs``, else the defaults of
+        :meth:`EarlyStoppingConfig.rungs_for` for the method's own ``train.epochs``.
+
+        >>> cfg = StudyConfig.from_dict({"methods": {"trimming": {}, "thriftynet": {"train": {"epochs": 3}},
+        ...                                          "l1l2": {"early_stopping": {"rungs": [8]}}},
+        ...                              "train": {"epochs": 6}})
+        >>> cfg.rungs_for("trimming"), cfg.rungs_for("thriftynet"), cfg.rungs_for("l1l2")
+        ([7, 9, 15], [1, 3, 9], [8])
+        """
+        from autoslim.methods import get_method
+
+        if method in self.method_stopping:
+            return list(self.method_stopping[method]["rungs"])
+        return self.early_stopping.rungs_for(epochs=self.train_for(method).epochs,
+                                             builds_model=get_method(method).builds_model)
 
     @property
     def objectives(self) -> list[str]:

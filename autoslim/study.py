@@ -126,6 +126,8 @@ def study_config_dict(cfg: StudyConfig) -> dict:
         d["methods"][method]["train"] = train
     for method, data in d.pop("method_data").items():
         d["methods"][method]["data"] = data
+    for method, stopping in d.pop("method_stopping").items():
+        d["methods"][method]["early_stopping"] = stopping
     return d
 
 

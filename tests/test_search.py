@@ -199,6 +199,51 @@ def test_default_rungs_lie_after_the_base_training():
     assert sorted(k for k in trial.user_attrs if k.startswith("rung_")) == ["rung_3"]
 
 
+def test_a_trial_whose_training_ends_at_a_rung_completes():
+    # 2 base epochs + 1 retrain epoch: the rung is every trial's last epoch, so stopping would save nothing
+    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64},
+               early_stopping={"enabled": True, "rungs": [3], "eta": 2, "min_trials": 2})
+    study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
+    points = [tuple(t.user_attrs["rung_3"]) for t in study.trials]
+    assert [list(p) for p in points] == [[t.values[0], t.values[1]] for t in study.trials]  # the finished network
+    # at least one of them was dominated at the rung: with one more epoch to go it would have been stopped
+    assert any(should_stop(points[i], points[:i], eta=2, min_trials=2) for i in range(len(points)))
+
+
+def test_thriftynet_trials_are_ranked_from_their_first_epoch_by_default():
+    # an architecture has its size from the first epoch: default rungs 1, 3, 9, not after the study's train.epochs
+    cfg = tiny(n_trials=5, train={"epochs": 2, "batch_size": 64},
+               methods={"thriftynet": {"budget": 2000, "iterations": 4, "history": 1, "pool_every": 2,
+                                       "conv": "classic", "activation": "relu"}},
+               early_stopping={"enabled": True, "eta": 2, "min_trials": 2})
+    assert cfg.rungs_for("thriftynet") == [1, 3, 9]
+    study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
+    assert all(sorted(k for k in t.user_attrs if k.startswith("rung_")) == ["rung_1"] for t in study.trials)
+    stopped = study.get_trials(states=(TrialState.PRUNED,))
+    assert stopped  # one architecture, five seeds: the less accurate ones are dominated at epoch 1
+    for t in stopped:
+        others = [tuple(o.user_attrs["rung_1"]) for o in study.trials if o.number < t.number]
+        assert should_stop(tuple(t.user_attrs["rung_1"]), others, eta=2, min_trials=2)
+        assert len(t.user_attrs["history"]) == 1
+
+
+def test_a_methods_own_rungs_replace_the_studys_for_its_trials():
+    cfg = tiny(n_trials=2, train={"epochs": 2, "batch_size": 64},
+               methods={"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100,
+                                     "early_stopping": {"rungs": [1, 2]}},
+                        "l1l2": {"finetune_epochs": 1}},
+               early_stopping={"enabled": True, "rungs": [3]})
+    assert (cfg.rungs_for("trimming"), cfg.rungs_for("l1l2")) == ([1, 2], [3])
+    study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
+    assert sorted(t.params["method"] for t in study.trials) == ["l1l2", "trimming"]
+    for t in study.trials:
+        rungs = sorted(k for k in t.user_attrs if k.startswith("rung_"))
+        assert rungs == (["rung_1", "rung_2"] if t.params["method"] == "trimming" else ["rung_3"])
+    saved = StudyConfig.from_dict(study.user_attrs["autoslim_config"])
+    assert saved.rungs_for("trimming") == [1, 2] and saved.rungs_for("l1l2") == [3]
+
+
 def test_early_stopping_with_two_processes_sharing_a_journal(tmp_path):
     study_file = tmp_path / "two.yaml"
     study_file.write_text(yaml.safe_dump({

@@ -5,15 +5,18 @@ studies, so autoslim keeps its own rungs. When a trial has trained for a rung's
 number of epochs (counted across a method's phases), it records
 ``(validation accuracy so far, non-zero parameters so far)`` as the user attr
 ``rung_<epochs>`` - in the study's storage, so every worker sharing it sees the
-record. The trial is then ranked by non-dominated sorting among every trial
-that reached the same rung (running, finished or stopped ones). It is stopped
+record. When the trial goes on training (its first optimizer step after the
+rung) it is ranked by non-dominated sorting among every trial that reached the
+same rung (running, finished or stopped ones). It is stopped
 (``optuna.TrialPruned``, partial results kept in its user attrs) when
 
 - at least ``min_trials`` trials reached the rung,
 - it is dominated by at least one of them, and
 - it is not among the best ``ceil(n / eta)`` of them (front index first, then accuracy).
 
-A trial that no other trial dominates always continues. The parameter count
+A trial that no other trial dominates always continues, and a trial whose
+training ends at a rung completes: stopping it then would save nothing and
+lose its result. The parameter count
 "so far" is the number of non-zero parameters: structures that a method has
 zeroed but not yet removed (l1/l2, SSS, IHT) count as gone already.
 
@@ -73,20 +76,30 @@ def stop_trial(trial: optuna.Trial, reason: str, history: list[dict], **partial)
 
 
 class SuccessiveHalving(Callback):
-    """The rung check of one trial: record its point at each rung, stop it if it is among the worst."""
+    """The rung check of one trial: record its point at each rung; at its next optimizer step, stop it if it is
+    among the worst that reached the rung.
+
+    A worker killed between a rung and the next step loses that one check: its retry goes on training.
+    """
 
     def __init__(self, trial: optuna.Trial, *, rungs: Sequence[int], eta: int, min_trials: int) -> None:
         self.trial, self.rungs, self.eta, self.min_trials = trial, set(rungs), eta, min_trials
         self.history: list[dict] = []
+        self.pending: tuple[int, tuple[float, int]] | None = None  # (rung, point) recorded, not yet ranked
 
     def on_epoch_end(self, model: nn.Module, record: dict) -> None:
         self.history.append(dict(record))
         epoch = record["epoch"]
-        if epoch not in self.rungs:
+        if epoch in self.rungs:
+            point = (record["val_accuracy"], count_nonzeros(model))
+            self.trial.set_user_attr(f"{RUNG_PREFIX}{epoch}", list(point))
+            self.pending = (epoch, point)
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        if self.pending is None:
             return
+        (epoch, point), self.pending = self.pending, None
         key = f"{RUNG_PREFIX}{epoch}"
-        point = (record["val_accuracy"], count_nonzeros(model))
-        self.trial.set_user_attr(key, list(point))
         others = [tuple(t.user_attrs[key]) for t in self.trial.study.get_trials(deepcopy=False)
                   if t.number != self.trial.number and key in t.user_attrs]
         if should_stop(point, others, eta=self.eta, min_trials=self.min_trials):

@@ -176,7 +176,7 @@ class Objective:
         callbacks: list[Callback] = [EpochPrinter(self.log, prefix)]
         stopping = self.cfg.early_stopping
         if stopping.enabled:
-            callbacks.append(SuccessiveHalving(trial, rungs=stopping.rungs_for(epochs=self.cfg.train.epochs), eta=stopping.eta,
+            callbacks.append(SuccessiveHalving(trial, rungs=self.cfg.rungs_for(config.method), eta=stopping.eta,
                                                min_trials=stopping.min_trials))
         if self.deadline is not None:
             callbacks.append(Deadline(trial, self.deadline))
