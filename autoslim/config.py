@@ -231,6 +231,21 @@ class RecoveryConfig:
     checkpoint: bool = True
 
 
+def _own_section(overrides: dict, method: str, section: str, what: str, *, only: list[str] | None = None,
+                 why: str = "") -> dict | None:
+    """Pop ``methods.<method>.<section>`` (a method's own settings) from its overrides: a mapping, of the keys
+    ``only`` where given; None where the study file does not set it."""
+    if section not in overrides:
+        return None
+    own = overrides.pop(section)
+    if not isinstance(own, dict):
+        raise UsageError(f"methods.{method}.{section}: expected a mapping of {what}, got {own!r}")
+    for key in own:
+        if only is not None and key not in only:
+            raise UsageError(f"methods.{method}.{section}.{key}: a method may set only {', '.join(only)}; {why}")
+    return own
+
+
 @dataclass
 class StudyConfig:
     """Everything a study file says. Paths in it are relative to the study file."""
@@ -274,30 +289,18 @@ class StudyConfig:
                 raise UsageError(f"methods.{m}: expected a mapping of parameter overrides, got {v!r}")
         cfg.methods = {m: dict(v or {}) for m, v in cfg.methods.items()}
         for m, overrides in cfg.methods.items():
-            if "train" in overrides:
-                own = overrides.pop("train")
-                if not isinstance(own, dict):
-                    raise UsageError(f"methods.{m}.train: expected a mapping of train settings, got {own!r}")
+            own = _own_section(overrides, m, "train", "train settings")
+            if own is not None:
                 built = _build(TrainConfig, {**dataclasses.asdict(cfg.train), **own}, f"methods.{m}.train")
                 cfg.method_train[m] = {k: getattr(built, k) for k in own}
-            if "data" in overrides:
-                own = overrides.pop("data")
-                if not isinstance(own, dict):
-                    raise UsageError(f"methods.{m}.data: expected a mapping of data settings, got {own!r}")
-                for key in own:
-                    if key not in METHOD_DATA_KEYS:
-                        raise UsageError(f"methods.{m}.data.{key}: a method may set only "
-                                         f"{', '.join(METHOD_DATA_KEYS)}; the dataset and its split are the study's")
+            own = _own_section(overrides, m, "data", "data settings", only=METHOD_DATA_KEYS,
+                               why="the dataset and its split are the study's")
+            if own is not None:
                 built = _build(DataConfig, {**dataclasses.asdict(cfg.data), **own}, f"methods.{m}.data")
                 cfg.method_data[m] = {k: getattr(built, k) for k in own}
-            if "early_stopping" in overrides:
-                own = overrides.pop("early_stopping")
-                if not isinstance(own, dict):
-                    raise UsageError(f"methods.{m}.early_stopping: expected a mapping with rungs, got {own!r}")
-                for key in own:
-                    if key not in METHOD_STOPPING_KEYS:
-                        raise UsageError(f"methods.{m}.early_stopping.{key}: a method may set only "
-                                         f"{', '.join(METHOD_STOPPING_KEYS)}; eta and min_trials are the study's")
+            own = _own_section(overrides, m, "early_stopping", "early-stopping settings", only=METHOD_STOPPING_KEYS,
+                               why="eta and min_trials are the study's")
+            if own is not None:
                 rungs = _check(f"methods.{m}.early_stopping.rungs", own.get("rungs"), list[int], {})
                 _check_rungs(f"methods.{m}.early_stopping.rungs", rungs)
                 cfg.method_stopping[m] = {"rungs": rungs}

@@ -56,7 +56,7 @@ BAD = [
     (with_(methods={"trimming": {"early_stopping": {"rungs": 4}}}),
      "methods.trimming.early_stopping.rungs: expected a list, got 4"),
     (with_(methods={"trimming": {"early_stopping": True}}),
-     "methods.trimming.early_stopping: expected a mapping with rungs, got True"),
+     "methods.trimming.early_stopping: expected a mapping of early-stopping settings, got True"),
     (with_(train__lr=-1), "train.lr: -1.0 is out of range; accepted: > 0.0"),
     (with_(train__optimizer="lamb"), "train.optimizer: unknown value 'lamb'; accepted: sgd, adam, adamw"),
     (with_(n_trials=0), "n_trials: 0 is out of range; accepted: >= 1"),
