@@ -240,9 +240,9 @@ def _own_section(overrides: dict, method: str, section: str, what: str, *, only:
     own = overrides.pop(section)
     if not isinstance(own, dict):
         raise UsageError(f"methods.{method}.{section}: expected a mapping of {what}, got {own!r}")
-    for key in own:
-        if only is not None and key not in only:
-            raise UsageError(f"methods.{method}.{section}.{key}: a method may set only {', '.join(only)}; {why}")
+    unknown = [key for key in own if only is not None and key not in only]
+    if unknown:
+        raise UsageError(f"methods.{method}.{section}.{unknown[0]}: a method may set only {', '.join(only)}; {why}")
     return own
 
 
