@@ -26,7 +26,7 @@ Two hypervolumes, each against one reference point for all three searches:
   92% on MNIST), parameters on a log10 scale up to LeNet-5's; the area is in
   accuracy x decades of compression. This is the scale compression results are
   read on (10x and 100x smaller are one decade apart), and it was fixed before
-  the hour-long runs quoted in the README.
+  the hour-long runs recorded in docs/benchmarks.md.
 
     python benchmarks/bench_search.py --budget 1200 [--parallel] [--arms abc] [--data-dir ../shared/datasets]
 """
