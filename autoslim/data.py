@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from autoslim.errors import UsageError, accepted
+from autoslim.errors import UsageError
+from autoslim.registry import Registry
 
 
 @dataclass
@@ -85,21 +86,16 @@ class RawData:
 
 
 Source = Callable[..., RawData]
-_SOURCES: dict[str, Source] = {}
+DATASETS: Registry[Source] = Registry("data set", field="data.name")
 
 
 def register_dataset(name: str) -> Callable[[Source], Source]:
     """Register ``source(*, data_dir, download, config) -> RawData`` under ``name``."""
-
-    def deco(fn: Source) -> Source:
-        _SOURCES[name] = fn
-        return fn
-
-    return deco
+    return DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
-    return sorted(_SOURCES)
+    return DATASETS.names()
 
 
 def load_data(config, *, device: str | torch.device = "cpu") -> Data:
@@ -132,9 +128,7 @@ def load_data_subsets(config, train_subsets: Sequence[int | float | None], *,
     >>> len(part.train), torch.equal(part.train.x, full.train.x[:100]), torch.equal(part.val.x, full.val.x)
     (100, True, True)
     """
-    if config.name not in _SOURCES:
-        raise accepted("data.name", config.name, _SOURCES)
-    raw = _SOURCES[config.name](data_dir=config.data_dir, download=config.download, config=config)
+    raw = DATASETS.get(config.name)(data_dir=config.data_dir, download=config.download, config=config)
     gen = torch.Generator().manual_seed(config.seed)
     x, y = raw.train_x, raw.train_y
     if raw.test_x is None:

@@ -54,7 +54,7 @@ def flaky_method():
             return get_method("trimming").compress(model, ctx, params)
 
     yield "flaky"
-    methods_base._METHODS.pop("flaky")
+    methods_base.METHODS.remove("flaky")
 
 
 def test_a_method_that_raises_fails_its_trial_with_the_message_and_the_study_goes_on(tmp_path, capsys,

@@ -25,7 +25,7 @@ from torch import nn
 
 from autoslim.config import TrainConfig
 from autoslim.data import Data
-from autoslim.errors import accepted
+from autoslim.registry import Registry
 from autoslim.search.space import SearchSpace
 from autoslim.train import Callback, evaluate, train
 
@@ -123,22 +123,18 @@ class Method(ABC):
         """Train and compress ``model`` with hyperparameters ``params``; return the smaller model."""
 
 
-_METHODS: dict[str, type[Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method", field="methods")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: register a :class:`Method` subclass under ``cls.name``."""
-    if cls.name in _METHODS:
-        raise ValueError(f"method {cls.name!r} is already registered")
-    _METHODS[cls.name] = cls
-    return cls
+    return METHODS.register(cls.name)(cls)
 
 
 def get_method(name: str) -> Method:
-    if name not in _METHODS:
-        raise accepted("method", name, _METHODS)
-    return _METHODS[name]()
+    """A new instance of the method registered as ``name``."""
+    return METHODS.get(name)()
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()

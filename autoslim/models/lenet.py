@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from autoslim.models import register_model
+from autoslim.models.base import register_model
 
 
 class LeNet5(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from autoslim.models import register_model
+from autoslim.models.base import register_model
 
 
 class BasicBlock(nn.Module):

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoslim.models import register_model
+from autoslim.models.base import register_model
 
 CONVS = ("mb1", "classic")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from autoslim.models import register_model
+from autoslim.models.base import register_model
 
 CONFIGS = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
