@@ -8,7 +8,7 @@ that loads with ``torch.load(path, weights_only=True)``::
               "architecture": autoslim.surgery.architecture_spec(model)},
      "sparse": bool,
      "state_dict": {name: tensor}      # or, for sparse results, the bit-mask encoding of
-                                       # autoslim.methods.iht.sparse_state_dict
+                                       # autoslim.sparse.sparse_state_dict
     }
 
 :func:`load_model` rebuilds the network from it: the registry model (or the
@@ -52,6 +52,7 @@ from autoslim.config import TrialConfig, load_yaml
 from autoslim.data import Data, load_data
 from autoslim.errors import UsageError
 from autoslim.search.objective import EpochPrinter, TrialResult, build_model, run_trial
+from autoslim.sparse import load_sparse_state_dict, sparse_state_dict
 from autoslim.surgery import apply_architecture_spec, architecture_spec
 from autoslim.train import resolve_device
 
@@ -65,8 +66,6 @@ FILES = ("config.yaml", "model.pt", "model.ts", "model.onnx")
 def save_model(path: str | Path, model: nn.Module, *, config: TrialConfig, in_shape: Sequence[int],
                num_classes: int, sparse: bool = False) -> Path:
     """Write ``model`` (weights + architecture spec) to ``path``; sparse models keep their sparse encoding."""
-    from autoslim.methods.iht import sparse_state_dict
-
     spec = {"model": config.model, "model_kwargs": dict(config.model_kwargs), "in_shape": [int(s) for s in in_shape],
             "num_classes": int(num_classes), "method": config.method, "method_params": dict(config.params),
             "architecture": architecture_spec(model)}
@@ -93,8 +92,6 @@ def load_model(path: str | Path) -> nn.Module:
 
     >>> model = load_model("exports/trial_3/model.pt")  # doctest: +SKIP
     """
-    from autoslim.methods.iht import load_sparse_state_dict
-
     saved = read_model_file(path)
     spec = saved["spec"]
     config = TrialConfig(method=spec["method"], params=spec["method_params"], model=spec["model"],

@@ -11,8 +11,8 @@ from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
 from autoslim.measure import saved_size
 from autoslim.methods import TrialContext, get_method
-from autoslim.methods.iht import (MaskCallback, load_sparse_state_dict, magnitude_masks, prunable_layers,
-                                  sparse_size_bytes, sparse_state_dict)
+from autoslim.methods.iht import MaskCallback, magnitude_masks, prunable_layers
+from autoslim.sparse import load_sparse_state_dict, sparse_size_bytes, sparse_state_dict
 from autoslim.models import create_model
 from autoslim.search.objective import run_trial
 from autoslim.train import Callback, train
