@@ -54,11 +54,11 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from autoslim.report import write_report
+    from autoslim.report import default_report_dir, write_report
     from autoslim.study import open_study
 
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
-    for path in write_report(study, out=args.out or f"reports/{study.study_name}").values():
+    for path in write_report(study, out=args.out or default_report_dir(study.study_name)).values():
         print(path)
     return 0
 

@@ -15,6 +15,7 @@ an unknown key, a wrong type or an out-of-range value raises
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,29 @@ from typing import Any, Union
 import yaml
 
 from autoslim.errors import UsageError
+
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+STUDY_NAME_RULE = "1 to 100 letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+
+
+def check_study_name(name: Any, field: str = "name") -> str:
+    """``name`` if it is a valid study name, else a UsageError naming ``field``.
+
+    A study name becomes a file or folder name (``<name>.db`` beside the study
+    file, ``reports/<name>``), so it may hold only letters, digits, ``-``, ``_``
+    and ``.``, cannot start with ``-`` or ``.``, and is at most 100 characters.
+
+    >>> check_study_name("quickstart-2.v1")
+    'quickstart-2.v1'
+    >>> check_study_name("../escaped")
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: name: '../escaped' is not a valid study name; accepted: 1 to 100 letters, digits, '-', '_' or '.', not starting with '-' or '.'
+    """
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        raise UsageError(f"{field}: {name!r} is not a valid study name; accepted: {STUDY_NAME_RULE}")
+    return name
 
 
 def _check(path: str, value: Any, tp: Any, meta: dict) -> Any:
@@ -278,6 +302,9 @@ class StudyConfig:
     # methods.<name>.early_stopping: a method's own rungs
     method_stopping: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        check_study_name(self.name)
+
     @classmethod
     def from_dict(cls, raw: Any, *, path: Path | None = None) -> "StudyConfig":
         cfg = _build(cls, raw, "")
@@ -357,8 +384,9 @@ class StudyConfig:
         return ["accuracy", "params"] + ([self.third_objective] if self.third_objective else [])
 
     def default_storage(self) -> str:
+        """``sqlite:///<name>.db`` beside the study file (or in the working directory)."""
         base = self.path.parent if self.path else Path.cwd()
-        return f"sqlite:///{(base / f'{self.name}.db').resolve()}"
+        return f"sqlite:///{(base / f'{check_study_name(self.name)}.db').resolve()}"
 
 
 def load_yaml(path: str | Path, what: str = "study file") -> dict:
@@ -381,7 +409,8 @@ def load_study(path: str | Path) -> StudyConfig:
     """Load and validate a study file (names of data, model and methods are checked too)."""
     p = Path(path)
     raw = load_yaml(p)
-    raw.setdefault("name", p.stem)
+    if "name" not in raw:
+        raw["name"] = check_study_name(p.stem, field=f"name (unset, so the study file's name {p.name!r})")
     cfg = StudyConfig.from_dict(raw, path=p.resolve())
     validate_names(cfg)
     return cfg

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -14,6 +15,7 @@ from helpers import tiny_study
 from autoslim.cli import main
 
 TINY = tiny_study()
+NAME_RULE = "1 to 100 letters, digits, '-', '_' or '.', not starting with '-' or '.'"
 
 
 def write(tmp_path: Path, body, name="s.yaml") -> Path:
@@ -63,6 +65,15 @@ BAD = [
     (with_(epochs=3), "epochs: unknown key; accepted: name, data, model"),
     (with_(data__name="mnist", data__download=False, data__data_dir="nowhere"), "data.data_dir: mnist files not found"),
     ("name: x\ndata: {name: digits\n", "malformed YAML"),
+    # study names become file and folder names: nothing may escape the study file's folder or reach the logs raw
+    (with_(name="../../escaped_db"), f"name: '../../escaped_db' is not a valid study name; accepted: {NAME_RULE}"),
+    (with_(name="a/b"), "name: 'a/b' is not a valid study name"),
+    (with_(name="two\nlines"), "name: 'two\\nlines' is not a valid study name"),
+    (with_(name="tab\there"), "name: 'tab\\there' is not a valid study name"),
+    (with_(name="c:d*e|f"), "name: 'c:d*e|f' is not a valid study name"),
+    (with_(name=".hidden"), "name: '.hidden' is not a valid study name"),
+    (with_(name=""), "name: '' is not a valid study name"),
+    (with_(name="x" * 101), "is not a valid study name; accepted: 1 to 100 letters"),
 ]
 
 
@@ -73,6 +84,73 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, body,
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("autoslim: error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_bad_input_writes_nothing_above_the_study_folder_either(tmp_path, capsys):
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    assert main(["optimize", str(write(folder, with_(name="../../escaped_db")))]) == 2
+    assert "is not a valid study name" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/s.yaml"]
+
+
+@pytest.mark.parametrize("file_name", ["my study.yaml", ".hidden.yaml", "-x.yaml"])
+def test_a_study_file_whose_name_is_no_study_name_must_set_one(tmp_path, capsys, file_name):
+    study = write(tmp_path, TINY, name=file_name)
+    assert main(["optimize", str(study)]) == 2
+    err = capsys.readouterr().err
+    stem = file_name[:-len(".yaml")]
+    assert err == (f"autoslim: error: name (unset, so the study file's name {file_name!r}): {stem!r} is not a valid "
+                   f"study name; accepted: {NAME_RULE}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [file_name]
+    assert main(["optimize", str(write(tmp_path, {**TINY, "name": "named"}, name=file_name)), "--n-trials", "1",
+                 "--quiet"]) == 0
+    assert (tmp_path / "named.db").is_file()
+
+
+@pytest.mark.parametrize("name", ["../x", "a b", "new\nline"])
+def test_a_bad_study_name_flag_is_one_line(tmp_path, capsys, name):
+    study = write(tmp_path, TINY)
+    assert main(["optimize", str(study), "--study-name", name]) == 2
+    assert capsys.readouterr().err == (f"autoslim: error: --study-name: {name!r} is not a valid study name; "
+                                       f"accepted: {NAME_RULE}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def _foreign_study(url: str, name: str) -> None:
+    """A finished study made by someone else's code (any name Optuna accepts), with what a report reads."""
+    study = optuna.create_study(storage=url, study_name=name, directions=["maximize", "minimize"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["accuracy", "params"])
+    study.set_user_attr("reference_point", {"accuracy": 0.0, "params": 1000.0})
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 100], user_attrs={"method": "trimming"}))
+
+
+def test_report_builds_no_path_from_a_foreign_study_name(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/other.db"
+    _foreign_study(url, "../evil")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["report", url]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"autoslim: error: --out: study name '../evil' cannot name a folder (accepted: {NAME_RULE}); "
+                   "pass --out DIR\n")
+    assert sorted(tmp_path.rglob("*")) == before and not (tmp_path / "evil").exists()
+    assert main(["report", url, "--out", str(tmp_path / "chosen")]) == 0
+    assert (tmp_path / "chosen" / "trials.csv").is_file()
+
+
+def test_foreign_study_names_reach_the_terminal_quoted(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/other.db"
+    for name in ("evil\nname", "\x1b[31mred"):
+        _foreign_study(url, name)
+    assert main(["show", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err
+    assert "name one of: 'evil\\nname', '\\x1b[31mred'" in err
+    assert main(["show", url, "--study-name", "evil\nname"]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front of study 'evil\\nname'" in out and "evil\nname" not in out
 
 
 def test_missing_study_file_and_unreachable_storage(tmp_path, capsys):
