@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from autoslim.artifacts import open_artifact_store
 from autoslim.config import RecoveryConfig, StudyConfig, check_study_name
 from autoslim.data import Data, load_data_subsets
-from autoslim.distributed import FileLock, run_worker, study_lock, worker_index
+from autoslim.distributed import FileLock, run_worker, storage_file, study_lock, worker_index
 from autoslim.errors import UsageError
 from autoslim.methods import get_method
 from autoslim.search.objective import Objective
@@ -229,13 +229,15 @@ def open_study(target: str, *, study_name: str | None = None, storage: str | Non
     if Path(target).suffix in (".yaml", ".yml"):
         cfg = load_study(target)
         url, name = storage or cfg.storage or cfg.default_storage(), study_name or cfg.name
-        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-            raise UsageError(f"study: {target} has not been run yet (no {url[len('sqlite:///'):]}); "
-                             f"run `autoslim optimize {target}` first")
+        local = storage_file(url)
+        if local is not None and not local.is_file():  # opening it would create it
+            raise UsageError(f"study: {target} has not been run yet (no {local}); run `autoslim optimize {target}"
+                             f"{' --storage ' + storage if storage else ''}` first")
     else:
         url, name = storage or target, study_name
-        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-            raise UsageError(f"study: no database at {url[len('sqlite:///'):]}")
+        local = storage_file(url)
+        if local is not None and not local.is_file():
+            raise UsageError(f"study: no {'database' if url.startswith('sqlite') else 'journal file'} at {local}")
     storage_obj = get_storage(url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage_obj)]
     if name is None:

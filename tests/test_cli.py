@@ -153,6 +153,23 @@ def test_foreign_study_names_reach_the_terminal_quoted(tmp_path, capsys):
     assert "Pareto front of study 'evil\\nname'" in out and "evil\nname" not in out
 
 
+READ_VERBS = [["show"], ["best"], ["report"], ["export", "--pareto"], ["dashboard"], ["recover", "--older-than", "1m"]]
+
+
+@pytest.mark.parametrize("argv", READ_VERBS, ids=lambda a: a[0])
+@pytest.mark.parametrize("how", ["target", "--storage"])
+def test_a_verb_given_a_journal_that_does_not_exist_creates_nothing(tmp_path, capsys, argv, how):
+    journal = tmp_path / "none.journal"
+    args = [journal.name] if how == "target" else [str(write(tmp_path, TINY)), "--storage", journal.name]
+    before = sorted(tmp_path.iterdir())
+    assert main([argv[0], *args, *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    expected = ("no journal file at none.journal" if how == "target" else
+                f"has not been run yet (no none.journal); run `autoslim optimize {args[0]} --storage none.journal` first")
+    assert err.startswith("autoslim: error: study: ") and expected in err and err.count("\n") == 1, err
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def test_missing_study_file_and_unreachable_storage(tmp_path, capsys):
     assert main(["optimize", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
