@@ -65,7 +65,7 @@ def test_a_resumed_trial_ends_exactly_as_an_uninterrupted_one(method, model, par
     for k in crashes:
         saved = []
         with pytest.raises(Crash):
-            run_trial(config, data=data, callbacks=[CrashAfter(k + 1)],
+            run_trial(config, data=data, callbacks=[CrashAfter(k)],  # killed right after epoch k's line
                       checkpointer=Checkpointer(save=lambda p: saved.append(round_trip(p))))
         assert [c["current"]["loop"]["step"] > 0 for c in saved] == [True] * k
         resumed_epochs = []
@@ -76,6 +76,31 @@ def test_a_resumed_trial_ends_exactly_as_an_uninterrupted_one(method, model, par
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), f"crash after epoch {k}"
         assert [r["phase"] for r in resumed.history] == [r["phase"] for r in whole.history]
         assert resumed.val_accuracy == whole.val_accuracy and resumed.params == whole.params
+
+
+def test_an_epoch_is_checkpointed_before_its_line_is_printed_and_its_rung_recorded():
+    """A worker killed right after an epoch's progress line (or rung record) must not lose that epoch."""
+    from autoslim.methods import TrialContext
+    from autoslim.models import create_model
+    from autoslim.search.objective import EpochPrinter
+
+    data = load_data(DataConfig(name="digits", train_subset=100))
+    saved, seen = [], []
+
+    def checkpointed(record) -> tuple:
+        last = saved[-1]["current"]["history"][-1] if saved else {}
+        return record["epoch"], epochs_in(saved[-1]) if saved else 0, last.get("phase")
+
+    class Rung(Callback):  # stands for the early-stopping rung record
+        def on_epoch_end(self, model, record) -> None:
+            seen.append(("rung", *checkpointed(record)))
+
+    printer = EpochPrinter(lambda line: seen.append(("line", *checkpointed({"epoch": int(line.split()[2])}))), "[t]")
+    ctx = TrialContext(data=data, train_config=TrainConfig(epochs=2, batch_size=50), callbacks=[printer, Rung()],
+                       checkpointer=Checkpointer(save=saved.append))
+    ctx.train(create_model("lenet300_100", in_shape=data.in_shape, num_classes=10), phase="warmup")
+    assert seen == [("line", 1, 1, "warmup"), ("rung", 1, 1, "warmup"), ("line", 2, 2, "warmup"),
+                    ("rung", 2, 2, "warmup")]
 
 
 class RecordEpochs(Callback):
