@@ -136,7 +136,7 @@ def trial_note(number: int, result: TrialResult) -> str:
         f"| parameters | {params} |",
         f"| compression | {a['compression']:.1f}x vs the uncompressed {result.baseline_params:,} |",
         f"| FLOPs | {m.flops:,} |",
-        f"| latency (batch 1, CPU) | {m.latency_ms:.3f} ms |",
+        f"| latency (batch 1, CPU, one thread) | {m.latency_ms:.3f} ms (IQR {m.latency_iqr_ms:.3f} ms) |",
         f"| saved size | {m.size_bytes / 1024:.1f} KiB |",
         f"| training | {len(result.history)} epochs ({phases}), {result.seconds:.1f} s |",
         "",

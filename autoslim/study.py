@@ -62,7 +62,7 @@ def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int) -> dic
     from autoslim.models import create_model
 
     base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, **cfg.model_kwargs),
-                   in_shape=in_shape, latency_repeats=10)
+                   in_shape=in_shape)
     ref = cfg.reference_point
     point = {"accuracy": ref.accuracy, "params": ref.params or base.params, "flops": ref.flops or base.flops,
              "latency": ref.latency or base.latency_ms}

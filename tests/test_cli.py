@@ -201,7 +201,7 @@ def test_a_resumed_study_runs_only_the_remaining_trials(tmp_path, capsys):
     assert [(t.number, t.values, t.datetime_complete) for t in again.trials][:2] == first
     assert len(again.trials) == 3
     t = again.trials[2]
-    assert {"val_accuracy", "test_accuracy", "params", "nonzeros", "flops", "latency_ms", "widths_after",
+    assert {"val_accuracy", "test_accuracy", "params", "nonzeros", "flops", "latency_ms", "latency_iqr_ms", "widths_after",
             "seconds", "config"} <= set(t.user_attrs)
     assert t.values == [t.user_attrs["val_accuracy"], t.user_attrs["params"]]
     capsys.readouterr()

@@ -61,6 +61,7 @@ class TrialResult:
             "config": self.config.to_dict(), "method": self.config.method,
             "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
             "params": m.params, "nonzeros": m.nonzeros, "flops": m.flops, "latency_ms": m.latency_ms,
+            "latency_iqr_ms": m.latency_iqr_ms,
             "size_bytes": m.size_bytes, "sparse": self.sparse, "baseline_params": self.baseline_params,
             "compression": self.baseline_params / max(1, self.params),
             "widths_before": self.widths_before, "widths_after": self.widths_after,
