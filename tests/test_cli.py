@@ -6,6 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -151,6 +152,49 @@ def test_foreign_study_names_reach_the_terminal_quoted(tmp_path, capsys):
     assert main(["show", url, "--study-name", "evil\nname"]) == 0
     out = capsys.readouterr().out
     assert "Pareto front of study 'evil\\nname'" in out and "evil\nname" not in out
+
+
+def _images(folder: Path, classes=("cat", "dog"), n=4) -> Path:
+    """Noise images (their PNG data does not compress to a few bytes, so a truncated one lacks pixels)."""
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    for name in classes:
+        (folder / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(gen.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / name / f"{i}.png")
+    return folder
+
+
+def _corrupt(folder: Path) -> str:
+    (folder / "dog" / "2.png").write_bytes(b"\x89PNG not really")
+    return "dog/2.png is not a readable image: UnidentifiedImageError"
+
+
+def _truncated(folder: Path) -> str:
+    png = folder / "cat" / "1.png"
+    png.write_bytes(png.read_bytes()[:250])
+    return "cat/1.png is not a readable image: OSError: image file is truncated"
+
+
+def _one_class(folder: Path) -> str:
+    for f in (folder / "dog").iterdir():
+        f.unlink()
+    (folder / "dog").rmdir()
+    return f"{folder}: the training images are of 1 class; accepted: at least 2 classes"
+
+
+@pytest.mark.parametrize("spoil", [_corrupt, _truncated, _one_class], ids=lambda f: f.__name__[1:])
+def test_bad_image_data_is_one_line_exit_2_before_any_trial(tmp_path, capsys, spoil):
+    images = _images(tmp_path / "images")
+    expected = spoil(images)
+    folder = tmp_path / "study"
+    folder.mkdir()
+    study = write(folder, with_(data={"name": "imagefolder", "data_dir": "../images", "image_size": 8}))
+    assert main(["optimize", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoslim: error: data.data_dir: ") and expected in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in folder.iterdir()) == ["s.yaml"]
 
 
 READ_VERBS = [["show"], ["best"], ["report"], ["export", "--pareto"], ["dashboard"], ["recover", "--older-than", "1m"]]
