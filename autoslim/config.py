@@ -416,21 +416,31 @@ def load_study(path: str | Path) -> StudyConfig:
     return cfg
 
 
-def validate_names(cfg: StudyConfig) -> None:
-    """Check registry names and method overrides before anything runs or is stored."""
+def _check_data_and_model(data: str, model: str) -> None:
     from autoslim.data import list_datasets
     from autoslim.errors import accepted
-    from autoslim.methods import get_method, list_methods
     from autoslim.models import list_models
 
-    if cfg.data.name not in list_datasets():
-        raise accepted("data.name", cfg.data.name, list_datasets())
-    if cfg.model not in list_models():
-        raise accepted("model", cfg.model, list_models())
+    if data not in list_datasets():
+        raise accepted("data.name", data, list_datasets())
+    if model not in list_models():
+        raise accepted("model", model, list_models())
+
+
+def validate_names(cfg: StudyConfig) -> None:
+    """Check registry names and method overrides before anything runs or is stored."""
+    from autoslim.errors import accepted
+    from autoslim.methods import get_method, list_methods
+
+    _check_data_and_model(cfg.data.name, cfg.model)
     for name, overrides in cfg.methods.items():
         if name not in list_methods():
             raise accepted("methods", name, list_methods())
         get_method(name).search_space().narrow(overrides, where=f"methods.{name}")
+
+
+# What a trial's config.yaml must hold (autoslim export writes every field); params left out are filled in.
+TRIAL_KEYS = ["method", "model", "data", "train", "seed"]
 
 
 @dataclass
@@ -440,6 +450,9 @@ class TrialConfig:
     >>> t = TrialConfig(method="trimming", params={"rounds": 1}, model="lenet5")
     >>> TrialConfig.from_dict(t.to_dict()) == t
     True
+    >>> full, filled = t.checked()
+    >>> full.params["rounds"], filled["rule"], "rounds" in filled
+    (1, 'std', False)
     """
 
     method: str
@@ -455,9 +468,37 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict, *, where: str = "config") -> "TrialConfig":
-        cfg = _build(cls, raw, "")
-        return cfg
+    def from_dict(cls, raw: dict) -> "TrialConfig":
+        """Built from a mapping, every key and value type-checked (names and params: :meth:`checked`)."""
+        return _build(cls, raw, "")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrialConfig":
+        """A trial's ``config.yaml`` (``autoslim export`` writes it), refused in one line if it lacks a section
+        of a trial (:data:`TRIAL_KEYS`) or if the study would refuse it (:meth:`checked`)."""
+        raw = load_yaml(path, "config file")
+        missing = [key for key in TRIAL_KEYS if key not in raw]
+        if missing:
+            raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
+                             f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, device), as autoslim export writes it")
+        config = cls.from_dict(raw)
+        config.checked()
+        return config
+
+    def checked(self) -> tuple["TrialConfig", dict]:
+        """This config as a study checks a trial's, with the method's parameters it leaves out filled in from
+        the method's search space; and the parameters so filled (empty for a trial a study sampled).
+
+        The method, model and data names must be registered; every parameter must be one of the method's
+        and in its range (``params.<name>``: the UsageError line of a study file's override)."""
+        from autoslim.methods import get_method
+
+        method = get_method(self.method)
+        _check_data_and_model(self.data.name, self.model)
+        if not isinstance(self.params, dict):
+            raise UsageError(f"params: expected a mapping of {self.method}'s parameters, got {self.params!r}")
+        params = method.search_space().complete(self.params, where="params")
+        return dataclasses.replace(self, params=params), {k: v for k, v in params.items() if k not in self.params}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -48,7 +48,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autoslim.config import TrialConfig, load_yaml
+from autoslim.config import TrialConfig
 from autoslim.data import Data, load_data
 from autoslim.errors import UsageError
 from autoslim.search.objective import EpochPrinter, TrialResult, build_model, run_trial
@@ -252,15 +252,19 @@ def train_config_file(path: str | Path, *, out: str | Path | None = None,
                       log: Callable[[str], None] = print) -> TrialResult:
     """``autoslim train``: retrain an exported ``config.yaml``; with ``out``, write the model files there.
 
+    The file is checked before anything runs (:meth:`TrialConfig.load`): it must hold every section of a
+    trial, and its method parameters must be the method's and in range. Parameters it leaves out take the
+    search-space defaults (one log line; ``config.yaml`` in ``out`` holds them all).
+
     >>> result = train_config_file("exports/trial_3/config.yaml", out="retrained")  # doctest: +SKIP
     >>> result.val_accuracy, result.params  # doctest: +SKIP
     (0.94, 21330)
     """
-    config = TrialConfig.from_dict(load_yaml(path, "config file"))
+    config = TrialConfig.load(path)
     result, data = retrain_config(config, log=log)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        model_file = save_model(Path(out) / "model.pt", result.model, config=config, in_shape=data.in_shape,
+        model_file = save_model(Path(out) / "model.pt", result.model, config=result.config, in_shape=data.in_shape,
                                 num_classes=data.num_classes, sparse=result.sparse)
-        write_model_formats(model_file, config=config)
+        write_model_formats(model_file, config=result.config)  # with the parameters the file left out
     return result

@@ -197,6 +197,58 @@ def test_bad_image_data_is_one_line_exit_2_before_any_trial(tmp_path, capsys, sp
     assert sorted(p.name for p in folder.iterdir()) == ["s.yaml"]
 
 
+TRIAL = {"method": "trimming", "params": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100},
+         "model": "lenet300_100", "data": {"name": "digits", "train_subset": 200}, "train": {"epochs": 1, "batch_size": 64},
+         "seed": 0}
+TRIAL_KEYS = "accepted: a trial's config.yaml with method, model, data, train, seed"
+
+
+def trial_with(drop=(), **params):
+    d = {k: v for k, v in json.loads(json.dumps(TRIAL)).items() if k not in drop}
+    if "params" in d:
+        d["params"].update(params)
+    return d
+
+
+TRAIN_BAD = [
+    (trial_with(rounds=-7), "params.rounds: -7 is out of range; accepted: 1 to 6"),
+    (trial_with(fraction=7.5), "params.fraction: 7.5 is out of range; accepted: 0.05 to 0.3"),
+    (trial_with(rule="median"), "params.rule: unknown value 'median'; accepted: std, fraction"),
+    (trial_with(depth=2), "params.depth: unknown parameter of 'trimming'; accepted: alpha, apoz_examples, "),
+    ({**TRIAL, "params": 5}, "params: expected a mapping, got 5"),
+    ({**TRIAL, "method": "prune"}, "method: unknown value 'prune'; accepted: iht, l1l2, sss, thriftynet, trimming"),
+    ({**TRIAL, "model": "lenet7"}, "model: unknown value 'lenet7'; accepted:"),
+    ({**TRIAL, "train": {"epochs": -1}}, "train.epochs: -1 is out of range; accepted: >= 0"),
+    ({"method": "trimming", "params": {"rounds": 2}}, f"config file: c.yaml has no 'model'; {TRIAL_KEYS}"),
+    (trial_with(drop=["data"]), f"config file: c.yaml has no 'data'; {TRIAL_KEYS}"),
+    (trial_with(drop=["train"]), f"config file: c.yaml has no 'train'; {TRIAL_KEYS}"),
+    (trial_with(drop=["seed"]), f"config file: c.yaml has no 'seed'; {TRIAL_KEYS}"),
+    (trial_with(drop=["method"]), f"config file: c.yaml has no 'method'; {TRIAL_KEYS}"),
+    ("method: trimming\nparams: {rounds: 1\n", "config file: c.yaml: line 3, column 1 malformed YAML"),
+]
+
+
+@pytest.mark.parametrize("body,message", TRAIN_BAD, ids=[m.split(":")[0] for _, m in TRAIN_BAD])
+def test_bad_train_config_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, body, message):
+    config = write(tmp_path, body, name="c.yaml")
+    assert main(["train", "c.yaml", "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"autoslim: error: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [config.name]
+
+
+def test_train_fills_the_parameters_a_config_leaves_out_and_says_so(tmp_path, capsys):
+    body = {**TRIAL, "params": {"rounds": 1, "retrain_epochs": 1}}
+    write(tmp_path, body, name="c.yaml")
+    assert main(["train", "c.yaml", "--out", "out"]) == 0
+    err = capsys.readouterr().err
+    assert ("[train] trimming: parameters not in the config, from its search space: rule=std alpha=1 fraction=0.1 "
+            "layers=all lr_scale=0.1 apoz_examples=2000\n") in err
+    written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert written["params"] == {"rounds": 1, "rule": "std", "alpha": 1.0, "fraction": 0.1, "layers": "all",
+                                 "retrain_epochs": 1, "lr_scale": 0.1, "apoz_examples": 2000}
+
+
 READ_VERBS = [["show"], ["best"], ["report"], ["export", "--pareto"], ["dashboard"], ["recover", "--older-than", "1m"]]
 
 

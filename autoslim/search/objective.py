@@ -81,8 +81,15 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
               log: Callable[[str], None] = lambda s: None, checkpointer: Checkpointer | None = None) -> TrialResult:
     """Build, train and compress the network of ``config`` on ``data``; measure the result.
 
+    ``config`` is checked as a study checks a trial (:meth:`TrialConfig.checked`); the
+    method's parameters it leaves out take their search-space defaults, logged and
+    recorded in ``info["filled_params"]`` (the result's ``config`` holds them all).
     ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes."""
     start = time.perf_counter()
+    config, filled = config.checked()
+    if filled:
+        log(f"{config.method}: parameters not in the config, from its search space: "
+            + " ".join(f"{k}={_short(v)}" for k, v in filled.items()))
     seed_everything(config.seed)
     method = get_method(config.method)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
@@ -99,7 +106,8 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
         measurements=measurements, baseline_params=baseline, sparse=result.sparse,
         widths_before=widths_before,
         widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),
-        history=ctx.history, info=result.info, seconds=time.perf_counter() - start)
+        history=ctx.history, info={**result.info, **({"filled_params": filled} if filled else {})},
+        seconds=time.perf_counter() - start)
 
 
 class Deadline(Callback):
