@@ -59,6 +59,7 @@ import optuna
 import torch
 from torch import nn
 
+from autoslim.errors import load_error
 from autoslim.surgery import architecture_spec
 
 FORMAT = "autoslim-checkpoint-1"
@@ -177,7 +178,7 @@ def read_checkpoint(stream: io.BufferedIOBase | str, *, what: str = "checkpoint"
     try:
         saved = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{what} cannot be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise ValueError(f"{what} cannot be read: {load_error(e)}") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ValueError(f"{what} is not an autoslim checkpoint (expected format {FORMAT!r})")
     return saved

@@ -11,7 +11,7 @@ import optuna
 import pytest
 import yaml
 
-from helpers import tiny_study
+from helpers import spoil_model_file, tiny_study
 
 from autoslim.cli import main
 
@@ -247,6 +247,41 @@ def test_train_fills_the_parameters_a_config_leaves_out_and_says_so(tmp_path, ca
     written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert written["params"] == {"rounds": 1, "rule": "std", "alpha": 1.0, "fraction": 0.1, "layers": "all",
                                  "retrain_epochs": 1, "lr_scale": 0.1, "apoz_examples": 2000}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A study file whose study holds one completed trial, with its model.pt artifact."""
+    study = write(tmp_path_factory.mktemp("finished"), TINY)
+    assert main(["optimize", str(study), "--n-trials", "1", "--quiet"]) == 0
+    return study
+
+
+EXPORT_BAD = [("garbage", "cannot be read: UnpicklingError: "),
+              ("pickle payload", "cannot be read: UnpicklingError: it holds objects other than tensors and plain data"),
+              ("no spec", ": spec is missing or not a dict; accepted: a file written by autoslim"),
+              ("wrong shapes", ": its weights do not fit its architecture: RuntimeError: size mismatch for "),
+              ("a layer the model lacks", ": its architecture does not fit its model: ")]
+
+
+@pytest.mark.parametrize("spoil,message", EXPORT_BAD, ids=[s for s, _ in EXPORT_BAD])
+def test_export_of_a_bad_model_artifact_is_one_line_naming_the_artifact(finished, tmp_path, capsys, spoil, message):
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{finished.parent}/s.db")
+    (meta,) = [m for m in optuna.artifacts.get_all_artifact_meta(study.trials[0], storage=study._storage)
+               if m.filename == "model.pt"]
+    artifact = finished.parent / "s-artifacts" / meta.artifact_id
+    good = artifact.read_bytes()
+    try:
+        spoil_model_file(artifact, spoil, out=artifact)
+        capsys.readouterr()
+        assert main(["export", str(finished), "--trial", "0", "--out", str(tmp_path / "x")]) == 2
+    finally:
+        artifact.write_bytes(good)
+    err = capsys.readouterr().err
+    assert err.startswith(f"autoslim: error: model file: the model.pt artifact {meta.artifact_id} of trial 0")
+    assert message in err and err.count("\n") == 1 and "trial_0/model.pt" not in err, err
+    assert "weights_only" not in err and "False" not in err
+    assert not (tmp_path / "x").exists()
 
 
 READ_VERBS = [["show"], ["best"], ["report"], ["export", "--pareto"], ["dashboard"], ["recover", "--older-than", "1m"]]
