@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "queue retries that resume from their last epoch checkpoint")
     p.add_argument("study", help="study file or storage URL")
     p.add_argument("--older-than", required=True, metavar="AGE",
-                   help="a running trial silent (no start, no epoch checkpoint) for longer than this is stale: "
-                        "90s, 10m, 2h, 1d")
+                   help="a running trial silent (no heartbeat, epoch checkpoint or start) for longer than this is "
+                        "stale: 90s, 10m, 2h, 1d; at least twice recovery.heartbeat_interval")
     storage_args(p)
     p.set_defaults(func=cmd_recover)
     return parser
