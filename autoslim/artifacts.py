@@ -117,7 +117,7 @@ def upload_trial_artifacts(trial: optuna.Trial, result: TrialResult, *, artifact
                                                           study_or_trial=trial)
                    for name in ("model.pt", "widths.png", "training.png", "note.md")}
         except optuna.exceptions.UpdateFinishedTrialError:  # failed under its worker: the file it wrote is nobody's
-            recorded = {m.artifact_id for m in optuna.artifacts.get_all_artifact_meta(trial)}
+            recorded = {m.artifact_id for m in optuna.artifacts.get_all_artifact_meta(trial, storage=trial.storage)}
             for artifact_id in set(written.ids) - recorded:
                 artifact_store.remove(artifact_id)
             raise

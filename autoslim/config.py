@@ -247,7 +247,11 @@ class ReferencePointConfig:
 
 @dataclass
 class RecoveryConfig:
-    """Surviving dead workers: the heartbeat of an RDB storage, retries, and per-epoch trial checkpoints."""
+    """Surviving dead workers: heartbeats, retries, and per-epoch trial checkpoints.
+
+    ``heartbeat_interval`` paces both the heartbeat every worker writes into its running trial on
+    any storage (:mod:`autoslim.heartbeat`; ``autoslim recover`` reads it) and, on an RDB storage,
+    Optuna's own heartbeat, whose ``grace_period`` and ``max_retry`` fail and retry a dead worker's trial."""
 
     heartbeat_interval: int = field(default=60, metadata=_meta(min=1))
     grace_period: int | None = field(default=None, metadata=_meta(min=1))
