@@ -43,7 +43,7 @@ def check_study_name(name: Any, field: str = "name") -> str:
     >>> check_study_name("../escaped")
     Traceback (most recent call last):
     ...
-    autoslim.errors.UsageError: name: '../escaped' is not a valid study name; accepted: 1 to 100 letters, digits, '-', '_' or '.', not starting with '-' or '.'
+    autoslim.errors.UsageError: name: '../escaped' is not a valid study name; accepted: 1 to 100 letters, ...
     """
     if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
         raise UsageError(f"{field}: {name!r} is not a valid study name; accepted: {STUDY_NAME_RULE}")
@@ -484,7 +484,8 @@ class TrialConfig:
         missing = [key for key in TRIAL_KEYS if key not in raw]
         if missing:
             raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
-                             f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, device), as autoslim export writes it")
+                             f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, device), as autoslim export "
+                             "writes it")
         config = cls.from_dict(raw)
         config.checked()
         return config

@@ -28,7 +28,8 @@ def load_error(e: BaseException) -> str:
 
     >>> import pickle
     >>> load_error(pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` "
-    ...                                   "set to `False` will likely succeed.\\n\\nUnsupported global: GLOBAL os.system"))
+    ...                                   "set to `False` will likely succeed.\\n\\n"
+    ...                                   "Unsupported global: GLOBAL os.system"))
     'UnpicklingError: it holds objects other than tensors and plain data (Unsupported global: GLOBAL os.system)'
     """
     text = str(e)

@@ -198,8 +198,8 @@ def test_bad_image_data_is_one_line_exit_2_before_any_trial(tmp_path, capsys, sp
 
 
 TRIAL = {"method": "trimming", "params": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100},
-         "model": "lenet300_100", "data": {"name": "digits", "train_subset": 200}, "train": {"epochs": 1, "batch_size": 64},
-         "seed": 0}
+         "model": "lenet300_100", "data": {"name": "digits", "train_subset": 200},
+         "train": {"epochs": 1, "batch_size": 64}, "seed": 0}
 TRIAL_KEYS = "accepted: a trial's config.yaml with method, model, data, train, seed"
 
 
@@ -295,8 +295,8 @@ def test_a_verb_given_a_journal_that_does_not_exist_creates_nothing(tmp_path, ca
     before = sorted(tmp_path.iterdir())
     assert main([argv[0], *args, *argv[1:]]) == 2
     err = capsys.readouterr().err
-    expected = ("no journal file at none.journal" if how == "target" else
-                f"has not been run yet (no none.journal); run `autoslim optimize {args[0]} --storage none.journal` first")
+    expected = ("no journal file at none.journal" if how == "target" else f"has not been run yet (no none.journal); "
+                f"run `autoslim optimize {args[0]} --storage none.journal` first")
     assert err.startswith("autoslim: error: study: ") and expected in err and err.count("\n") == 1, err
     assert sorted(tmp_path.iterdir()) == before
 
@@ -332,8 +332,8 @@ def test_a_resumed_study_runs_only_the_remaining_trials(tmp_path, capsys):
     assert [(t.number, t.values, t.datetime_complete) for t in again.trials][:2] == first
     assert len(again.trials) == 3
     t = again.trials[2]
-    assert {"val_accuracy", "test_accuracy", "params", "nonzeros", "flops", "latency_ms", "latency_iqr_ms", "widths_after",
-            "seconds", "config"} <= set(t.user_attrs)
+    assert {"val_accuracy", "test_accuracy", "params", "nonzeros", "flops", "latency_ms", "latency_iqr_ms",
+            "widths_after", "seconds", "config"} <= set(t.user_attrs)
     assert t.values == [t.user_attrs["val_accuracy"], t.user_attrs["params"]]
     capsys.readouterr()
     assert main(["show", str(study), "-f", "json"]) == 0
