@@ -111,11 +111,29 @@ def upload_trial_artifacts(trial: optuna.Trial, result: TrialResult, *, artifact
         plot_widths(result, folder / "widths.png", title=f"trial {trial.number}: {result.config.method}")
         plot_training(result.history, folder / "training.png", title=f"trial {trial.number}: {result.config.method}")
         (folder / "note.md").write_text(note)
-        ids = {name: optuna.artifacts.upload_artifact(artifact_store=artifact_store, file_path=str(folder / name),
-                                                      study_or_trial=trial)
-               for name in ("model.pt", "widths.png", "training.png", "note.md")}
+        written = _Written(artifact_store)
+        try:
+            ids = {name: optuna.artifacts.upload_artifact(artifact_store=written, file_path=str(folder / name),
+                                                          study_or_trial=trial)
+                   for name in ("model.pt", "widths.png", "training.png", "note.md")}
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed under its worker: the file it wrote is nobody's
+            recorded = {m.artifact_id for m in optuna.artifacts.get_all_artifact_meta(trial, storage=trial.storage)}
+            for artifact_id in set(written.ids) - recorded:
+                artifact_store.remove(artifact_id)
+            raise
     save_note(trial, note)
     return ids
+
+
+class _Written:
+    """An artifact store that remembers the ids it wrote."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store, self.ids = store, []
+
+    def write(self, artifact_id: str, content) -> None:
+        self.store.write(artifact_id, content)
+        self.ids.append(artifact_id)
 
 
 def trial_note(number: int, result: TrialResult) -> str:
@@ -136,7 +154,7 @@ def trial_note(number: int, result: TrialResult) -> str:
         f"| parameters | {params} |",
         f"| compression | {a['compression']:.1f}x vs the uncompressed {result.baseline_params:,} |",
         f"| FLOPs | {m.flops:,} |",
-        f"| latency (batch 1, CPU) | {m.latency_ms:.3f} ms |",
+        f"| latency (batch 1, CPU, one thread) | {m.latency_ms:.3f} ms (IQR {m.latency_iqr_ms:.3f} ms) |",
         f"| saved size | {m.size_bytes / 1024:.1f} KiB |",
         f"| training | {len(result.history)} epochs ({phases}), {result.seconds:.1f} s |",
         "",

@@ -59,6 +59,7 @@ import optuna
 import torch
 from torch import nn
 
+from autoslim.errors import load_error
 from autoslim.surgery import architecture_spec
 
 FORMAT = "autoslim-checkpoint-1"
@@ -177,7 +178,7 @@ def read_checkpoint(stream: io.BufferedIOBase | str, *, what: str = "checkpoint"
     try:
         saved = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{what} cannot be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise ValueError(f"{what} cannot be read: {load_error(e)}") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ValueError(f"{what} is not an autoslim checkpoint (expected format {FORMAT!r})")
     return saved
@@ -264,7 +265,8 @@ def run_resumable(run: Callable[[Checkpointer | None], T], checkpoints: TrialChe
 
     An unreadable or mismatching checkpoint is reported on one line and the trial
     starts over. The checkpoint is kept only if ``run`` is interrupted
-    (``KeyboardInterrupt``) or its process dies, so that a retry resumes.
+    (``KeyboardInterrupt``), its process dies, or the trial is failed under it
+    (Optuna refuses to update it: :mod:`autoslim.heartbeat`), so that a retry resumes.
 
     >>> result = run_resumable(lambda ck: run_trial(config, data=data, checkpointer=ck), checkpoints)  # doctest: +SKIP
     """
@@ -272,10 +274,15 @@ def run_resumable(run: Callable[[Checkpointer | None], T], checkpoints: TrialChe
         return run(None)
     try:
         result = _resume_or_start(run, checkpoints, log=log)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise  # failed under this worker: its retry owns the checkpoint files now
     except Exception:
         checkpoints.discard()
         raise
-    checkpoints.discard()
+    try:
+        checkpoints.discard()
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass  # failed under this worker once trained: the caller hands the result over, and the files with it
     return result
 
 

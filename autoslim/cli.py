@@ -54,11 +54,11 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from autoslim.report import write_report
+    from autoslim.report import default_report_dir, write_report
     from autoslim.study import open_study
 
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
-    for path in write_report(study, out=args.out or f"reports/{study.study_name}").values():
+    for path in write_report(study, out=args.out or default_report_dir(study.study_name)).values():
         print(path)
     return 0
 
@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "queue retries that resume from their last epoch checkpoint")
     p.add_argument("study", help="study file or storage URL")
     p.add_argument("--older-than", required=True, metavar="AGE",
-                   help="a running trial silent (no start, no epoch checkpoint) for longer than this is stale: "
-                        "90s, 10m, 2h, 1d")
+                   help="a running trial silent (no heartbeat, epoch checkpoint or start) for longer than this is "
+                        "stale: 90s, 10m, 2h, 1d; at least twice recovery.heartbeat_interval")
     storage_args(p)
     p.set_defaults(func=cmd_recover)
     return parser

@@ -15,6 +15,7 @@ an unknown key, a wrong type or an out-of-range value raises
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,29 @@ from typing import Any, Union
 import yaml
 
 from autoslim.errors import UsageError
+
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+STUDY_NAME_RULE = "1 to 100 letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+
+
+def check_study_name(name: Any, field: str = "name") -> str:
+    """``name`` if it is a valid study name, else a UsageError naming ``field``.
+
+    A study name becomes a file or folder name (``<name>.db`` beside the study
+    file, ``reports/<name>``), so it may hold only letters, digits, ``-``, ``_``
+    and ``.``, cannot start with ``-`` or ``.``, and is at most 100 characters.
+
+    >>> check_study_name("quickstart-2.v1")
+    'quickstart-2.v1'
+    >>> check_study_name("../escaped")
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: name: '../escaped' is not a valid study name; accepted: 1 to 100 letters, ...
+    """
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        raise UsageError(f"{field}: {name!r} is not a valid study name; accepted: {STUDY_NAME_RULE}")
+    return name
 
 
 def _check(path: str, value: Any, tp: Any, meta: dict) -> Any:
@@ -223,7 +247,11 @@ class ReferencePointConfig:
 
 @dataclass
 class RecoveryConfig:
-    """Surviving dead workers: the heartbeat of an RDB storage, retries, and per-epoch trial checkpoints."""
+    """Surviving dead workers: heartbeats, retries, and per-epoch trial checkpoints.
+
+    ``heartbeat_interval`` paces both the heartbeat every worker writes into its running trial on
+    any storage (:mod:`autoslim.heartbeat`; ``autoslim recover`` reads it) and, on an RDB storage,
+    Optuna's own heartbeat, whose ``grace_period`` and ``max_retry`` fail and retry a dead worker's trial."""
 
     heartbeat_interval: int = field(default=60, metadata=_meta(min=1))
     grace_period: int | None = field(default=None, metadata=_meta(min=1))
@@ -277,6 +305,9 @@ class StudyConfig:
     method_data: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
     # methods.<name>.early_stopping: a method's own rungs
     method_stopping: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_study_name(self.name)
 
     @classmethod
     def from_dict(cls, raw: Any, *, path: Path | None = None) -> "StudyConfig":
@@ -357,8 +388,9 @@ class StudyConfig:
         return ["accuracy", "params"] + ([self.third_objective] if self.third_objective else [])
 
     def default_storage(self) -> str:
+        """``sqlite:///<name>.db`` beside the study file (or in the working directory)."""
         base = self.path.parent if self.path else Path.cwd()
-        return f"sqlite:///{(base / f'{self.name}.db').resolve()}"
+        return f"sqlite:///{(base / f'{check_study_name(self.name)}.db').resolve()}"
 
 
 def load_yaml(path: str | Path, what: str = "study file") -> dict:
@@ -381,27 +413,38 @@ def load_study(path: str | Path) -> StudyConfig:
     """Load and validate a study file (names of data, model and methods are checked too)."""
     p = Path(path)
     raw = load_yaml(p)
-    raw.setdefault("name", p.stem)
+    if "name" not in raw:
+        raw["name"] = check_study_name(p.stem, field=f"name (unset, so the study file's name {p.name!r})")
     cfg = StudyConfig.from_dict(raw, path=p.resolve())
     validate_names(cfg)
     return cfg
 
 
-def validate_names(cfg: StudyConfig) -> None:
-    """Check registry names and method overrides before anything runs or is stored."""
+def _check_data_and_model(data: str, model: str) -> None:
     from autoslim.data import list_datasets
     from autoslim.errors import accepted
-    from autoslim.methods import get_method, list_methods
     from autoslim.models import list_models
 
-    if cfg.data.name not in list_datasets():
-        raise accepted("data.name", cfg.data.name, list_datasets())
-    if cfg.model not in list_models():
-        raise accepted("model", cfg.model, list_models())
+    if data not in list_datasets():
+        raise accepted("data.name", data, list_datasets())
+    if model not in list_models():
+        raise accepted("model", model, list_models())
+
+
+def validate_names(cfg: StudyConfig) -> None:
+    """Check registry names and method overrides before anything runs or is stored."""
+    from autoslim.errors import accepted
+    from autoslim.methods import get_method, list_methods
+
+    _check_data_and_model(cfg.data.name, cfg.model)
     for name, overrides in cfg.methods.items():
         if name not in list_methods():
             raise accepted("methods", name, list_methods())
         get_method(name).search_space().narrow(overrides, where=f"methods.{name}")
+
+
+# What a trial's config.yaml must hold (autoslim export writes every field); params left out are filled in.
+TRIAL_KEYS = ["method", "model", "data", "train", "seed"]
 
 
 @dataclass
@@ -411,6 +454,9 @@ class TrialConfig:
     >>> t = TrialConfig(method="trimming", params={"rounds": 1}, model="lenet5")
     >>> TrialConfig.from_dict(t.to_dict()) == t
     True
+    >>> full, filled = t.checked()
+    >>> full.params["rounds"], filled["rule"], "rounds" in filled
+    (1, 'std', False)
     """
 
     method: str
@@ -426,9 +472,38 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict, *, where: str = "config") -> "TrialConfig":
-        cfg = _build(cls, raw, "")
-        return cfg
+    def from_dict(cls, raw: dict) -> "TrialConfig":
+        """Built from a mapping, every key and value type-checked (names and params: :meth:`checked`)."""
+        return _build(cls, raw, "")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrialConfig":
+        """A trial's ``config.yaml`` (``autoslim export`` writes it), refused in one line if it lacks a section
+        of a trial (:data:`TRIAL_KEYS`) or if the study would refuse it (:meth:`checked`)."""
+        raw = load_yaml(path, "config file")
+        missing = [key for key in TRIAL_KEYS if key not in raw]
+        if missing:
+            raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
+                             f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, device), as autoslim export "
+                             "writes it")
+        config = cls.from_dict(raw)
+        config.checked()
+        return config
+
+    def checked(self) -> tuple["TrialConfig", dict]:
+        """This config as a study checks a trial's, with the method's parameters it leaves out filled in from
+        the method's search space; and the parameters so filled (empty for a trial a study sampled).
+
+        The method, model and data names must be registered; every parameter must be one of the method's
+        and in its range (``params.<name>``: the UsageError line of a study file's override)."""
+        from autoslim.methods import get_method
+
+        method = get_method(self.method)
+        _check_data_and_model(self.data.name, self.model)
+        if not isinstance(self.params, dict):
+            raise UsageError(f"params: expected a mapping of {self.method}'s parameters, got {self.params!r}")
+        params = method.search_space().complete(self.params, where="params")
+        return dataclasses.replace(self, params=params), {k: v for k, v in params.items() if k not in self.params}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

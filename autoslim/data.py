@@ -129,6 +129,7 @@ def load_data_subsets(config, train_subsets: Sequence[int | float | None], *,
     (100, True, True)
     """
     raw = DATASETS.get(config.name)(data_dir=config.data_dir, download=config.download, config=config)
+    _check_classes(raw, config)
     gen = torch.Generator().manual_seed(config.seed)
     x, y = raw.train_x, raw.train_y
     if raw.test_x is None:
@@ -161,6 +162,15 @@ def load_data_subsets(config, train_subsets: Sequence[int | float | None], *,
     return [Data(config.name, trains[n], val, test, raw.num_classes, crop_padding=raw.crop_padding if augment else 0,
                  flip=raw.flip if augment else False)
             for n in counts]
+
+
+def _check_classes(raw: RawData, config) -> None:
+    """Refuse data of fewer than two classes (every source): any classifier of it is 100% accurate."""
+    found = int(torch.unique(raw.train_y).numel())
+    if min(found, raw.num_classes) < 2:
+        where = f"data.data_dir: {config.data_dir}" if config.data_dir else f"data.name: {config.name}"
+        raise UsageError(f"{where}: the training images are of {min(found, raw.num_classes)} class; "
+                         "accepted: at least 2 classes")
 
 
 def train_count(train_subset: int | float | None, available: int) -> int:
@@ -350,7 +360,7 @@ def _imagefolder(*, data_dir, download, config) -> RawData:
             ds = torchvision.datasets.ImageFolder(str(folder), transform=tf)
         except (FileNotFoundError, OSError) as e:
             raise UsageError(f"data.data_dir: {folder}: {e}") from None
-        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        xs, ys = zip(*(_read_image(ds, i) for i in range(len(ds))))
         return torch.stack(xs), torch.tensor(ys), len(ds.classes)
 
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -359,3 +369,13 @@ def _imagefolder(*, data_dir, download, config) -> RawData:
         return RawData(tx, ty, sx, sy, k, crop_padding=size // 8, flip=True)
     x, y, k = read(root)
     return RawData(x, y, None, None, k, crop_padding=size // 8, flip=True)
+
+
+def _read_image(ds, index: int):
+    """Image ``index`` of an ImageFolder set; a UsageError line naming the file if it cannot be read."""
+    try:
+        return ds[index]
+    except Exception as e:  # PIL: UnidentifiedImageError, "image file is truncated", broken PNG streams, ...
+        detail = " ".join(str(e).split())
+        raise UsageError(f"data.data_dir: {ds.samples[index][0]} is not a readable image: "
+                         f"{type(e).__name__}{': ' + detail if detail else ''}") from None

@@ -211,11 +211,14 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *,
     A trial that raises is recorded as failed and the worker goes on; a worker
     starts at most ``max_trials`` trials and none after ``timeout`` seconds.
     On Ctrl-C the trial in progress is failed and requeued: the next run
-    resumes it from its checkpoint (:func:`autoslim.recover.requeue`).
+    resumes it from its checkpoint (:func:`autoslim.recover.requeue`). A trial
+    failed under this worker by another process is left with one line
+    (:mod:`autoslim.heartbeat`) and not counted; the worker goes on.
 
     >>> run_worker(study, objective, n_trials=20, lock=study_lock(url), heartbeat=True)  # doctest: +SKIP
     5
     """
+    from autoslim.heartbeat import TrialLost
     from autoslim.recover import requeue
 
     start, ran, said = time.monotonic(), 0, False
@@ -240,6 +243,16 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *,
                     if interrupted and interrupted.state == TrialState.FAIL:
                         requeue(study, interrupted, log=log)
                     raise
+                except TrialLost as lost:
+                    log(lost.message)
+                    continue
+                except ValueError as e:  # Optuna could not tell the trial its result: it was failed just then
+                    told = started.trial and study._storage.get_trial(started.trial._trial_id)
+                    if not told or told.state != TrialState.FAIL or not str(e).startswith("Cannot tell"):
+                        raise
+                    log(f"[trial {told.number}] was failed under this worker as it finished; its result stays in "
+                        "its user attrs and its retry, if any, runs it again")
+                    continue
                 ran += 1
                 continue
         if not heartbeat:

@@ -20,3 +20,23 @@ def accepted(field: str, value: object, choices) -> UsageError:
     "data.name: unknown value 'foo'; accepted: digits, mnist"
     """
     return UsageError(f"{field}: unknown value {value!r}; accepted: {', '.join(sorted(map(str, choices)))}")
+
+
+def load_error(e: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` failed, without PyTorch's advice to retry
+    with ``weights_only=False`` (never take it for a file you did not make).
+
+    >>> import pickle
+    >>> load_error(pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` "
+    ...                                   "set to `False` will likely succeed.\\n\\n"
+    ...                                   "Unsupported global: GLOBAL os.system"))
+    'UnpicklingError: it holds objects other than tensors and plain data (Unsupported global: GLOBAL os.system)'
+    """
+    text = str(e)
+    if "weights only load failed" not in text.lower():
+        return f"{type(e).__name__}: {' '.join(text.split())}".rstrip(": ")
+    lines = [line.split("WeightsUnpickler error:", 1)[-1].strip() for line in text.splitlines()]
+    detail = " ".join(line for line in lines if line and "weights_only" not in line
+                      and not line.startswith(("Weights only load failed", "Check the documentation", "Please file")))
+    return (f"{type(e).__name__}: it holds objects other than tensors and plain data"
+            + (f" ({detail})" if detail else ""))

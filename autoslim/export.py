@@ -48,9 +48,9 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autoslim.config import TrialConfig, load_yaml
+from autoslim.config import TrialConfig
 from autoslim.data import Data, load_data
-from autoslim.errors import UsageError
+from autoslim.errors import UsageError, load_error
 from autoslim.search.objective import EpochPrinter, TrialResult, build_model, run_trial
 from autoslim.sparse import load_sparse_state_dict, sparse_state_dict
 from autoslim.surgery import apply_architecture_spec, architecture_spec
@@ -74,35 +74,76 @@ def save_model(path: str | Path, model: nn.Module, *, config: TrialConfig, in_sh
     return Path(path)
 
 
-def read_model_file(path: str | Path) -> dict[str, Any]:
-    """The dict in a model file, checked to be one; a UsageError line if it is not."""
+# The fields of a model file and of its spec, with their types.
+FIELDS = {"spec": dict, "sparse": bool, "state_dict": dict}
+SPEC_FIELDS = {"model": str, "model_kwargs": dict, "in_shape": list, "num_classes": int, "method": str,
+               "method_params": dict, "architecture": dict}
+
+
+def read_model_file(path: str | Path, *, name: str | None = None) -> dict[str, Any]:
+    """The dict in a model file, checked to hold every field of one; a UsageError line naming the file (or
+    ``name``, e.g. the trial artifact it came from) if it does not."""
+    what = name or str(path)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UsageError(f"model file: {path} does not exist") from None
+        raise UsageError(f"model file: {what} does not exist") from None
     except Exception as e:
-        raise UsageError(f"model file: {path} cannot be read: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"model file: {what} cannot be read: {load_error(e)}") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise UsageError(f"model file: {path} is not an autoslim model file (expected format {FORMAT!r})")
+        raise UsageError(f"model file: {what} is not an autoslim model file (expected format {FORMAT!r})")
+    _check_fields(saved, FIELDS, what=what)
+    _check_fields(saved["spec"], SPEC_FIELDS, what=what, prefix="spec.")
     return saved
 
 
-def load_model(path: str | Path) -> nn.Module:
+def _check_fields(d: dict, fields: dict[str, type], *, what: str, prefix: str = "") -> None:
+    for key, tp in fields.items():
+        value = d.get(key)
+        if not isinstance(value, tp) or (isinstance(value, bool) and tp is not bool):
+            raise UsageError(f"model file: {what}: {prefix}{key} is missing or not a {tp.__name__}; "
+                             "accepted: a file written by autoslim (save_model, autoslim export or train)")
+
+
+def load_model(path: str | Path, *, name: str | None = None) -> nn.Module:
     """Rebuild the compressed model saved in ``path`` by :func:`save_model` (on the CPU, in eval mode).
+
+    A file that is not one (a wrong field, an architecture the model cannot take, weights of other
+    shapes) is a UsageError line naming the file, or ``name`` where given.
 
     >>> model = load_model("exports/trial_3/model.pt")  # doctest: +SKIP
     """
-    saved = read_model_file(path)
+    what = name or str(path)
+    saved = read_model_file(path, name=name)
     spec = saved["spec"]
-    config = TrialConfig(method=spec["method"], params=spec["method_params"], model=spec["model"],
-                         model_kwargs=spec["model_kwargs"])
-    model = apply_architecture_spec(build_model(config, in_shape=tuple(spec["in_shape"]),
-                                                num_classes=spec["num_classes"]), spec["architecture"])
+    try:
+        config, _ = TrialConfig(method=spec["method"], params=spec["method_params"], model=spec["model"],
+                                model_kwargs=spec["model_kwargs"]).checked()
+    except UsageError as e:  # the spec's field of a trial config's "params" is "method_params"
+        raise UsageError(f"model file: {what}: spec.{'method_' if str(e).startswith('params') else ''}{e}") from None
+    model = _load_step(what, "its network cannot be built", lambda: build_model(
+        config, in_shape=tuple(spec["in_shape"]), num_classes=spec["num_classes"]))
+    model = _load_step(what, "its architecture does not fit its model",
+                       lambda: apply_architecture_spec(model, spec["architecture"]))
+    _load_step(what, "its weights do not fit its architecture", lambda: _load_weights(model, saved))
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, saved: dict) -> None:
     if saved["sparse"]:
         load_sparse_state_dict(model, saved["state_dict"])
     else:
         model.load_state_dict(saved["state_dict"])
-    return model.eval()
+
+
+def _load_step(what: str, problem: str, step: Callable[[], Any]) -> Any:
+    """``step()``; any error a malformed model file causes in it becomes a UsageError line."""
+    try:
+        return step()
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:4] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[:3])
+        raise UsageError(f"model file: {what}: {problem}: {type(e).__name__}: {detail}".rstrip(": ")) from None
 
 
 def to_torchscript(model: nn.Module, path: str | Path, *, in_shape: Sequence[int]) -> Path:
@@ -132,9 +173,10 @@ def to_onnx(model: nn.Module, path: str | Path, *, in_shape: Sequence[int]) -> P
     return Path(path)
 
 
-def write_model_formats(model_file: Path, *, config: TrialConfig) -> list[Path]:
-    """Beside ``model_file`` (a :func:`save_model` file), write config.yaml, model.ts and model.onnx."""
-    model, spec = load_model(model_file), read_model_file(model_file)["spec"]
+def write_model_formats(model_file: Path, *, config: TrialConfig, name: str | None = None) -> list[Path]:
+    """Beside ``model_file`` (a :func:`save_model` file; ``name`` names it in errors), write config.yaml,
+    model.ts and model.onnx."""
+    model, spec = load_model(model_file, name=name), read_model_file(model_file, name=name)["spec"]
     folder = model_file.parent
     (folder / "config.yaml").write_text(config.to_yaml())
     return [folder / "config.yaml", model_file, to_torchscript(model, folder / "model.ts", in_shape=spec["in_shape"]),
@@ -228,7 +270,8 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, *, out: str | Path, ar
                 log(f"[trial {trial.number}] note: the retrained model has {result.params:,} parameters, "
                     f"the trial had {stored:,}")
             source = "retraining"
-        write_model_formats(model_file, config=config)
+        write_model_formats(model_file, config=config,
+                            name=f"the model.pt artifact {meta.artifact_id} of trial {trial.number}" if meta else None)
         dest = Path(out) / stage.name
         if dest.exists():
             shutil.rmtree(dest)
@@ -249,15 +292,19 @@ def train_config_file(path: str | Path, *, out: str | Path | None = None,
                       log: Callable[[str], None] = print) -> TrialResult:
     """``autoslim train``: retrain an exported ``config.yaml``; with ``out``, write the model files there.
 
+    The file is checked before anything runs (:meth:`TrialConfig.load`): it must hold every section of a
+    trial, and its method parameters must be the method's and in range. Parameters it leaves out take the
+    search-space defaults (one log line; ``config.yaml`` in ``out`` holds them all).
+
     >>> result = train_config_file("exports/trial_3/config.yaml", out="retrained")  # doctest: +SKIP
     >>> result.val_accuracy, result.params  # doctest: +SKIP
     (0.94, 21330)
     """
-    config = TrialConfig.from_dict(load_yaml(path, "config file"))
+    config = TrialConfig.load(path)
     result, data = retrain_config(config, log=log)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        model_file = save_model(Path(out) / "model.pt", result.model, config=config, in_shape=data.in_shape,
+        model_file = save_model(Path(out) / "model.pt", result.model, config=result.config, in_shape=data.in_shape,
                                 num_classes=data.num_classes, sparse=result.sparse)
-        write_model_formats(model_file, config=config)
+        write_model_formats(model_file, config=result.config)  # with the parameters the file left out
     return result

@@ -1,11 +1,18 @@
 """``autoslim recover``: fail the trials whose worker died and queue a retry of each that resumes it.
 
-An RDB storage does this by itself (the heartbeat, :mod:`autoslim.distributed`).
-A journal file has no heartbeat: a trial whose worker died stays RUNNING. A
-trial counts as stale when it has shown no sign of life (its start, or its
-last epoch checkpoint) for longer than ``--older-than``::
+An RDB storage does this by itself (Optuna's heartbeat, :mod:`autoslim.distributed`).
+On a journal file a trial whose worker died stays RUNNING. A trial counts as
+stale when it has shown no sign of life (its start, its last epoch checkpoint,
+or the heartbeat its worker writes every ``recovery.heartbeat_interval``
+seconds, :mod:`autoslim.heartbeat`) for longer than ``--older-than``::
 
     autoslim recover studies/x.yaml --older-than 10m [--storage x.journal]
+
+``--older-than`` must be at least twice the heartbeat interval of the running
+trials (a live worker's last beat may be almost one interval old, and a busy
+machine writes it late); a shorter age is refused in one line, since it would
+fail trials whose workers are alive. Such a worker, should its trial be failed
+under it anyway, stops working on it with one line (:mod:`autoslim.heartbeat`).
 
 Each stale trial is failed, and a retry is queued the way Optuna's heartbeat
 does it (:class:`optuna.storages.RetryHeartbeatStaleTrialCallback`: same
@@ -26,6 +33,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from autoslim.errors import UsageError
+from autoslim.heartbeat import last_heartbeat
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -43,15 +51,16 @@ def parse_age(text: str) -> float:
 
 
 def last_sign_of_life(trial: FrozenTrial) -> datetime.datetime:
-    """When ``trial`` last showed it was alive: its last epoch checkpoint, else its start.
+    """When ``trial`` last showed it was alive: its last heartbeat or epoch checkpoint, else its start.
 
     >>> last_sign_of_life(study.trials[3])  # doctest: +SKIP
     datetime.datetime(2026, 1, 5, 14, 2, 11)
     """
     checkpoint = trial.user_attrs.get("checkpoint") or {}
     saved = checkpoint.get("saved_at") if checkpoint.get("trial") == trial.number else None
+    beat = last_heartbeat(trial)
     start = trial.datetime_start or datetime.datetime.now()
-    return max(start, datetime.datetime.fromisoformat(saved)) if saved else start
+    return max([start, *([datetime.datetime.fromisoformat(saved)] if saved else []), *([beat[0]] if beat else [])])
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial, *, max_retry: int | None = None,
@@ -91,9 +100,14 @@ def recover(study: optuna.Study, *, older_than: float, max_retry: int | None = N
     trial 3: failed; retry queued as trial 9 (resumes after epoch 4)
     """
     now = datetime.datetime.now()
-    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-             if (now - last_sign_of_life(t)).total_seconds() > older_than]
-    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    beats = [(beat[1], t.number) for t in running if (beat := last_heartbeat(t)) is not None]
+    if beats and older_than < 2 * max(beats)[0]:
+        every, number = max(beats)
+        raise UsageError(f"--older-than: {older_than:g}s would fail trials whose workers are alive: running trial "
+                         f"{number} writes a heartbeat every {every:g}s; accepted: {2 * every:g}s or more")
+    stale = [t for t in running if (now - last_sign_of_life(t)).total_seconds() > older_than]
+    running = len(running)
     if not stale:
         log(f"study {study.study_name!r}: no stale trials ({running} running, none silent for "
             f"more than {older_than:g}s)")

@@ -41,6 +41,21 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.concat([df.reset_index(drop=True), attrs[scalar].add_prefix("user_attrs_")], axis=1)
 
 
+def default_report_dir(study_name: str) -> Path:
+    """``reports/<study name>``; a UsageError line if the name is not one a study file accepts (a study
+    made elsewhere may be named ``../x``): pass ``--out`` then.
+
+    >>> default_report_dir("quickstart")
+    PosixPath('reports/quickstart')
+    """
+    from autoslim.config import STUDY_NAME, STUDY_NAME_RULE
+
+    if not STUDY_NAME.fullmatch(study_name):
+        raise UsageError(f"--out: study name {study_name!r} cannot name a folder (accepted: {STUDY_NAME_RULE}); "
+                         "pass --out DIR")
+    return Path("reports") / study_name
+
+
 def write_report(study: optuna.Study, *, out: str | Path) -> dict[str, Path]:
     """Write trials.csv, pareto.html/.png and hypervolume.html/.png into ``out``; return them by name.
 

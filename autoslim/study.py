@@ -23,9 +23,9 @@ import optuna
 from optuna.trial import TrialState
 
 from autoslim.artifacts import open_artifact_store
-from autoslim.config import RecoveryConfig, StudyConfig
+from autoslim.config import RecoveryConfig, StudyConfig, check_study_name
 from autoslim.data import Data, load_data_subsets
-from autoslim.distributed import FileLock, run_worker, study_lock, worker_index
+from autoslim.distributed import FileLock, run_worker, storage_file, study_lock, worker_index
 from autoslim.errors import UsageError
 from autoslim.methods import get_method
 from autoslim.search.objective import Objective
@@ -62,7 +62,7 @@ def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int) -> dic
     from autoslim.models import create_model
 
     base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, **cfg.model_kwargs),
-                   in_shape=in_shape, latency_repeats=10)
+                   in_shape=in_shape)
     ref = cfg.reference_point
     point = {"accuracy": ref.accuracy, "params": ref.params or base.params, "flops": ref.flops or base.flops,
              "latency": ref.latency or base.latency_ms}
@@ -148,7 +148,7 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     n_trials = n_trials or cfg.n_trials
     timeout = timeout if timeout is not None else cfg.timeout
     artifact_dir = artifact_dir or cfg.artifact_dir
-    study_name = study_name or cfg.name
+    study_name = cfg.name if study_name is None else check_study_name(study_name, "--study-name")
     spaces = {m: get_method(m).search_space().narrow(o, where=f"methods.{m}") for m, o in cfg.methods.items()}
     sampler = make_sampler(cfg)
     method_data = load_method_data(cfg, device=resolve_device(cfg.device))
@@ -229,22 +229,29 @@ def open_study(target: str, *, study_name: str | None = None, storage: str | Non
     if Path(target).suffix in (".yaml", ".yml"):
         cfg = load_study(target)
         url, name = storage or cfg.storage or cfg.default_storage(), study_name or cfg.name
-        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-            raise UsageError(f"study: {target} has not been run yet (no {url[len('sqlite:///'):]}); "
-                             f"run `autoslim optimize {target}` first")
+        local = storage_file(url)
+        if local is not None and not local.is_file():  # opening it would create it
+            raise UsageError(f"study: {target} has not been run yet (no {local}); run `autoslim optimize {target}"
+                             f"{' --storage ' + storage if storage else ''}` first")
     else:
         url, name = storage or target, study_name
-        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-            raise UsageError(f"study: no database at {url[len('sqlite:///'):]}")
+        local = storage_file(url)
+        if local is not None and not local.is_file():
+            raise UsageError(f"study: no {'database' if url.startswith('sqlite') else 'journal file'} at {local}")
     storage_obj = get_storage(url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage_obj)]
     if name is None:
         if len(names) != 1:
-            raise UsageError(f"--study-name: {_redact(url)} holds {len(names)} studies; name one of: {', '.join(names) or '(none)'}")
+            raise UsageError(f"--study-name: {_redact(url)} holds {len(names)} studies; name one of: {_names(names)}")
         name = names[0]
     if name not in names:
-        raise UsageError(f"--study-name: no study {name!r} in {_redact(url)}; accepted: {', '.join(names) or '(none)'}")
+        raise UsageError(f"--study-name: no study {name!r} in {_redact(url)}; accepted: {_names(names)}")
     return optuna.load_study(study_name=name, storage=storage_obj)
+
+
+def _names(names: list[str]) -> str:
+    """Study names for a message, quoted (a name made elsewhere may hold any character)."""
+    return ", ".join(map(repr, names)) or "(none)"
 
 
 def _redact(url: str) -> str:

@@ -142,7 +142,7 @@ def evaluate(model: nn.Module, split: Split, *, batch_size: int = 1000) -> float
 
 def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | None = None, seed: int = 0,
           lr_scale: float = 1.0, callbacks: Sequence[Callback] = (), param_groups: Iterable | None = None,
-          extra_optimizers: Sequence[torch.optim.Optimizer] = (), epoch_offset: int = 0,
+          extra_optimizers: Sequence[torch.optim.Optimizer] = (), epoch_offset: int = 0, phase: str | None = None,
           resume: Mapping[str, Any] | None = None,
           on_state: Callable[[list[dict], dict], None] | None = None) -> list[dict]:
     """Train ``model`` in place for ``epochs`` (default ``config.epochs``); return one record per epoch.
@@ -152,13 +152,16 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
     ``extra_optimizers``; every optimizer follows the same schedule).
     ``epoch_offset`` numbers the records when a method trains in phases.
     Each record holds ``epoch``, ``loss`` (mean training loss), ``val_accuracy``,
-    ``lr`` and ``seconds``. A NaN or infinite loss raises :class:`Diverged`.
+    ``lr``, ``seconds`` and, given one, the ``phase`` name. A NaN or infinite
+    loss raises :class:`Diverged`.
 
-    ``on_state(records, state)`` is called after every epoch (after the
-    callbacks) with this call's records so far and the loop state (``epoch``
-    done, ``step``, optimizer and schedule states, the shuffling generator);
-    ``resume=state`` continues from that epoch as if never interrupted
-    (:mod:`autoslim.checkpoint` saves and restores the rest of a trial).
+    ``on_state(records, state)`` is called after every epoch with this call's
+    records so far and the loop state (``epoch`` done, ``step``, optimizer and
+    schedule states, the shuffling generator); ``resume=state`` continues from
+    that epoch as if never interrupted (:mod:`autoslim.checkpoint` saves and
+    restores the rest of a trial). It is called before the callbacks' ``on_epoch_end``,
+    so an epoch whose progress line was printed, or whose early-stopping rung was
+    recorded, is already checkpointed: a worker killed right after it loses nothing.
     """
     epochs = config.epochs if epochs is None else epochs
     device = data.train.x.device
@@ -205,11 +208,11 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
             if not math.isfinite(mean_loss):
                 raise Diverged(f"training loss is {mean_loss} at epoch {epoch_offset + epoch + 1} (lr {lr:g})")
             record = {"epoch": epoch_offset + epoch + 1, "loss": mean_loss, "val_accuracy": evaluate(model, data.val),
-                      "lr": lr, "seconds": time.perf_counter() - start}
+                      "lr": lr, "seconds": time.perf_counter() - start, **({"phase": phase} if phase else {})}
             history.append(record)
-            for c in callbacks:
-                c.on_epoch_end(model, record)
             if on_state is not None:
                 on_state(history, {"epoch": epoch + 1, "step": step, "optimizers": [o.state_dict() for o in optimizers],
                                    "schedulers": [s.state_dict() for s in schedulers], "generator": generator.get_state()})
+            for c in callbacks:
+                c.on_epoch_end(model, record)
     return history

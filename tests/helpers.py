@@ -1,6 +1,7 @@
 """Small things several test modules share."""
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,3 +24,43 @@ def randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
                 for t in (m.weight, m.bias, m.running_mean):
                     t.copy_(torch.randn(t.shape, generator=gen))
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+
+
+class Payload:
+    """Runs code when unpickled (``torch.load(weights_only=True)`` must refuse it)."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def spoil_model_file(path: Path, spoil: str, *, out: Path) -> None:
+    """Write to ``out`` the model file ``path`` with one structural fault that ``weights_only=True`` lets through
+    (or, ``garbage``/``pickle payload``, one it does not)."""
+    if spoil == "garbage":
+        out.write_bytes(b"\x00 not a model")
+        return
+    saved = torch.load(path, weights_only=True)
+    spec, state = saved["spec"], saved["state_dict"]
+    first = next(iter(spec["architecture"]["layers"]))
+    weight = next(k for k in state if k.endswith(".weight") and not k.startswith(first))
+    if spoil == "no spec":
+        del saved["spec"]
+    elif spoil == "no architecture":
+        del spec["architecture"]
+    elif spoil == "sparse not a bool":
+        saved["sparse"] = "no"
+    elif spoil == "unknown model":
+        spec["model"] = "lenet7"
+    elif spoil == "params out of range":
+        spec["method_params"]["rounds"] = -7
+    elif spoil == "negative classes":
+        spec["num_classes"] = -3
+    elif spoil == "a layer the model lacks":
+        spec["architecture"]["layers"]["classifier.fc9"] = {"type": "Linear", "in_features": 3, "out_features": 3}
+    elif spoil == "wrong shapes":
+        state[weight] = torch.zeros(state[weight].shape[0], state[weight].shape[1] - 1)
+    elif spoil == "pickle payload":
+        state[weight] = Payload()
+    else:
+        raise ValueError(spoil)
+    torch.save(saved, out)

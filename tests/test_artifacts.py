@@ -80,3 +80,32 @@ def test_a_study_files_artifact_dir_is_used_by_optimize_and_export(tmp_path):
     assert main(["export", str(study_file), "--trial", "0", "--out", str(tmp_path / "out")]) == 0
     model = load_model(tmp_path / "out" / "trial_0" / "model.pt")
     assert sum(p.numel() for p in model.parameters()) == trial.user_attrs["params"]
+
+
+def test_a_trial_failed_during_its_upload_leaves_no_orphaned_file(tmp_path, digits):
+    """Failed under its worker between two uploads: what it uploaded before is its own, the file whose record
+    Optuna refused is removed."""
+    from autoslim.artifacts import upload_trial_artifacts
+    from autoslim.config import DataConfig, TrainConfig, TrialConfig
+    from autoslim.methods import get_method
+    from autoslim.search.objective import run_trial
+
+    params = get_method("trimming").search_space().complete({"rounds": 1, "retrain_epochs": 1}, where="trimming")
+    config = TrialConfig(method="trimming", params=params, model="lenet300_100", data=DataConfig(name="digits"),
+                         train=TrainConfig(epochs=1))
+    result = run_trial(config, data=digits)
+    study = optuna.create_study()
+    trial = study.ask()
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path))
+    write = store.write
+
+    def write_then_fail_on_the_second(artifact_id, content):
+        write(artifact_id, content)
+        if len(list(tmp_path.iterdir())) == 2:  # another process fails the trial now
+            study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+
+    store.write = write_then_fail_on_the_second
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        upload_trial_artifacts(trial, result, artifact_store=store, in_shape=digits.in_shape, num_classes=10)
+    (meta,) = optuna.artifacts.get_all_artifact_meta(trial)
+    assert meta.filename == "model.pt" and [p.name for p in tmp_path.iterdir()] == [meta.artifact_id]

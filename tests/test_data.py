@@ -90,6 +90,26 @@ def test_imagefolder_reads_a_users_images(tmp_path):
     assert len(d.train) + len(d.val) + len(d.test) == 12
 
 
+def test_data_of_one_class_is_refused_whatever_its_source(tmp_path, monkeypatch):
+    import autoslim.data as data_module
+    from autoslim.data import RawData
+
+    def one_class(*, data_dir, download, config):
+        return RawData(torch.rand(20, 1, 4, 4), torch.zeros(20, dtype=torch.long), None, None, num_classes=2)
+
+    monkeypatch.setitem(data_module._SOURCES, "one-class", one_class)
+    with pytest.raises(UsageError, match=r"^data.name: one-class: the training images are of 1 class; "
+                                         r"accepted: at least 2 classes$"):
+        load_data(DataConfig(name="one-class"))
+    from PIL import Image
+
+    (tmp_path / "cat").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "cat" / f"{i}.png")
+    with pytest.raises(UsageError, match=f"^data.data_dir: {tmp_path}: the training images are of 1 class"):
+        load_data(DataConfig(name="imagefolder", data_dir=str(tmp_path)))
+
+
 def test_test_subset_is_a_fixed_part_of_the_test_split():
     full = load_data(DataConfig(name="digits"))
     a, b = (load_data(DataConfig(name="digits", test_subset=50)) for _ in range(2))

@@ -13,13 +13,14 @@ import torch
 import yaml
 from optuna.trial import TrialState, create_trial
 
-from helpers import tiny_study
+from helpers import spoil_model_file, tiny_study
 
 from autoslim.cli import main
 from autoslim.config import DataConfig, TrainConfig, TrialConfig, load_study
 from autoslim.errors import UsageError
 from autoslim.export import FILES, load_model, save_model, select_trials
 from autoslim.methods import get_method
+from autoslim.models import create_model
 from autoslim.search.objective import run_trial
 from autoslim.study import optimize
 
@@ -100,6 +101,34 @@ def test_save_and_load_model_round_trip_keeps_sparse_encoding(method, params, di
     assert (saved["state_dict"].get("format") == "autoslim-bitmask-1") == (method == "iht")
     with torch.no_grad():
         assert torch.equal(load_model(path)(batch), result.model.cpu().eval()(batch))
+
+
+MODEL_FILE_BAD = [
+    ("no spec", "spec is missing or not a dict; accepted: a file written by autoslim"),
+    ("no architecture", "spec.architecture is missing or not a dict"),
+    ("sparse not a bool", "sparse is missing or not a bool"),
+    ("unknown model", "spec.model: unknown value 'lenet7'; accepted: "),
+    ("params out of range", "spec.method_params.rounds: -7 is out of range; accepted: 1 to 6"),
+    ("negative classes", "its network cannot be built: RuntimeError: "),
+    ("a layer the model lacks", "its architecture does not fit its model: UsageError: architecture spec: layer "
+                                "'classifier.fc9' (Linear) not found in "),
+    ("wrong shapes", "its weights do not fit its architecture: RuntimeError: size mismatch for classifier.fc2.weight"),
+    ("pickle payload", "cannot be read: UnpicklingError: it holds objects other than tensors and plain data ("),
+]
+
+
+@pytest.mark.parametrize("spoil,message", MODEL_FILE_BAD, ids=[s for s, _ in MODEL_FILE_BAD])
+def test_a_structurally_wrong_model_file_is_one_line_naming_it(tmp_path, spoil, message):
+    config = TrialConfig(method="trimming", params=get_method("trimming").search_space().defaults(),
+                         model="lenet300_100")
+    good = save_model(tmp_path / "model.pt", create_model("lenet300_100", in_shape=(1, 8, 8), num_classes=10),
+                      config=config, in_shape=(1, 8, 8), num_classes=10)
+    spoil_model_file(good, spoil, out=tmp_path / "bad.pt")
+    with pytest.raises(UsageError) as e:
+        load_model(tmp_path / "bad.pt")
+    text = str(e.value)
+    assert text.startswith(f"model file: {tmp_path / 'bad.pt'}") and message in text, text
+    assert "\n" not in text and "weights_only" not in text and "False" not in text
 
 
 def test_train_rebuilds_the_exported_architecture(exported, tmp_path, capsys):

@@ -1,9 +1,12 @@
 import io
+import math
+import random
+import time
 
 import torch
 from torch import nn
 
-from autoslim.measure import count_flops, count_nonzeros, count_params, layer_widths, measure, saved_size
+from autoslim.measure import count_flops, count_nonzeros, count_params, latency, layer_widths, measure, saved_size
 from autoslim.models import create_model
 
 
@@ -25,6 +28,44 @@ def test_nonzeros_and_size():
 
 def test_measure_leaves_the_model_alone():
     model = create_model("resnet20", in_shape=(3, 32, 32), num_classes=10).train()
-    m = measure(model, in_shape=(3, 32, 32), latency_repeats=3)
+    m = measure(model, in_shape=(3, 32, 32), latency_time=0.01)
     assert model.training and m.latency_ms > 0 and m.params == count_params(model)
     assert layer_widths(model)["layer1.0.conv1"] == 16 and layer_widths(model)["fc"] == 10
+
+
+class SlowFirstCall(nn.Module):
+    """A small layer whose first forward sleeps 0.3 s: a cold start (lazy initialisation, caches, page faults)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.calls = nn.Linear(16, 4), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(0.3)
+        return self.fc(x)
+
+
+def test_latency_is_measured_after_a_warm_up_and_reports_its_spread():
+    m = measure(SlowFirstCall(), in_shape=(16,))
+    assert m.latency_ms < 30  # a tenth of the cold call: the cold call is not the number
+    assert math.isfinite(m.latency_iqr_ms) and 0 <= m.latency_iqr_ms
+    assert m.to_dict()["latency_iqr_ms"] == m.latency_iqr_ms
+
+
+class Jittery(nn.Module):
+    """A layer whose calls take 0 to 1 ms more at random: the blocks of calls differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.gen = nn.Linear(16, 4), random.Random(0)
+
+    def forward(self, x):
+        time.sleep(0.001 * self.gen.random())
+        return self.fc(x)
+
+
+def test_latency_spread_is_that_of_its_blocks():
+    median, iqr = latency(Jittery(), in_shape=(16,))
+    assert 0 < iqr < median < 5

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from autoslim.errors import UsageError
+
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
 from autoslim.methods import get_method, list_methods
@@ -61,3 +63,29 @@ def test_method_runs_on_cuda(name):
     assert next(result.model.parameters()).device.type == "cuda"
     assert result.model(data.val.x[:2]).shape == (2, 4)
     assert result.user_attrs()["params"] == sum(p.numel() for p in result.model.parameters())
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_run_trial_fills_the_parameters_a_config_leaves_out_and_says_so(name, data):
+    space = get_method(name).search_space()
+    given = {k: v for k, v in smallest_budget(space).items() if any(b in k for b in BUDGET_KNOBS)}
+    config = TrialConfig(method=name, params=given, model="lenet5", data=DataConfig(name="synthetic"),
+                         train=TrainConfig(epochs=1, batch_size=32))
+    lines = []
+    result = run_trial(config, data=data, log=lines.append)
+    filled = {k: v for k, v in space.defaults().items() if k not in given}
+    assert filled and result.info["filled_params"] == filled and result.config.params == {**given, **filled}
+    assert lines[0].startswith(f"{name}: parameters not in the config, from its search space: ")
+    assert all(f"{k}=" in lines[0] for k in filled)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"rounds": -7}, "params.rounds: -7 is out of range; accepted: 1 to 6"),
+    ({"fraction": 7.5}, "params.fraction: 7.5 is out of range; accepted: 0.05 to 0.3"),
+    ({"apoz": 100}, "params.apoz: unknown parameter of 'trimming'; accepted: alpha, apoz_examples, "),
+])
+def test_run_trial_refuses_a_config_the_study_would_refuse(data, params, message):
+    config = TrialConfig(method="trimming", params=params, model="lenet5", data=DataConfig(name="synthetic"))
+    with pytest.raises(UsageError) as e:
+        run_trial(config, data=data)
+    assert str(e.value).startswith(message)

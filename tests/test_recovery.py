@@ -10,6 +10,7 @@ import io
 import os
 import signal
 import time
+from datetime import datetime
 
 import optuna
 import pytest
@@ -24,7 +25,10 @@ from autoslim.checkpoint import FORMAT, Checkpointer, TrialCheckpoints, epochs_i
 from autoslim.cli import main
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
+from autoslim.distributed import study_lock
+from autoslim.heartbeat import Heartbeat
 from autoslim.methods import get_method
+from autoslim.recover import requeue
 from autoslim.search.objective import run_trial
 from autoslim.train import Callback
 
@@ -65,7 +69,7 @@ def test_a_resumed_trial_ends_exactly_as_an_uninterrupted_one(method, model, par
     for k in crashes:
         saved = []
         with pytest.raises(Crash):
-            run_trial(config, data=data, callbacks=[CrashAfter(k + 1)],
+            run_trial(config, data=data, callbacks=[CrashAfter(k)],  # killed right after epoch k's line
                       checkpointer=Checkpointer(save=lambda p: saved.append(round_trip(p))))
         assert [c["current"]["loop"]["step"] > 0 for c in saved] == [True] * k
         resumed_epochs = []
@@ -76,6 +80,31 @@ def test_a_resumed_trial_ends_exactly_as_an_uninterrupted_one(method, model, par
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), f"crash after epoch {k}"
         assert [r["phase"] for r in resumed.history] == [r["phase"] for r in whole.history]
         assert resumed.val_accuracy == whole.val_accuracy and resumed.params == whole.params
+
+
+def test_an_epoch_is_checkpointed_before_its_line_is_printed_and_its_rung_recorded():
+    """A worker killed right after an epoch's progress line (or rung record) must not lose that epoch."""
+    from autoslim.methods import TrialContext
+    from autoslim.models import create_model
+    from autoslim.search.objective import EpochPrinter
+
+    data = load_data(DataConfig(name="digits", train_subset=100))
+    saved, seen = [], []
+
+    def checkpointed(record) -> tuple:
+        last = saved[-1]["current"]["history"][-1] if saved else {}
+        return record["epoch"], epochs_in(saved[-1]) if saved else 0, last.get("phase")
+
+    class Rung(Callback):  # stands for the early-stopping rung record
+        def on_epoch_end(self, model, record) -> None:
+            seen.append(("rung", *checkpointed(record)))
+
+    printer = EpochPrinter(lambda line: seen.append(("line", *checkpointed({"epoch": int(line.split()[2])}))), "[t]")
+    ctx = TrialContext(data=data, train_config=TrainConfig(epochs=2, batch_size=50), callbacks=[printer, Rung()],
+                       checkpointer=Checkpointer(save=saved.append))
+    ctx.train(create_model("lenet300_100", in_shape=data.in_shape, num_classes=10), phase="warmup")
+    assert seen == [("line", 1, 1, "warmup"), ("rung", 1, 1, "warmup"), ("line", 2, 2, "warmup"),
+                    ("rung", 2, 2, "warmup")]
 
 
 class RecordEpochs(Callback):
@@ -103,8 +132,8 @@ def test_recover_requeues_a_dead_workers_journal_trial_and_the_retry_resumes(tmp
 
     assert main(["recover", str(study), "--storage", journal, "--older-than", "10m"]) == 0
     assert "no stale trials (1 running" in capsys.readouterr().out and os.path.getsize(journal) == size
-    time.sleep(1.1)
-    assert main(["recover", str(study), "--storage", journal, "--older-than", "1s"]) == 0
+    time.sleep(2.1)  # twice its heartbeat interval: the youngest age recover accepts
+    assert main(["recover", str(study), "--storage", journal, "--older-than", "2s"]) == 0
     out = capsys.readouterr().out
     assert f"trial {victim.number}: failed; retry queued as trial 1 (resumes after epoch" in out
 
@@ -119,6 +148,107 @@ def test_recover_requeues_a_dead_workers_journal_trial_and_the_retry_resumes(tmp
     assert f"[trial 1] resuming trial {victim.number} from its checkpoint after epoch {resumed}" in err
     assert [r["epoch"] for r in retry.user_attrs["history"]] == [1, 2, 3, 4, 5]
     assert not any((tmp_path / "s-artifacts").glob("checkpoint-*"))  # removed once the trials finished
+
+
+def _artifacts_are_all_referenced(study: optuna.Study, folder) -> None:
+    """No orphan: every file in the artifact folder is an artifact of some trial, none a checkpoint."""
+    referenced = {m.artifact_id for t in study.get_trials(deepcopy=False)
+                  for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}
+    files = {p.name for p in folder.iterdir()}
+    assert files and files <= referenced and not any(f.startswith("checkpoint-") for f in files)
+
+
+def test_a_worker_whose_training_trial_is_failed_under_it_stops_in_one_line_and_its_retry_resumes(tmp_path):
+    study, journal = write_study(tmp_path, SLOW_STUDY, n_trials=1), str(tmp_path / "s.journal")
+    log = tmp_path / "worker.log"
+    worker = start_worker(study, journal, log=log)
+    storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
+    load = lambda: journal_study(journal, study.stem, storage)  # noqa: E731
+    victim = wait_for(load, lambda t: checkpointed_mid_trial(t, last_epoch=3))
+    with study_lock(journal):  # what `autoslim recover` with an age shorter than an epoch did to a live worker
+        requeue(load(), storage.get_trial(victim._trial_id), log=lambda s: None)
+    assert worker.wait(timeout=120) == 0
+    text = log.read_text()
+    trials = load().get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and "Traceback" not in text
+    resumed = trials[1].user_attrs["resumed_from"]["epoch"]
+    assert [line for line in text.splitlines() if "was failed" in line] == [
+        "[trial 0] was failed while it ran in this worker (`autoslim recover`, or a stale heartbeat); "
+        f"stopped it: its retry, trial 1, resumes after epoch {resumed}"]
+    assert resumed >= 1 and min(trained_epochs(text, 1)) == resumed + 1
+    _artifacts_are_all_referenced(load(), tmp_path / "s-artifacts")
+
+
+def test_recover_leaves_a_trial_with_a_fresh_heartbeat_alone(tmp_path, capsys):
+    """No checkpoint, a start longer ago than --older-than: only the heartbeat says the worker is alive."""
+    study = write_study(tmp_path, SLOW_STUDY, n_trials=1, train={"epochs": 14, "batch_size": 8},
+                        recovery={"heartbeat_interval": 1, "checkpoint": False})
+    journal = str(tmp_path / "s.journal")
+    worker = start_worker(study, journal, log=tmp_path / "worker.log")
+    storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
+    wait_for(lambda: journal_study(journal, study.stem, storage),
+             lambda t: t.state == TrialState.RUNNING and (datetime.now() - t.datetime_start).total_seconds() > 3.5)
+    assert main(["recover", str(study), "--storage", journal, "--older-than", "3s"]) == 0  # 3 heartbeat intervals
+    assert "no stale trials (1 running, none silent for more than 3s)" in capsys.readouterr().out
+    assert worker.wait(timeout=120) == 0
+    assert [t.state for t in journal_study(journal, study.stem).trials] == [TrialState.COMPLETE]
+
+
+def test_recover_refuses_an_age_a_live_heartbeat_can_reach(tmp_path, capsys):
+    journal = str(tmp_path / "s.journal")
+    study = optuna.create_study(study_name="s", storage=optuna.storages.JournalStorage(JournalFileBackend(journal)))
+    with Heartbeat(study.ask(), every=60):
+        pass
+    size = os.path.getsize(journal)
+    assert main(["recover", journal, "--older-than", "90s"]) == 2
+    assert capsys.readouterr().err == ("autoslim: error: --older-than: 90s would fail trials whose workers are alive: "
+                                       "running trial 0 writes a heartbeat every 60s; accepted: 120s or more\n")
+    assert os.path.getsize(journal) == size
+    assert main(["recover", journal, "--older-than", "2m"]) == 0
+    assert "no stale trials (1 running" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("retry_started", [False, True], ids=["retry waiting", "retry started"])
+def test_a_result_finished_after_its_trial_was_failed_goes_to_the_retry_or_is_discarded(tmp_path, monkeypatch,
+                                                                                         retry_started):
+    """The trial is failed (and its retry queued) between its training and its measurements."""
+    import autoslim.search.objective as objective
+    from autoslim.config import load_study
+    from autoslim.study import optimize
+
+    study_file, journal = write_study(tmp_path, WORKER_STUDY, n_trials=1), str(tmp_path / "s.journal")
+    other = optuna.storages.JournalStorage(JournalFileBackend(journal))  # another process's view
+    measure = objective.measure
+
+    def fail_then_measure(*args, **kwargs):
+        study = journal_study(journal, study_file.stem, other)
+        retry = requeue(study, study.trials[0], log=lambda s: None)
+        if retry_started:
+            assert other.set_trial_state_values(retry._trial_id, state=TrialState.RUNNING)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "measure", fail_then_measure)
+    lines = []
+    optimize(load_study(study_file), storage=journal, log=lines.append)
+    study = journal_study(journal, study_file.stem)
+    lost = "[trial 0] was failed while it ran in this worker (`autoslim recover`, or a stale heartbeat); its finished "
+    (line,) = [line for line in lines if "was failed" in line]
+    assert line.startswith(lost + "result (val ") and not any(" done in " in line for line in lines)
+    victim, retry = study.trials
+    assert victim.state == TrialState.FAIL and retry.system_attrs["failed_trial"] == 0
+    if retry_started:
+        assert line.endswith(") is discarded: its retry, trial 1, has started") and retry.state == TrialState.RUNNING
+        # nothing uploaded for the lost trial; its last checkpoint is kept for the retry that resumes from it
+        kept = {p.name for p in (tmp_path / "s-artifacts").iterdir()}
+        assert kept == {retry.user_attrs["checkpoint"]["artifact_id"]}
+    else:
+        assert line.endswith(") is stored as its retry's, trial 1") and retry.state == TrialState.COMPLETE
+        assert retry.values == [retry.user_attrs["val_accuracy"], retry.user_attrs["params"]]
+        assert f"val {100 * retry.user_attrs['val_accuracy']:.2f}%, params {retry.user_attrs['params']:,}" in line
+        assert sum(line.startswith("[trial 1] epoch") for line in lines) == 0  # not trained again
+        _artifacts_are_all_referenced(study, tmp_path / "s-artifacts")
+        assert {m.filename for m in optuna.artifacts.get_all_artifact_meta(retry, storage=study._storage)} == {
+            "model.pt", "widths.png", "training.png", "note.md"}
 
 
 def test_ctrl_c_requeues_the_trial_in_progress_and_the_next_run_resumes_it(tmp_path, capsys):

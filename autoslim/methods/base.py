@@ -63,11 +63,10 @@ class TrialContext:
         epochs = self.train_config.epochs if epochs is None else epochs
         if epochs <= 0:
             return []
-        tagger = _PhaseTag(phase)
         run = functools.partial(train, model, self.data, config=config or self.train_config, epochs=epochs,
                                 seed=self.seed + self.epochs_done, lr_scale=lr_scale,
-                                callbacks=[tagger, *callbacks, *self.callbacks], param_groups=param_groups,
-                                extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done)
+                                callbacks=[*callbacks, *self.callbacks], param_groups=param_groups,
+                                extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done, phase=phase)
         records = run() if self.checkpointer is None else self.checkpointer.phase(
             run, model=model, name=phase, extra_optimizers=extra_optimizers)
         self.history.extend(records)
@@ -75,14 +74,6 @@ class TrialContext:
 
     def evaluate(self, model: nn.Module, split: str = "val") -> float:
         return evaluate(model, getattr(self.data, split))
-
-
-class _PhaseTag(Callback):
-    def __init__(self, phase: str) -> None:
-        self.phase = phase
-
-    def on_epoch_end(self, model, record) -> None:
-        record["phase"] = self.phase
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import nn
 from autoslim.checkpoint import Checkpointer, TrialCheckpoints, run_resumable
 from autoslim.config import ConstraintsConfig, StudyConfig, TrialConfig
 from autoslim.data import Data
+from autoslim.heartbeat import Heartbeat, TrialLost, claim, retry_of, still_running
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
 from autoslim.methods import TrialContext, get_method
 from autoslim.models import create_model
@@ -61,6 +62,7 @@ class TrialResult:
             "config": self.config.to_dict(), "method": self.config.method,
             "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
             "params": m.params, "nonzeros": m.nonzeros, "flops": m.flops, "latency_ms": m.latency_ms,
+            "latency_iqr_ms": m.latency_iqr_ms,
             "size_bytes": m.size_bytes, "sparse": self.sparse, "baseline_params": self.baseline_params,
             "compression": self.baseline_params / max(1, self.params),
             "widths_before": self.widths_before, "widths_after": self.widths_after,
@@ -80,8 +82,15 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
               log: Callable[[str], None] = lambda s: None, checkpointer: Checkpointer | None = None) -> TrialResult:
     """Build, train and compress the network of ``config`` on ``data``; measure the result.
 
+    ``config`` is checked as a study checks a trial (:meth:`TrialConfig.checked`); the
+    method's parameters it leaves out take their search-space defaults, logged and
+    recorded in ``info["filled_params"]`` (the result's ``config`` holds them all).
     ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes."""
     start = time.perf_counter()
+    config, filled = config.checked()
+    if filled:
+        log(f"{config.method}: parameters not in the config, from its search space: "
+            + " ".join(f"{k}={_short(v)}" for k, v in filled.items()))
     seed_everything(config.seed)
     method = get_method(config.method)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
@@ -98,7 +107,8 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
         measurements=measurements, baseline_params=baseline, sparse=result.sparse,
         widths_before=widths_before,
         widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),
-        history=ctx.history, info=result.info, seconds=time.perf_counter() - start)
+        history=ctx.history, info={**result.info, **({"filled_params": filled} if filled else {})},
+        seconds=time.perf_counter() - start)
 
 
 class Deadline(Callback):
@@ -150,7 +160,18 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
         """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``); an error fails it
-        (user attr ``error``, one line); the study goes on either way."""
+        (user attr ``error``, one line); the study goes on either way. A trial failed under this worker
+        raises :class:`~autoslim.heartbeat.TrialLost` with the line to print (:mod:`autoslim.heartbeat`)."""
+        try:
+            return self._attempt(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:  # a write to the trial was refused: it has finished
+            raise TrialLost(self._hand_over(trial, None)) from None
+        except TrialLost as lost:
+            if lost.message:
+                raise
+            raise TrialLost(self._hand_over(trial, lost.result)) from None
+
+    def _attempt(self, trial: optuna.Trial) -> Sequence[float]:
         prefix = f"[trial {trial.number}]"
         try:
             return self._run(trial)
@@ -158,7 +179,7 @@ class Objective:
             trial.set_user_attr("pruned_reason", f"diverged: {e}")
             self.log(f"{prefix} pruned: diverged: {e}")
             raise optuna.TrialPruned(f"diverged: {e}") from None
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
             raise
         except Exception as e:
             error = f"{type(e).__name__}: {' '.join(str(e).split())}"
@@ -173,35 +194,76 @@ class Objective:
         prefix = f"[trial {trial.number}]"
         knobs = " ".join(f"{k}={_short(v)}" for k, v in config.params.items())
         self.log(f"{prefix} {config.method}: {knobs}")
-        callbacks: list[Callback] = [EpochPrinter(self.log, prefix)]
-        stopping = self.cfg.early_stopping
-        if stopping.enabled:
-            callbacks.append(SuccessiveHalving(trial, rungs=self.cfg.rungs_for(config.method), eta=stopping.eta,
-                                               min_trials=stopping.min_trials))
-        if self.deadline is not None:
-            callbacks.append(Deadline(trial, self.deadline))
+        with Heartbeat(trial, every=self.cfg.recovery.heartbeat_interval) as heartbeat:
+            callbacks: list[Callback] = [heartbeat, EpochPrinter(self.log, prefix)]
+            stopping = self.cfg.early_stopping
+            if stopping.enabled:
+                callbacks.append(SuccessiveHalving(trial, rungs=self.cfg.rungs_for(config.method), eta=stopping.eta,
+                                                   min_trials=stopping.min_trials))
+            if self.deadline is not None:
+                callbacks.append(Deadline(trial, self.deadline))
 
-        def log(message: str) -> None:
-            self.log(f"{prefix} {message}")
+            def log(message: str) -> None:
+                self.log(f"{prefix} {message}")
 
-        checkpoints = (TrialCheckpoints(trial, store=self.artifact_store)
-                       if self.artifact_store is not None and self.cfg.recovery.checkpoint else None)
-        data = self.method_data.get(config.method, self.data)
-        result = run_resumable(lambda checkpointer: run_trial(config, data=data, callbacks=callbacks, log=log,
-                                                              checkpointer=checkpointer), checkpoints, log=log)
-        attrs = result.user_attrs()
-        for k, v in attrs.items():
+            data = self.method_data.get(config.method, self.data)
+            result = run_resumable(lambda checkpointer: run_trial(config, data=data, callbacks=callbacks, log=log,
+                                                                  checkpointer=checkpointer),
+                                   self._checkpoints(trial), log=log)
+            if heartbeat.lost or not still_running(trial):
+                raise TrialLost(result=result)
+            try:
+                values = self._store(trial, result)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                raise TrialLost(result=result) from None
+        self.log(f"{prefix} done in {result.seconds:.1f}s: val {100 * result.val_accuracy:.2f}% "
+                 f"(test {100 * result.test_accuracy:.2f}%), params {result.params:,} "
+                 f"({result.user_attrs()['compression']:.1f}x smaller), FLOPs {result.measurements.flops:,}")
+        return values
+
+    def _checkpoints(self, trial: optuna.Trial) -> TrialCheckpoints | None:
+        if self.artifact_store is None or not self.cfg.recovery.checkpoint:
+            return None
+        return TrialCheckpoints(trial, store=self.artifact_store)
+
+    def _store(self, trial: optuna.Trial, result: TrialResult) -> list[float]:
+        """Store ``result`` as ``trial``'s (user attrs, constraints, artifacts); return its objective values."""
+        for k, v in result.user_attrs().items():
             trial.set_user_attr(k, v)
         for name, value in constraint_values(self.cfg.constraints, result).items():
             trial.set_constraint(name, value)
-        self.log(f"{prefix} done in {result.seconds:.1f}s: val {100 * result.val_accuracy:.2f}% "
-                 f"(test {100 * result.test_accuracy:.2f}%), params {result.params:,} "
-                 f"({attrs['compression']:.1f}x smaller), FLOPs {result.measurements.flops:,}")
         if self.artifact_store is not None:
             from autoslim.artifacts import upload_trial_artifacts
             upload_trial_artifacts(trial, result, artifact_store=self.artifact_store,
                                    in_shape=self.data.in_shape, num_classes=self.data.num_classes)
         return [result.objective(o) for o in self.cfg.objectives]
+
+    def _hand_over(self, trial: optuna.Trial, result: TrialResult | None) -> str:
+        """What becomes of ``trial``, failed under this worker, and of its ``result`` if it finished: the line
+        to print. A finished result is stored as the trial's retry if the retry has not started yet."""
+        study, prefix = trial.study, f"[trial {trial.number}]"
+        lost = f"{prefix} was failed while it ran in this worker (`autoslim recover`, or a stale heartbeat)"
+        retry = retry_of(study, trial.number)
+        if result is None:
+            if retry is None:
+                return f"{lost}; stopped it (it was not retried)"
+            ck = retry.user_attrs.get("checkpoint")
+            resumes = f"resumes after epoch {ck['epoch']}" if ck else "starts over (no checkpoint)"
+            return f"{lost}; stopped it: its retry, trial {retry.number}, {resumes}"
+        done = f"its finished result (val {100 * result.val_accuracy:.2f}%, params {result.params:,})"
+        if retry is None or not claim(study, retry):
+            why = "it was not retried" if retry is None else f"its retry, trial {retry.number}, has started"
+            return f"{lost}; {done} is discarded: {why}"
+        adopted = optuna.Trial(study, retry._trial_id)
+        try:
+            values = self._store(adopted, result)
+            checkpoints = self._checkpoints(adopted)
+            if checkpoints is not None:
+                checkpoints.discard()  # the files it inherited
+            study.tell(adopted, values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return f"{lost}; {done} is discarded: its retry, trial {retry.number}, was failed too"
+        return f"{lost}; {done} is stored as its retry's, trial {retry.number}"
 
 
 def constraint_values(budgets: ConstraintsConfig, result: TrialResult) -> dict[str, float]:

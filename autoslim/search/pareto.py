@@ -126,10 +126,9 @@ def format_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "(empty: no trial is both completed and feasible)"
     shown = df.copy()
-    for col in ("accuracy", "test_accuracy"):
-        shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%")
-    for col in ("params", "nonzeros", "flops"):
-        shown[col] = shown[col].map(lambda v: f"{int(v):,}")
-    shown["latency_ms"] = shown["latency_ms"].map(lambda v: f"{v:.3f}")
-    shown["compression"] = shown["compression"].map(lambda v: f"{v:.1f}x")
+    formats = {"accuracy": lambda v: f"{100 * v:.2f}%", "test_accuracy": lambda v: f"{100 * v:.2f}%",
+               "params": lambda v: f"{int(v):,}", "nonzeros": lambda v: f"{int(v):,}", "flops": lambda v: f"{int(v):,}",
+               "latency_ms": lambda v: f"{v:.3f}", "compression": lambda v: f"{v:.1f}x"}
+    for col, fmt in formats.items():  # a trial not made by autoslim lacks the measurements: "-"
+        shown[col] = shown[col].map(lambda v, fmt=fmt: "-" if v is None or pd.isna(v) else fmt(v))
     return shown.to_string(index=False)
