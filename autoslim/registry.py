@@ -54,10 +54,11 @@ class Registry(Generic[T]):
         """Unregister ``name`` (tests register things of their own and take them back)."""
         del self._items[name]
 
-    def get(self, name: str) -> T:
-        """The object registered under ``name``; a UsageError line naming ``field`` if there is none."""
+    def get(self, name: str, *, field: str | None = None) -> T:
+        """The object registered under ``name``; a UsageError line naming ``field`` (default: the registry's)
+        if there is none."""
         if name not in self._items:
-            raise accepted(self.field, name, self._items)
+            raise accepted(field or self.field, name, self._items)
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -114,7 +114,7 @@ class Method(ABC):
         """Train and compress ``model`` with hyperparameters ``params``; return the smaller model."""
 
 
-METHODS: Registry[type[Method]] = Registry("method", field="methods")
+METHODS: Registry[type[Method]] = Registry("method", field="method")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
