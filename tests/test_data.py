@@ -97,10 +97,13 @@ def test_data_of_one_class_is_refused_whatever_its_source(tmp_path, monkeypatch)
     def one_class(*, data_dir, download, config):
         return RawData(torch.rand(20, 1, 4, 4), torch.zeros(20, dtype=torch.long), None, None, num_classes=2)
 
-    monkeypatch.setitem(data_module._SOURCES, "one-class", one_class)
-    with pytest.raises(UsageError, match=r"^data.name: one-class: the training images are of 1 class; "
-                                         r"accepted: at least 2 classes$"):
-        load_data(DataConfig(name="one-class"))
+    data_module.DATASETS.add("one-class", one_class)
+    try:
+        with pytest.raises(UsageError, match=r"^data.name: one-class: the training images are of 1 class; "
+                                             r"accepted: at least 2 classes$"):
+            load_data(DataConfig(name="one-class"))
+    finally:
+        data_module.DATASETS.remove("one-class")
     from PIL import Image
 
     (tmp_path / "cat").mkdir()
