@@ -250,7 +250,7 @@ class RolledInput(nn.Module):
 
 
 @pytest.mark.parametrize("model,x,message", [
-    (ConvHead(Mix(8)), torch.randn(2, 3, 8, 8), r"layer 'middle' \(Mix\)"),
+    (ConvHead(Mix(8)), torch.randn(2, 3, 8, 8), r"'einsum' in 'middle' \(Mix\)"),
     (ConvHead(Shuffle()), torch.randn(2, 3, 8, 8), r"'roll' in 'middle' \(Shuffle\)"),
     (LSTMNet(), torch.randn(5, 4), r"layer 'lstm' \(LSTM\)"),
 ])
