@@ -1091,7 +1091,7 @@ class _ShapeCheck(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        want = self.analysis.reduced_shape(n, self.removed, self.cache)
+        want = None if n in self.analysis.origins else self.analysis.reduced_shape(n, self.removed, self.cache)
         if want is not None and isinstance(out, torch.Tensor) and tuple(out.shape) != want:
             module = self.module.get_submodule(n.target) if n.op == "call_module" else None
             raise _ShapeMismatch(f"surgery: {_where(n, module)} gives shape {tuple(out.shape)} after the removal, "
@@ -1109,6 +1109,14 @@ def _check_reduced(new: nn.Module, analysis: _Analysis, removed: Mapping[int, fl
             raise
         except RuntimeError as e:
             raise RuntimeError(f"surgery: the reduced model does not run ({e}); please report this model") from e
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, also when old-style weight_norm/spectral_norm hooks left a computed weight
+    (a non-leaf tensor, which deepcopy refuses) on a module: that weight is copied detached."""
+    memo = {id(t): t.detach().clone() for m in model.modules() for t in vars(m).values()
+            if isinstance(t, torch.Tensor) and not t.is_leaf}
+    return copy.deepcopy(model, memo)
 
 
 def remove_channels(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tensor], *,
@@ -1141,7 +1149,7 @@ def remove_channels(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.T
     >>> small.classifier.fc1.out_features, small.classifier.fc2.in_features
     (3, 3)
     """
-    new = copy.deepcopy(model)
+    new = _copy(model)
     analysis = _analyse(new, example_input)
     groups = {g.name: g for g in analysis.groups}
     fold_constants = fold_constants or {}
@@ -1214,7 +1222,7 @@ def remove_blocks(model: nn.Module, block_names: Sequence[str]) -> nn.Module:
     >>> type(remove_blocks(model, ["layer1.1"]).layer1[1]).__name__
     'ShortcutPath'
     """
-    new = copy.deepcopy(model)
+    new = _copy(model)
     modules = dict(new.named_modules())
     for name in block_names:
         if name not in modules or not name:
