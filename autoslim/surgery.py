@@ -516,7 +516,7 @@ class _Analysis(fx.Interpreter):
         return lists[0]
 
     def _slice_parameter(self, a: fx.Node, e: int, ids: list[int]) -> None:
-        """Parameter ``a`` spans channels ``ids`` along its dim ``e``: slice it with them, if a custom module owns it."""
+        """Parameter ``a`` spans channels ``ids`` along its dim ``e``: sliced with them if a custom module owns it."""
         name, dims = self.origins[a]
         owner = self.root.get_submodule(name.rpartition(".")[0])
         if owner.__module__.startswith("torch.nn"):  # a standard layer's own weight, used by hand: keep it whole

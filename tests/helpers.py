@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -23,3 +24,19 @@ def randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
                 for t in (m.weight, m.bias, m.running_mean):
                     t.copy_(torch.randn(t.shape, generator=gen))
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+
+
+@pytest.fixture(autouse=True)
+def seed_each_test():
+    """Import into a test module to seed every test of it."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module: small convolutions run faster on one thread, and much faster when other
+    jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

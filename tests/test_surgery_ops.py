@@ -17,20 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 from autoslim.errors import UsageError
+from helpers import one_thread, seed_each_test  # noqa: F401 (autouse fixtures)
 from autoslim.surgery import apply_architecture_spec, architecture_spec, channel_groups, remove_channels
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def n_params(model: nn.Module) -> int:
@@ -161,7 +149,8 @@ class Views(nn.Module):
         super().__init__()
         self.literal = literal
         self.conv1, self.bn1 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
-        self.fc1, self.fc2, self.conv2, self.fc = nn.Linear(8, 4), nn.Linear(4, 8), nn.Conv2d(8, 6, 3), nn.Linear(24, 10)
+        self.fc1, self.fc2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.conv2, self.fc = nn.Conv2d(8, 6, 3), nn.Linear(24, 10)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -515,7 +504,7 @@ def test_unsupported_ops_are_refused_in_one_line(middle, message):
     assert "\n" not in str(e.value)
 
 
-# --- torchvision models that the analysis refused before ---------------------------------------------------------------
+# --- torchvision models that the analysis refused before --------------------------------------------------------------
 TORCHVISION = {"shufflenet_v2_x0_5": 32, "convnext_tiny": 32, "swin_t": 32}  # refused by name before
 
 
