@@ -720,6 +720,9 @@ class _Analysis(fx.Interpreter):
         return tuple(xi[s - 2] for s in moved.shape)
 
     def _attribute(self, n: fx.Node, out: Any) -> Ids | None:
+        source = self.ids.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+        if isinstance(source, list) and n.args[1] in ("values", "indices"):  # of max/min over a dim
+            return source[0]
         x = self._input(n)
         if x is None or not isinstance(out, torch.Tensor) or n.args[1] not in _TRANSPOSE_ATTRIBUTES:
             return None
@@ -1444,6 +1447,7 @@ def apply_architecture_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Mod
             if t is None or t.dim() != len(shape) or any(w > h for w, h in zip(shape, t.shape)):
                 raise UsageError(f"architecture spec: tensor '{name}' of shape {shape} does not fit "
                                  f"{type(model).__name__}")
-            owner, _, attr = name.rpartition(".")
-            _set_param(new.get_submodule(owner), attr, t.detach()[tuple(slice(0, w) for w in shape)].clone())
+            if list(t.shape) != shape:
+                owner, _, attr = name.rpartition(".")
+                _set_param(new.get_submodule(owner), attr, t.detach()[tuple(slice(0, w) for w in shape)].clone())
     return new

@@ -401,6 +401,28 @@ def test_spectral_norm_sigma_is_unchanged_by_removing_zero_filters():
     assert small[0].parametrizations.weight[0]._u.shape == (4,)
 
 
+class SpatialAttention(nn.Module):
+    """CBAM's spatial attention: the mean and the max over the channels gate every channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.att, self.conv2, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(2, 1, 3, padding=1), \
+            nn.Conv2d(8, 6, 3), nn.Linear(6, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        pooled = torch.cat([x.mean(1, keepdim=True), torch.max(x, 1, keepdim=True).values], dim=1)
+        x = x * torch.sigmoid(self.att(pooled))
+        return self.fc(F.relu(self.conv2(x)).amax((2, 3)))
+
+
+def test_reductions_over_channels_fix_them():
+    """A mean or a max over the channels changes when zero channels leave it: those channels stay."""
+    model, x = SpatialAttention().eval(), torch.randn(2, 3, 7, 7)
+    assert [g.name for g in channel_groups(model, example_input=x)] == ["att", "conv2"]  # not conv1
+    remove_a_third(model, x)
+
+
 # --- Conv1d and Linear on N-d inputs -------------------------------------------------------------------------------
 class Sequence1d(nn.Module):
     def __init__(self) -> None:
@@ -487,6 +509,17 @@ class Attention(nn.Module):
         return self.attention(tokens, tokens, tokens)[0].transpose(1, 2).unsqueeze(-1)
 
 
+class DataDependent(nn.Module):
+    """A custom module that owns a parameter and branches on values: torch.fx cannot trace into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return x * self.s.view(1, -1, 1, 1) if x.sum() > 0 else x
+
+
 def orthogonal_conv() -> nn.Module:
     return parametrizations.orthogonal(nn.Conv2d(8, 8, 1))
 
@@ -497,6 +530,7 @@ def orthogonal_conv() -> nn.Module:
     (Attention(), r"layer 'middle\.attention' \(MultiheadAttention\)"),
     (orthogonal_conv(), r"layer 'middle' \(ParametrizedConv2d\)"),
     (nn.LocalResponseNorm(2), r"layer 'middle' \(LocalResponseNorm\)"),
+    (DataDependent(), r"layer 'middle' \(DataDependent\)"),
 ])
 def test_unsupported_ops_are_refused_in_one_line(middle, message):
     with pytest.raises(UsageError, match=message + r".*group\(s\) conv flow into it") as e:
