@@ -26,8 +26,9 @@ cuts the other concatenated branch: the model no longer runs), and it cuts
 through a custom module that owns a parameter instead of refusing it. It
 also gives none of the rest we need: the activation where APoZ is measured,
 block removal, constant folding, an architecture spec. The ops added since
-(issue 16) were measured the same way (``MagnitudePruner``, L1, ratio 1/3;
-the hand-written models are those of ``tests/test_surgery_ops.py``)::
+(issue 16) were measured the same way by ``benchmarks/bench_surgery_ops.py``
+(``MagnitudePruner``, L1, ratio 1/3; the hand-written models are those of
+``tests/test_surgery_ops.py``)::
 
     model (input)                     params after   surgery          torch-pruning
     shufflenet_v2_x0_5 (3x32x32)      239,694       466 ms  4e-7     ZeroDivisionError
