@@ -3,6 +3,7 @@
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -64,3 +65,19 @@ def spoil_model_file(path: Path, spoil: str, *, out: Path) -> None:
     else:
         raise ValueError(spoil)
     torch.save(saved, out)
+
+
+@pytest.fixture(autouse=True)
+def seed_each_test():
+    """Import into a test module to seed every test of it."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module: small convolutions run faster on one thread, and much faster when other
+    jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
