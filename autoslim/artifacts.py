@@ -8,13 +8,8 @@ loss per epoch, phases marked) and ``note.md`` (the summary, also saved as the
 trial's optuna-dashboard note). The files go to a
 :class:`~optuna.artifacts.FileSystemArtifactStore`: by default the folder
 beside a file storage (``sqlite:///path/x.db`` -> ``path/x-artifacts/``,
-``x.journal`` -> ``x-artifacts/``); other storages need ``--artifact-dir``,
-and without one no artifacts are kept.
-
->>> default_artifact_dir("sqlite:////runs/quickstart.db")
-PosixPath('/runs/quickstart-artifacts')
->>> default_artifact_dir("postgresql://db/optuna") is None
-True
+``x.journal`` -> ``x-artifacts/``, :func:`autoslim.storage.default_artifact_dir`);
+other storages need ``--artifact-dir``, and without one no artifacts are kept.
 """
 
 from __future__ import annotations
@@ -24,58 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import optuna
-from optuna.artifacts import ArtifactMeta, FileSystemArtifactStore
+from optuna.artifacts import ArtifactMeta
 from optuna.trial import FrozenTrial
 
 from autoslim.search.objective import TrialResult
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
-
-
-def study_locations(target: str, *, storage: str | None = None,
-                    artifact_dir: str | None = None) -> tuple[str, str | None]:
-    """The storage URL and artifact folder of a study file or storage URL ``target``.
-
-    The flags (``--storage``, ``--artifact-dir``) win over a study file's fields, as
-    :func:`autoslim.study.open_study` reads them; a None folder means the storage's
-    default (:func:`default_artifact_dir`)."""
-    from autoslim.config import load_study
-
-    if Path(target).suffix in (".yaml", ".yml"):
-        cfg = load_study(target)
-        return storage or cfg.storage or cfg.default_storage(), artifact_dir or cfg.artifact_dir
-    return storage or target, artifact_dir
-
-
-def storage_url(target: str, *, storage: str | None = None) -> str:
-    """The storage URL of a study file or storage URL ``target``."""
-    return study_locations(target, storage=storage)[0]
-
-
-def default_artifact_dir(url: str) -> Path | None:
-    """The artifact folder beside a file storage (SQLite or journal file), else None."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        db = Path(url[len("sqlite:///"):])
-    elif "://" not in url and url.endswith((".journal", ".log")):
-        db = Path(url)
-    else:
-        return None
-    return db.with_name(f"{db.stem}-artifacts")
-
-
-def open_artifact_store(url: str, *, artifact_dir: str | Path | None = None,
-                        create: bool = False) -> FileSystemArtifactStore | None:
-    """The artifact store of a study in ``url`` (``artifact_dir`` overrides the default folder).
-
-    None when there is no folder for it. ``create`` makes the folder (for writing).
-    """
-    folder = Path(artifact_dir) if artifact_dir is not None else default_artifact_dir(url)
-    if folder is None:
-        return None
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(folder)
 
 
 def trial_artifacts(study: optuna.Study, trial: FrozenTrial) -> dict[str, ArtifactMeta]:

@@ -64,7 +64,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from autoslim.artifacts import open_artifact_store, study_locations
+    from autoslim.storage import open_artifact_store
+    from autoslim.study import study_locations
     from autoslim.export import export_trial, select_trials
     from autoslim.study import open_study
 
@@ -86,8 +87,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    from autoslim.artifacts import storage_url
-    from autoslim.distributed import study_lock
+    from autoslim.storage import study_lock
+    from autoslim.study import storage_url
     from autoslim.recover import parse_age, recover
     from autoslim.study import open_study
 

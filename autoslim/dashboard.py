@@ -23,8 +23,8 @@ def serve(target: str, *, study_name: str | None = None, storage: str | None = N
     """
     from optuna_dashboard import run_server
 
-    from autoslim.artifacts import default_artifact_dir, open_artifact_store, study_locations
-    from autoslim.study import get_storage, open_study
+    from autoslim.storage import default_artifact_dir, get_storage, open_artifact_store
+    from autoslim.study import open_study, study_locations
 
     study = open_study(target, study_name=study_name, storage=storage)
     url, artifact_dir = study_locations(target, storage=storage, artifact_dir=artifact_dir)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from autoslim.errors import UsageError
 from autoslim.registry import Registry
+from autoslim.storage import FileLock
 
 
 @dataclass
@@ -283,8 +284,6 @@ def _preparing(name: str) -> Iterator[None]:
 
     Workers of one study often start together on a fresh folder; without it one
     reads the archive another is still writing."""
-    from autoslim.distributed import FileLock
-
     cache = Path.home() / ".cache" / "autoslim"
     try:
         cache.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,7 @@ def recover(study: optuna.Study, *, older_than: float, max_retry: int | None = N
             log: Callable[[str], None] = print) -> list[FrozenTrial]:
     """Requeue every RUNNING trial of ``study`` silent for more than ``older_than`` seconds; return the retries.
 
-    Call it under the study lock (:func:`autoslim.distributed.study_lock`) when workers may be running.
+    Call it under the study lock (:func:`autoslim.storage.study_lock`) when workers may be running.
 
     >>> recover(study, older_than=600)  # doctest: +SKIP
     trial 3: failed; retry queued as trial 9 (resumes after epoch 4)

@@ -22,13 +22,13 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
-from autoslim.artifacts import open_artifact_store
-from autoslim.config import RecoveryConfig, StudyConfig, check_study_name
+from autoslim.config import StudyConfig, check_study_name, load_study
 from autoslim.data import Data, load_data_subsets
-from autoslim.distributed import FileLock, run_worker, storage_file, study_lock, worker_index
+from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
 from autoslim.methods import get_method
 from autoslim.search.objective import Objective
+from autoslim.storage import get_storage, open_artifact_store, redact, storage_file, study_lock
 from autoslim.train import resolve_device
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -88,37 +88,6 @@ def paper_defaults(spaces) -> list[dict]:
     return trials
 
 
-def get_storage(url: str, *, recovery: RecoveryConfig | None = None) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``, checked to be reachable; a UsageError line if it is not.
-
-    A journal file is shared by processes through an ``fcntl`` lock; with
-    ``recovery``, an RDB storage runs trials with a heartbeat and retries the
-    trials of dead workers (:mod:`autoslim.checkpoint` resumes them).
-    """
-    try:
-        if url.endswith((".journal", ".log")) and "://" not in url:
-            from optuna.storages.journal import JournalFileBackend
-            if not Path(url).parent.is_dir():
-                raise UsageError(f"--storage: folder {Path(url).parent} does not exist")
-            return optuna.storages.JournalStorage(JournalFileBackend(url, lock_obj=FileLock(f"{url}.flock")))
-        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            parent = Path(url[len("sqlite:///"):]).parent
-            if not parent.is_dir():
-                raise UsageError(f"--storage: folder {parent} does not exist")
-        if recovery is not None and url != "sqlite:///:memory:":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=recovery.heartbeat_interval, grace_period=recovery.grace_period,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=recovery.max_retry, inherit_intermediate_values=True))
-        return optuna.storages.get_storage(url)
-    except UsageError:
-        raise
-    except Exception as e:
-        raise UsageError(f"--storage: cannot open {_redact(url)!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-
-
 def study_config_dict(cfg: StudyConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d.pop("path", None)
@@ -165,7 +134,7 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
         study.sampler = make_sampler(cfg, worker=worker_index(study, storage=storage_obj))
     done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     remaining = n_trials - done
-    log(f"study {study_name!r} in {_redact(url)}: "
+    log(f"study {study_name!r} in {redact(url)}: "
         f"{done} finished trial(s), running {max(0, remaining)} more on {cfg.data.name} "
         f"({_train_sizes(method_data)} / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
         f"methods {', '.join(spaces)}")
@@ -222,10 +191,26 @@ def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data) -> None:
                          f"{', '.join(study.metric_names)}; a study's objectives cannot change")
 
 
+def study_locations(target: str, *, storage: str | None = None,
+                    artifact_dir: str | None = None) -> tuple[str, str | None]:
+    """The storage URL and artifact folder of a study file or storage URL ``target``.
+
+    The flags (``--storage``, ``--artifact-dir``) win over a study file's fields, as
+    :func:`autoslim.study.open_study` reads them; a None folder means the storage's
+    default (:func:`autoslim.storage.default_artifact_dir`)."""
+    if Path(target).suffix in (".yaml", ".yml"):
+        cfg = load_study(target)
+        return storage or cfg.storage or cfg.default_storage(), artifact_dir or cfg.artifact_dir
+    return storage or target, artifact_dir
+
+
+def storage_url(target: str, *, storage: str | None = None) -> str:
+    """The storage URL of a study file or storage URL ``target``."""
+    return study_locations(target, storage=storage)[0]
+
+
 def open_study(target: str, *, study_name: str | None = None, storage: str | None = None) -> optuna.Study:
     """Open an existing study from a study file or a storage URL; a UsageError line if it is not there."""
-    from autoslim.config import load_study
-
     if Path(target).suffix in (".yaml", ".yml"):
         cfg = load_study(target)
         url, name = storage or cfg.storage or cfg.default_storage(), study_name or cfg.name
@@ -242,22 +227,13 @@ def open_study(target: str, *, study_name: str | None = None, storage: str | Non
     names = [s.study_name for s in optuna.get_all_study_summaries(storage_obj)]
     if name is None:
         if len(names) != 1:
-            raise UsageError(f"--study-name: {_redact(url)} holds {len(names)} studies; name one of: {_names(names)}")
+            raise UsageError(f"--study-name: {redact(url)} holds {len(names)} studies; name one of: {_names(names)}")
         name = names[0]
     if name not in names:
-        raise UsageError(f"--study-name: no study {name!r} in {_redact(url)}; accepted: {_names(names)}")
+        raise UsageError(f"--study-name: no study {name!r} in {redact(url)}; accepted: {_names(names)}")
     return optuna.load_study(study_name=name, storage=storage_obj)
 
 
 def _names(names: list[str]) -> str:
     """Study names for a message, quoted (a name made elsewhere may hold any character)."""
     return ", ".join(map(repr, names)) or "(none)"
-
-
-def _redact(url: str) -> str:
-    """A storage URL without its password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url

@@ -65,7 +65,7 @@ def throughput(folder: Path, storage: str, *, workers: int, trials: int) -> tupl
     if any(p.wait() != 0 for p in procs):
         raise SystemExit(f"a worker failed on {storage}")
     wall = time.perf_counter() - start
-    from autoslim.study import get_storage
+    from autoslim.storage import get_storage
 
     done = optuna.load_study(study_name=name, storage=get_storage(storage)).get_trials(deepcopy=False)
     assert len(done) == trials and all(t.state.is_finished() for t in done), "the study must hold exactly n trials"
@@ -105,10 +105,11 @@ def overhead(folder: Path, storage: str | None, *, trials: int) -> tuple[float, 
     """(storage ms, study-lock ms, wall ms) per trial of ``trials`` trials in this process, and the costliest calls."""
     from autoslim.config import load_study
     from autoslim.data import load_data
-    from autoslim.distributed import FileLock, run_worker, study_lock
+    from autoslim.distributed import run_worker
+    from autoslim.storage import FileLock, study_lock
     from autoslim.methods import get_method
     from autoslim.search.objective import Objective
-    from autoslim.study import get_storage
+    from autoslim.storage import get_storage
 
     study_file = folder / f"overhead{uuid.uuid4().hex[:8]}.yaml"
     study_file.write_text(yaml.safe_dump({**STUDY, "n_trials": trials}))
@@ -142,7 +143,7 @@ def checkpoint_ms(folder: Path, storage: str, *, epochs: int = 20) -> float:
     from autoslim.data import load_data
     from autoslim.methods import TrialContext
     from autoslim.models import create_model
-    from autoslim.study import get_storage
+    from autoslim.storage import get_storage
 
     store_dir = folder / f"artifacts{uuid.uuid4().hex[:8]}"
     store_dir.mkdir()

@@ -10,7 +10,8 @@ from optuna_dashboard import get_note
 
 from helpers import tiny_study
 
-from autoslim.artifacts import default_artifact_dir, open_artifact_store, trial_artifacts
+from autoslim.artifacts import trial_artifacts
+from autoslim.storage import default_artifact_dir, open_artifact_store
 from autoslim.config import StudyConfig, load_study
 from autoslim.export import load_model
 from autoslim.study import optimize

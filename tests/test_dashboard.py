@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from optuna_dashboard import save_note
 
-from autoslim.artifacts import open_artifact_store
+from autoslim.storage import open_artifact_store
 from autoslim.cli import main
 from autoslim.dashboard import serve
 

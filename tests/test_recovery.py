@@ -20,12 +20,11 @@ from optuna.trial import TrialState, create_trial
 from worker_helpers import (SLOW_STUDY, WORKER_STUDY, checkpointed_mid_trial, start_worker, trained_epochs,
                             wait_for, write_study)
 
-from autoslim.artifacts import open_artifact_store
 from autoslim.checkpoint import FORMAT, Checkpointer, TrialCheckpoints, epochs_in, read_checkpoint
 from autoslim.cli import main
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
-from autoslim.distributed import study_lock
+from autoslim.storage import open_artifact_store, study_lock
 from autoslim.heartbeat import Heartbeat
 from autoslim.methods import get_method
 from autoslim.recover import requeue

@@ -256,7 +256,7 @@ def test_early_stopping_with_two_processes_sharing_a_journal(tmp_path):
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    from autoslim.study import get_storage
+    from autoslim.storage import get_storage
     study = optuna.load_study(study_name="two", storage=get_storage(str(journal)))
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) >= 6

@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import functools
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence

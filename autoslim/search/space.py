@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
-import yaml
 
 from autoslim.errors import UsageError
 
