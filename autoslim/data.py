@@ -23,6 +23,7 @@ Sources are a name-keyed registry (:func:`register_dataset`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ class Split:
 
 @dataclass
 class Data:
-    """A dataset split three ways, with the augmentation that fits it."""
+    """A dataset split three ways, with the augmentation that fits it, and what a model of it expects as input:
+    images normalised per channel with ``mean`` and ``std`` (of the raw images, in [0, 1] for image files) and
+    one of ``classes`` (names, in label order) as output."""
 
     name: str
     train: Split
@@ -63,14 +66,28 @@ class Data:
     num_classes: int
     crop_padding: int = 0
     flip: bool = False
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    classes: tuple[str, ...] = ()
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])
 
+    def input_spec(self) -> dict:
+        """What a model trained on this data expects, for whoever runs it: input shape, normalisation, classes.
+
+        >>> from autoslim.config import DataConfig
+        >>> spec = load_data(DataConfig(name="digits")).input_spec()
+        >>> spec["shape"], len(spec["mean"]), spec["classes"][:3]
+        ([1, 8, 8], 1, ['0', '1', '2'])
+        """
+        return {"shape": list(self.in_shape), "mean": list(self.mean), "std": list(self.std),
+                "classes": list(self.classes)}
+
     def to(self, device) -> "Data":
-        return Data(self.name, self.train.to(device), self.val.to(device), self.test.to(device),
-                    self.num_classes, self.crop_padding, self.flip)
+        return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device),
+                                   test=self.test.to(device))
 
 
 @dataclass
@@ -84,6 +101,7 @@ class RawData:
     num_classes: int
     crop_padding: int = 0
     flip: bool = False
+    classes: Sequence[str] | None = None  # names in label order; default "0", "1", ...
 
 
 Source = Callable[..., RawData]
@@ -160,8 +178,10 @@ def load_data_subsets(config, train_subsets: Sequence[int | float | None], *,
     largest = split(x[train_idx[:max(counts)]], y[train_idx[:max(counts)]])
     trains = {n: largest if n == len(largest) else Split(largest.x[:n].clone(), largest.y[:n].clone())
               for n in sorted(set(counts))}
+    classes = tuple(map(str, raw.classes or range(raw.num_classes)))
     return [Data(config.name, trains[n], val, test, raw.num_classes, crop_padding=raw.crop_padding if augment else 0,
-                 flip=raw.flip if augment else False)
+                 flip=raw.flip if augment else False, mean=tuple(mean.flatten().tolist()),
+                 std=tuple(std.flatten().tolist()), classes=classes)
             for n in counts]
 
 
@@ -326,7 +346,8 @@ def _torchvision_source(name: str):
                 f"(expected {', '.join(files)}); download {'failed' if download else 'is off'}: "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
             ) from None
-        return RawData(*_images(train), *_images(test), num_classes=len(train.classes), crop_padding=crop, flip=flip)
+        return RawData(*_images(train), *_images(test), num_classes=len(train.classes), crop_padding=crop, flip=flip,
+                       classes=list(train.classes))
 
     return source
 
@@ -360,14 +381,14 @@ def _imagefolder(*, data_dir, download, config) -> RawData:
         except (FileNotFoundError, OSError) as e:
             raise UsageError(f"data.data_dir: {folder}: {e}") from None
         xs, ys = zip(*(_read_image(ds, i) for i in range(len(ds))))
-        return torch.stack(xs), torch.tensor(ys), len(ds.classes)
+        return torch.stack(xs), torch.tensor(ys), list(ds.classes)
 
     if (root / "train").is_dir() and (root / "test").is_dir():
-        tx, ty, k = read(root / "train")
+        tx, ty, classes = read(root / "train")
         sx, sy, _ = read(root / "test")
-        return RawData(tx, ty, sx, sy, k, crop_padding=size // 8, flip=True)
-    x, y, k = read(root)
-    return RawData(x, y, None, None, k, crop_padding=size // 8, flip=True)
+        return RawData(tx, ty, sx, sy, len(classes), crop_padding=size // 8, flip=True, classes=classes)
+    x, y, classes = read(root)
+    return RawData(x, y, None, None, len(classes), crop_padding=size // 8, flip=True, classes=classes)
 
 
 def _read_image(ds, index: int):
