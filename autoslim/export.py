@@ -55,6 +55,7 @@ from autoslim.search.objective import EpochPrinter, TrialResult, build_model, ru
 from autoslim.sparse import load_sparse_state_dict, sparse_state_dict
 from autoslim.surgery import apply_architecture_spec, architecture_spec
 from autoslim.train import resolve_device
+from autoslim.trial import check_trial_config, load_trial_config
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -117,8 +118,8 @@ def load_model(path: str | Path, *, name: str | None = None) -> nn.Module:
     saved = read_model_file(path, name=name)
     spec = saved["spec"]
     try:
-        config, _ = TrialConfig(method=spec["method"], params=spec["method_params"], model=spec["model"],
-                                model_kwargs=spec["model_kwargs"]).checked()
+        config, _ = check_trial_config(TrialConfig(method=spec["method"], params=spec["method_params"],
+                                                   model=spec["model"], model_kwargs=spec["model_kwargs"]))
     except UsageError as e:  # the spec's field of a trial config's "params" is "method_params"
         raise UsageError(f"model file: {what}: spec.{'method_' if str(e).startswith('params') else ''}{e}") from None
     model = _load_step(what, "its network cannot be built", lambda: build_model(
@@ -292,7 +293,7 @@ def train_config_file(path: str | Path, *, out: str | Path | None = None,
                       log: Callable[[str], None] = print) -> TrialResult:
     """``autoslim train``: retrain an exported ``config.yaml``; with ``out``, write the model files there.
 
-    The file is checked before anything runs (:meth:`TrialConfig.load`): it must hold every section of a
+    The file is checked before anything runs (:func:`autoslim.trial.load_trial_config`): it must hold every section of a
     trial, and its method parameters must be the method's and in range. Parameters it leaves out take the
     search-space defaults (one log line; ``config.yaml`` in ``out`` holds them all).
 
@@ -300,7 +301,7 @@ def train_config_file(path: str | Path, *, out: str | Path | None = None,
     >>> result.val_accuracy, result.params  # doctest: +SKIP
     (0.94, 21330)
     """
-    config = TrialConfig.load(path)
+    config = load_trial_config(path)
     result, data = retrain_config(config, log=log)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -23,11 +22,13 @@ import optuna
 from optuna.trial import TrialState
 
 from autoslim.config import StudyConfig, check_study_name, load_study
-from autoslim.data import Data, load_data_subsets
+from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
-from autoslim.methods import get_method
+from autoslim.methods import METHODS
+from autoslim.models import MODELS
 from autoslim.search.objective import Objective
+from autoslim.search.space import SearchSpace
 from autoslim.storage import get_storage, open_artifact_store, redact, storage_file, study_lock
 from autoslim.train import resolve_device
 
@@ -88,16 +89,19 @@ def paper_defaults(spaces) -> list[dict]:
     return trials
 
 
-def study_config_dict(cfg: StudyConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d.pop("path", None)
-    for method, train in d.pop("method_train").items():  # back where the study file has it
-        d["methods"][method]["train"] = train
-    for method, data in d.pop("method_data").items():
-        d["methods"][method]["data"] = data
-    for method, stopping in d.pop("method_stopping").items():
-        d["methods"][method]["early_stopping"] = stopping
-    return d
+def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
+    """Check the names ``cfg`` gives against the registries (data set, model, methods) and narrow each method's
+    search space by its study-file overrides; return the narrowed spaces, by method. A UsageError line names
+    the first field that is wrong; nothing has been written anywhere yet.
+
+    >>> spaces = check_study(StudyConfig.from_dict({"methods": {"trimming": {"rounds": 2}}}))
+    >>> spaces["trimming"].params["rounds"].pinned
+    True
+    """
+    DATASETS.get(cfg.data.name)
+    MODELS.get(cfg.model)
+    return {m: METHODS.get(m, field="methods").search_space().narrow(c.space, where=f"methods.{m}")
+            for m, c in cfg.methods.items()}
 
 
 def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
@@ -118,7 +122,7 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     timeout = timeout if timeout is not None else cfg.timeout
     artifact_dir = artifact_dir or cfg.artifact_dir
     study_name = cfg.name if study_name is None else check_study_name(study_name, "--study-name")
-    spaces = {m: get_method(m).search_space().narrow(o, where=f"methods.{m}") for m, o in cfg.methods.items()}
+    spaces = check_study(cfg)
     sampler = make_sampler(cfg)
     method_data = load_method_data(cfg, device=resolve_device(cfg.device))
     data = method_data[next(iter(cfg.methods))]
@@ -180,7 +184,7 @@ def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data) -> None:
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(cfg.objectives)
-        study.set_user_attr("autoslim_config", json.loads(json.dumps(study_config_dict(cfg), default=str)))
+        study.set_user_attr("autoslim_config", json.loads(json.dumps(cfg.to_dict(), default=str)))
         study.set_user_attr("reference_point", make_reference_point(cfg, in_shape=data.in_shape,
                                                                     num_classes=data.num_classes))
         if cfg.warm_start:

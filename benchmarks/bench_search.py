@@ -188,7 +188,7 @@ def main() -> int:
 
     hvs = {k: hypervolume(points(s), DIRECTIONS, REFERENCE) if points(s) else 0.0 for k, s in results.items()}
     logs = {k: log_hypervolume(points(s)) for k, s in results.items()}
-    own = "".join(f" ({m}: {cfg.data_for(m).train_subset or 'all'})" for m in cfg.method_data)
+    own = "".join(f" ({m}: {cfg.data_for(m).train_subset or 'all'})" for m, c in cfg.methods.items() if c.data)
     print(f"\nMNIST, {len(data.train)} train images{own}, {args.budget:.0f} s per search; hypervolume reference points: "
           f"linear (accuracy 0, {REFERENCE[1]:,.0f} params), log (accuracy {LOG_REFERENCE[0]:.0%}, "
           f"{LOG_REFERENCE[1]:,.0f} params)")

@@ -107,16 +107,16 @@ def overhead(folder: Path, storage: str | None, *, trials: int) -> tuple[float, 
     from autoslim.data import load_data
     from autoslim.distributed import run_worker
     from autoslim.storage import FileLock, study_lock
-    from autoslim.methods import get_method
     from autoslim.search.objective import Objective
     from autoslim.storage import get_storage
+    from autoslim.study import check_study
 
     study_file = folder / f"overhead{uuid.uuid4().hex[:8]}.yaml"
     study_file.write_text(yaml.safe_dump({**STUDY, "n_trials": trials}))
     cfg = load_study(study_file)
     MADE.append(cfg.name)
     data = load_data(cfg.data)
-    spaces = {m: get_method(m).search_space().narrow(o, where=m) for m, o in cfg.methods.items()}
+    spaces = check_study(cfg)
     if storage is None:
         backend, lock = optuna.storages.InMemoryStorage(), FileLock(folder / "memory.lock")
     else:

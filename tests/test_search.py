@@ -12,7 +12,7 @@ from autoslim.config import StudyConfig, TrialConfig
 from autoslim.data import load_data
 from autoslim.errors import UsageError
 from autoslim.methods import get_method, list_methods
-from autoslim.search.halving import nondominated_ranks, should_stop
+from autoslim.search.halving import nondominated_ranks, rungs_for, should_stop
 from autoslim.search.pareto import hypervolume, pareto_front, pareto_mask
 from autoslim.search.space import SearchSpace
 from autoslim.search.objective import run_trial
@@ -217,7 +217,7 @@ def test_thriftynet_trials_are_ranked_from_their_first_epoch_by_default():
                methods={"thriftynet": {"budget": 2000, "iterations": 4, "history": 1, "pool_every": 2,
                                        "conv": "classic", "activation": "relu"}},
                early_stopping={"enabled": True, "eta": 2, "min_trials": 2})
-    assert cfg.rungs_for("thriftynet") == [1, 3, 9]
+    assert rungs_for(cfg, "thriftynet") == [1, 3, 9]
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
     assert all(sorted(k for k in t.user_attrs if k.startswith("rung_")) == ["rung_1"] for t in study.trials)
     stopped = study.get_trials(states=(TrialState.PRUNED,))
@@ -234,14 +234,14 @@ def test_a_methods_own_rungs_replace_the_studys_for_its_trials():
                                      "early_stopping": {"rungs": [1, 2]}},
                         "l1l2": {"finetune_epochs": 1}},
                early_stopping={"enabled": True, "rungs": [3]})
-    assert (cfg.rungs_for("trimming"), cfg.rungs_for("l1l2")) == ([1, 2], [3])
+    assert (rungs_for(cfg, "trimming"), rungs_for(cfg, "l1l2")) == ([1, 2], [3])
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
     assert sorted(t.params["method"] for t in study.trials) == ["l1l2", "trimming"]
     for t in study.trials:
         rungs = sorted(k for k in t.user_attrs if k.startswith("rung_"))
         assert rungs == (["rung_1", "rung_2"] if t.params["method"] == "trimming" else ["rung_3"])
     saved = StudyConfig.from_dict(study.user_attrs["autoslim_config"])
-    assert saved.rungs_for("trimming") == [1, 2] and saved.rungs_for("l1l2") == [3]
+    assert rungs_for(saved, "trimming") == [1, 2] and rungs_for(saved, "l1l2") == [3]
 
 
 def test_early_stopping_with_two_processes_sharing_a_journal(tmp_path):

@@ -35,10 +35,32 @@ import numpy as np
 import optuna
 from torch import nn
 
+from autoslim.config import StudyConfig
 from autoslim.measure import count_nonzeros
+from autoslim.methods import get_method
 from autoslim.train import Callback
 
 RUNG_PREFIX = "rung_"
+
+
+def rungs_for(cfg: StudyConfig, method: str) -> list[int]:
+    """The early-stopping rungs of ``method``'s trials in study ``cfg``, in epochs across its phases.
+
+    ``methods.<method>.early_stopping.rungs``, else ``early_stopping.rungs``, else the defaults of
+    :meth:`~autoslim.config.EarlyStoppingConfig.rungs_for` for the method's own ``train.epochs`` (after
+    them for a method that compresses the study's model, from the first epoch for one that builds its own).
+
+    >>> cfg = StudyConfig.from_dict({"methods": {"trimming": {}, "thriftynet": {"train": {"epochs": 3}},
+    ...                                          "l1l2": {"early_stopping": {"rungs": [8]}}},
+    ...                              "train": {"epochs": 6}})
+    >>> rungs_for(cfg, "trimming"), rungs_for(cfg, "thriftynet"), rungs_for(cfg, "l1l2")
+    ([7, 9, 15], [1, 3, 9], [8])
+    """
+    own = cfg.methods[method].rungs
+    if own is not None:
+        return list(own)
+    return cfg.early_stopping.rungs_for(epochs=cfg.train_for(method).epochs,
+                                        builds_model=get_method(method).builds_model)
 
 
 def nondominated_ranks(points: Sequence[tuple[float, float]]) -> np.ndarray:

@@ -25,9 +25,10 @@ from autoslim.heartbeat import Heartbeat, TrialLost, claim, retry_of, still_runn
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
 from autoslim.methods import TrialContext, get_method
 from autoslim.models import create_model
-from autoslim.search.halving import SuccessiveHalving, stop_trial
+from autoslim.search.halving import SuccessiveHalving, rungs_for, stop_trial
 from autoslim.search.space import SearchSpace
 from autoslim.train import Callback, Diverged, evaluate, seed_everything
+from autoslim.trial import check_trial_config
 
 
 @dataclass
@@ -82,12 +83,12 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
               log: Callable[[str], None] = lambda s: None, checkpointer: Checkpointer | None = None) -> TrialResult:
     """Build, train and compress the network of ``config`` on ``data``; measure the result.
 
-    ``config`` is checked as a study checks a trial (:meth:`TrialConfig.checked`); the
+    ``config`` is checked as a study checks a trial (:func:`autoslim.trial.check_trial_config`); the
     method's parameters it leaves out take their search-space defaults, logged and
     recorded in ``info["filled_params"]`` (the result's ``config`` holds them all).
     ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes."""
     start = time.perf_counter()
-    config, filled = config.checked()
+    config, filled = check_trial_config(config)
     if filled:
         log(f"{config.method}: parameters not in the config, from its search space: "
             + " ".join(f"{k}={_short(v)}" for k, v in filled.items()))
@@ -145,7 +146,7 @@ class Objective:
                  artifact_store=None, deadline: float | None = None) -> None:
         self.cfg, self.data, self.spaces, self.log = study_config, data, dict(spaces), log
         self.method_data = dict(method_data or {})  # a method's own training images (methods.<name>.data)
-        missing = sorted(set(study_config.method_data) - set(self.method_data))
+        missing = sorted(m for m, c in study_config.methods.items() if c.data and m not in self.method_data)
         if missing:
             raise ValueError(f"methods.{missing[0]}.data is set: pass method_data=autoslim.study.load_method_data(cfg)")
         self.artifact_store = artifact_store  # optuna artifact store for per-trial files; None: none kept
@@ -198,7 +199,7 @@ class Objective:
             callbacks: list[Callback] = [heartbeat, EpochPrinter(self.log, prefix)]
             stopping = self.cfg.early_stopping
             if stopping.enabled:
-                callbacks.append(SuccessiveHalving(trial, rungs=self.cfg.rungs_for(config.method), eta=stopping.eta,
+                callbacks.append(SuccessiveHalving(trial, rungs=rungs_for(self.cfg, config.method), eta=stopping.eta,
                                                    min_trials=stopping.min_trials))
             if self.deadline is not None:
                 callbacks.append(Deadline(trial, self.deadline))
