@@ -26,7 +26,8 @@ from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
 from autoslim.methods import METHODS
-from autoslim.models import MODELS
+from autoslim.measure import measure
+from autoslim.models import MODELS, create_model
 from autoslim.search.objective import Objective
 from autoslim.search.space import SearchSpace
 from autoslim.storage import get_storage, open_artifact_store, redact, storage_file, study_lock
@@ -59,8 +60,6 @@ def make_sampler(cfg: StudyConfig, *, worker: int = 0) -> optuna.samplers.BaseSa
 
 def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int) -> dict[str, float]:
     """The hypervolume reference point: the study file's values, else the uncompressed network's."""
-    from autoslim.measure import measure
-    from autoslim.models import create_model
 
     base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, **cfg.model_kwargs),
                    in_shape=in_shape)
