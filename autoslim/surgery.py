@@ -84,6 +84,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import resnet as tv_resnet
 
 from autoslim.errors import UsageError, accepted
+from autoslim.heads import apply_heads_spec, heads_spec
 from autoslim.models import resnet as autoslim_resnet
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -408,12 +409,12 @@ def channel_groups(model: nn.Module, *, example_input: torch.Tensor) -> list[Cha
     return _analyse(model, example_input).groups
 
 
-def _kept_indices(name: str, idx: Sequence[int] | torch.Tensor, size: int) -> set[int]:
+def _kept_indices(name: str, idx: Sequence[int] | torch.Tensor, size: int, *, unit: str = "channel") -> set[int]:
     if isinstance(idx, torch.Tensor) and (idx.dtype == torch.bool or idx.is_floating_point()):
-        raise UsageError(f"keep[{name!r}]: expected channel indices, got a {idx.dtype} tensor")
+        raise UsageError(f"keep[{name!r}]: expected {unit} indices, got a {idx.dtype} tensor")
     kept = {int(i) for i in (idx.flatten().tolist() if isinstance(idx, torch.Tensor) else idx)}
     if not kept:
-        raise UsageError(f"keep[{name!r}]: removing all {size} channels of a group is not allowed")
+        raise UsageError(f"keep[{name!r}]: removing all {size} {unit}s of a group is not allowed")
     if min(kept) < 0 or max(kept) >= size:
         raise UsageError(f"keep[{name!r}]: indices must lie in [0, {size}), got {min(kept)}..{max(kept)}")
     return kept
@@ -595,7 +596,8 @@ def _layer_spec(m: nn.Module) -> dict[str, Any] | None:
 
 
 def architecture_spec(model: nn.Module) -> dict[str, Any]:
-    """A JSON-serialisable description of the layer widths and removed blocks of ``model``.
+    """A JSON-serialisable description of the layer widths, removed blocks and attention head counts
+    (:func:`autoslim.heads.heads_spec`) of ``model``.
 
     >>> from autoslim.models import create_model
     >>> architecture_spec(create_model("lenet300_100", in_shape=(1, 8, 8), num_classes=10))["layers"]["classifier.fc3"]
@@ -603,7 +605,7 @@ def architecture_spec(model: nn.Module) -> dict[str, Any]:
     """
     layers = {name: spec for name, m in model.named_modules() if (spec := _layer_spec(m)) is not None}
     removed = [name for name, m in model.named_modules() if isinstance(m, ShortcutPath)]
-    return {"layers": layers, "removed": removed}
+    return {"layers": layers, "removed": removed, "heads": heads_spec(model)}
 
 
 def apply_architecture_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
@@ -618,6 +620,7 @@ def apply_architecture_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Mod
     <All keys matched successfully>
     """
     new = remove_blocks(model, spec.get("removed", []))
+    apply_heads_spec(new, spec.get("heads", {}))  # first: it slices the attention layers' own Linear layers
     modules = dict(new.named_modules())
     with torch.no_grad():
         for name, want in spec["layers"].items():
