@@ -169,3 +169,16 @@ def test_report_tables_and_targets():
     assert "every cell compressed or refused up front: 1/3 cells; the others: 1 inexact, 1 refused late" in text
     assert "families: sss 0/2, heads 0/0" in text
     assert "max 1.0e-02 over 2 measured cells, 1 above" in text
+
+
+def test_a_saved_run_is_reported_again(tmp_path, capsys):
+    cells = [bench.Cell("resnext50_32x4d", "sss", "compressed", 25_028_904, 25_018_904, 0.0, 1.1)]
+    saved = {"command": "python benchmarks/bench_zoo.py --json x", "seconds": 120, "methods": ["sss"], "size": 64,
+             "cells": [bench.dataclasses.asdict(c) for c in cells], "trials": []}
+    (tmp_path / "run.json").write_text(bench.json.dumps(saved))
+    bench.main(["--report-from", str(tmp_path / "run.json"), "--markdown", str(tmp_path / "zoo.md")])
+    text = (tmp_path / "zoo.md").read_text()
+    assert text == bench.report(cells, [], ["sss"], command=saved["command"], size=64, seconds=120)
+    assert "| resnext50_32x4d | resnext | 25.03M | -0.040% (<1%) · 0e+00 · 1.1s |" in text
+    assert "sss 1/1; removing at least 1% of every model's parameters: sss 0/1" in text
+    assert text in capsys.readouterr().out
