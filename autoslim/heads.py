@@ -38,7 +38,8 @@ restored by :func:`autoslim.surgery.apply_architecture_spec`, hence by
 :func:`autoslim.load_model`.
 
 Which heads to remove is the caller's choice; :func:`head_magnitudes` is one
-magnitude score (no method uses heads yet).
+magnitude score (no method uses heads yet), :func:`mask_heads` gives the masked
+model a removal must equal.
 
 >>> import torch, torchvision
 >>> model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=4,
@@ -49,8 +50,7 @@ magnitude score (no method uses heads yet).
 >>> small.encoder.layers[0].self_attention.in_proj_weight.shape
 torch.Size([24, 16])
 >>> masked = copy.deepcopy(model)
->>> with torch.no_grad():
-...     masked.encoder.layers[0].self_attention.out_proj.weight[:, [4, 5, 6, 7, 12, 13, 14, 15]] = 0
+>>> mask_heads(masked, {"encoder.layers.encoder_layer_0.self_attention": [1, 3]})
 >>> x = torch.randn(2, 3, 32, 32)
 >>> torch.allclose(small(x), masked(x), atol=1e-6)
 True
@@ -343,6 +343,26 @@ def head_magnitudes(model: nn.Module) -> dict[str, torch.Tensor]:
         w = _KINDS[type(m)].out_projection(m).weight.detach()
         scores[g.name] = w.view(w.shape[0], g.num_heads, g.head_dim).norm(dim=(0, 2))
     return scores
+
+
+@torch.no_grad()
+def mask_heads(model: nn.Module, drop: Mapping[str, Sequence[int]]) -> None:
+    """Zero, in place, the output-projection columns of the heads ``drop[layer]``: the heads then contribute
+    nothing, and :func:`remove_heads` of the other heads gives the same outputs (the *masked* model).
+
+    >>> mha = nn.MultiheadAttention(4, num_heads=2)
+    >>> mask_heads(nn.Sequential(mha), {"0": [1]})
+    >>> mha.out_proj.weight[:, 2:].abs().sum().item()
+    0.0
+    """
+    groups = {g.name: g for g in head_groups(model)}
+    for name, heads in drop.items():
+        if name not in groups:
+            raise accepted("drop", name, groups)
+        g, m = groups[name], model.get_submodule(name)
+        weight = _KINDS[type(m)].out_projection(m).weight
+        for h in heads:
+            weight[:, h * g.head_dim:(h + 1) * g.head_dim] = 0
 
 
 def remove_heads(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tensor]) -> nn.Module:

@@ -82,7 +82,7 @@ from torch import nn
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import Data, Split, load_data
 from autoslim.errors import UsageError
-from autoslim.heads import _KINDS, head_groups, mlp_groups, remove_heads, remove_mlp_hidden
+from autoslim.heads import head_groups, mask_heads, mlp_groups, remove_heads, remove_mlp_hidden
 from autoslim.measure import count_nonzeros, count_params
 from autoslim.methods import Method, TrialContext, get_method
 from autoslim.models import list_models, register_model
@@ -344,11 +344,8 @@ def run_heads_cell(model: nn.Module, x: torch.Tensor, *, name: str = "model", se
     units = {g.name: (g, chosen(g.size, gen)) for g in mlp_groups(model)}
     if not heads and not units:
         return Cell(name, "heads", "n/a", message="no attention layer or MLP")
+    mask_heads(model, {n: drop for n, (_, drop) in heads.items()})
     with torch.no_grad():
-        for g, drop in heads.values():
-            m = model.get_submodule(g.name)
-            for h in drop:
-                _KINDS[type(m)].out_projection(m).weight[:, h * g.head_dim:(h + 1) * g.head_dim] = 0
         for g, drop in units.values():
             model.get_submodule(g.second).weight[:, drop] = 0
     ref = outputs(model, x)

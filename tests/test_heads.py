@@ -13,7 +13,7 @@ from torchvision.models.maxvit import MaxVit
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 from autoslim.errors import UsageError
-from autoslim.heads import (HeadPrunedMultiheadAttention, _KINDS, head_groups, head_magnitudes, mlp_groups,
+from autoslim.heads import (HeadPrunedMultiheadAttention, head_groups, head_magnitudes, mask_heads, mlp_groups,
                             remove_heads, remove_mlp_hidden)
 from autoslim.surgery import apply_architecture_spec, architecture_spec
 
@@ -52,16 +52,21 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-def mask_heads(model: nn.Module, keep: dict[str, list[int]]) -> nn.Module:
-    """A copy of ``model`` whose removed heads output zero: their output-projection columns are zeroed."""
+def masked_copy(model: nn.Module, keep: dict[str, list[int]]) -> nn.Module:
+    """A copy of ``model`` whose removed heads output zero (:func:`mask_heads` of the others)."""
     masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for g in head_groups(masked):
-            m = masked.get_submodule(g.name)
-            weight = _KINDS[type(m)].out_projection(m).weight
-            for h in set(range(g.num_heads)) - set(keep[g.name]):
-                weight[:, h * g.head_dim:(h + 1) * g.head_dim] = 0
+    mask_heads(masked, {g.name: sorted(set(range(g.num_heads)) - set(keep[g.name])) for g in head_groups(masked)})
     return masked
+
+
+def test_mask_heads_zeroes_only_the_heads_output_columns():
+    model, x = build("swin")
+    masked = copy.deepcopy(model)
+    mask_heads(masked, {"features.1.0.attn": [1]})  # 2 heads of 8
+    w, w0 = masked.features[1][0].attn.proj.weight, model.features[1][0].attn.proj.weight
+    assert not w[:, 8:].any() and torch.equal(w[:, :8], w0[:, :8])
+    with pytest.raises(UsageError, match="drop: unknown value 'features.1.0'"):
+        mask_heads(masked, {"features.1.0": [0]})
 
 
 def third_removed(n: int) -> list[int]:
@@ -75,7 +80,7 @@ def test_removed_heads_give_the_masked_model(arch):
     keep = {g.name: third_removed(g.num_heads) for g in head_groups(model)}
     small = remove_heads(model, keep)
     with torch.no_grad():
-        ref, out, original = mask_heads(model, keep)(x), small(x), model(x)
+        ref, out, original = masked_copy(model, keep)(x), small(x), model(x)
     assert rel_error(original, ref) > 1e-2  # the removed heads mattered
     assert rel_error(out, ref) < 1e-5
     assert [g.num_heads for g in head_groups(small)] == [len(k) for k in keep.values()]
@@ -103,7 +108,7 @@ def test_multihead_attention_options(batch_first):
     float_mask = torch.randn(2 * 3, 4, 6)
     keep = [0, 2]
     small = remove_heads(nn.Sequential(mha), {"0": keep})[0]
-    masked = mask_heads(nn.Sequential(mha), {"0": keep})[0]
+    masked = masked_copy(nn.Sequential(mha), {"0": keep})[0]
     with torch.no_grad():
         for kwargs in ({}, {"key_padding_mask": bool_pad}, {"attn_mask": causal},
                        {"attn_mask": causal, "is_causal": True}):
@@ -121,7 +126,7 @@ def test_unbatched_input_and_training_mode():
     x = torch.randn(3, 8)
     out, weights = small.eval()(x, x, x)
     assert out.shape == (3, 8) and weights.shape == (3, 3)
-    assert torch.allclose(out, mask_heads(nn.Sequential(mha), {"0": [1, 2]})[0].eval()(x, x, x)[0], atol=1e-6)
+    assert torch.allclose(out, masked_copy(nn.Sequential(mha), {"0": [1, 2]})[0].eval()(x, x, x)[0], atol=1e-6)
     torch.manual_seed(1)
     a = small.train()(x, x, x)[0]
     assert not torch.allclose(a, out)  # attention dropout is active in training mode
@@ -183,7 +188,7 @@ def test_unsupported_attention_is_not_listed():
 
 def test_head_magnitudes_score_a_zero_head_zero():
     model, _ = build("vit")
-    masked = mask_heads(model, {g.name: [0, 1, 3] for g in head_groups(model)})
+    masked = masked_copy(model, {g.name: [0, 1, 3] for g in head_groups(model)})
     scores = head_magnitudes(masked)
     assert all(s[2] == 0 and (s[[0, 1, 3]] > 0).all() for s in scores.values())
     pruned = remove_heads(masked, {name: [0, 1, 3] for name in scores})
