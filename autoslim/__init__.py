@@ -12,7 +12,7 @@ True
 from autoslim.config import DataConfig, StudyConfig, TrainConfig, TrialConfig, load_study
 from autoslim.data import load_data, register_dataset
 from autoslim.errors import UsageError
-from autoslim.export import load_model
+from autoslim.modelfile import load_model
 from autoslim.measure import measure
 from autoslim.methods import CompressionResult, Method, TrialContext, get_method, list_methods, register_method
 from autoslim.models import create_model, list_models, register_model

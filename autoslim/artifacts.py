@@ -1,7 +1,7 @@
 """Per-trial artifacts: the compressed model, two charts and a note, uploaded through :mod:`optuna.artifacts`.
 
 Every completed trial uploads ``model.pt`` (weights + architecture spec,
-:func:`autoslim.export.save_model`; sparse results keep their sparse encoding),
+:func:`autoslim.modelfile.save_model`; sparse results keep their sparse encoding),
 ``widths.png`` (per-layer widths, or weight density for sparse results, before
 and after compression), ``training.png`` (validation accuracy and training
 loss per epoch, phases marked) and ``note.md`` (the summary, also saved as the
@@ -22,6 +22,7 @@ import optuna
 from optuna.artifacts import ArtifactMeta
 from optuna.trial import FrozenTrial
 
+from autoslim.modelfile import save_model
 from autoslim.search.objective import TrialResult
 
 if TYPE_CHECKING:
@@ -51,7 +52,6 @@ def upload_trial_artifacts(trial: optuna.Trial, result: TrialResult, *, artifact
     """
     from optuna_dashboard import save_note
 
-    from autoslim.export import save_model
 
     note = trial_note(trial.number, result)
     with tempfile.TemporaryDirectory() as tmp:

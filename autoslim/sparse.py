@@ -1,7 +1,7 @@
 """A compact, ``weights_only``-loadable encoding of sparse weights: a bit mask of the non-zeros plus their values.
 
 Any method whose result is unstructured sparsity (:class:`autoslim.CompressionResult` with ``sparse=True``) is
-saved this way by :func:`autoslim.export.save_model`; its ``size_bytes`` is :func:`sparse_size_bytes`.
+saved this way by :func:`autoslim.modelfile.save_model`; its ``size_bytes`` is :func:`sparse_size_bytes`.
 """
 
 from __future__ import annotations

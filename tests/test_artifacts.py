@@ -13,7 +13,7 @@ from helpers import tiny_study
 from autoslim.artifacts import trial_artifacts
 from autoslim.storage import default_artifact_dir, open_artifact_store
 from autoslim.config import StudyConfig, load_study
-from autoslim.export import load_model
+from autoslim.modelfile import load_model
 from autoslim.study import optimize
 
 TINY = tiny_study(name="tiny", n_trials=1)

@@ -18,7 +18,8 @@ from helpers import spoil_model_file, tiny_study
 from autoslim.cli import main
 from autoslim.config import DataConfig, TrainConfig, TrialConfig, load_study
 from autoslim.errors import UsageError
-from autoslim.export import FILES, load_model, save_model, select_trials
+from autoslim.export import FILES, select_trials
+from autoslim.modelfile import load_model, save_model
 from autoslim.methods import get_method
 from autoslim.models import create_model
 from autoslim.search.objective import run_trial
