@@ -1423,7 +1423,7 @@ def _check_reduced(new: nn.Module, analysis: _Analysis, removed: Mapping[int, fl
             raise RemovalError(f"surgery: the reduced model does not run: {e}; please report this model") from e
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model``, also when old-style weight_norm/spectral_norm hooks left a computed weight
     (a non-leaf tensor, which deepcopy refuses) on a module: that weight is copied detached."""
     memo = {id(t): t.detach().clone() for m in model.modules() for t in vars(m).values()
@@ -1482,7 +1482,7 @@ def remove_channels(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.T
     >>> small.classifier.fc1.out_features, small.classifier.fc2.in_features
     (3, 3)
     """
-    new = _copy(model)
+    new = copy_model(model)
     analysis = _analyse(new, example_input)
     removed = _removed_ids(analysis, keep, fold_constants or {})
     if not removed:
@@ -1817,7 +1817,7 @@ def remove_blocks(model: nn.Module, block_names: Sequence[str]) -> nn.Module:
     >>> type(remove_blocks(model, ["layer1.1"]).layer1[1]).__name__
     'ShortcutPath'
     """
-    new = _copy(model)
+    new = copy_model(model)
     modules = dict(new.named_modules())
     generic: dict[str, dict[int | None, str]] = {}
     for name in block_names:
