@@ -80,6 +80,56 @@ class SmallCNN(nn.Module):
 STYLES = ("modules", "functional", "reused")
 
 
+class Residual(nn.Module):
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+class GroupNormCNN(nn.Module):
+    """stem conv-GN-relu, a residual block whose convs are followed by GroupNorm, pool, fc-relu, fc: with 2
+    channels per GroupNorm group, its conv channels can only go in pairs."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8)
+        self.block = Residual(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+                                            nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8)))
+        self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.block(F.relu(self.gn(self.stem(x)))))
+        return self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+
+
+class ChannelLastBlock(nn.Module):
+    """ConvNeXt's pattern: permute to channel-last, LayerNorm, Linear-GELU-Linear on the last dim, permute back."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(self.norm(x.permute(0, 2, 3, 1)))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ChannelLastNet(nn.Module):
+    """A stem conv, two channel-last MLP blocks (their hidden width is a group on the last dim), pool, fc."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 2, stride=2)
+        self.blocks = nn.Sequential(ChannelLastBlock(6), ChannelLastBlock(6))
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
 def test_every_activation_call_is_a_site_whatever_the_style():
     """Old code: an activation module called more than once, or a function, was no group's activation."""
     x = torch.randn(2, 3, 8, 8)
@@ -100,6 +150,8 @@ MODELS = {
     "modules": (lambda: SmallCNN("modules"), (3, 8, 8)),
     "functional": (lambda: SmallCNN("functional"), (3, 8, 8)),
     "reused": (lambda: SmallCNN("reused"), (3, 8, 8)),
+    "groupnorm": (GroupNormCNN, (3, 8, 8)),
+    "channel_last": (ChannelLastNet, (3, 8, 8)),
     "tv_resnet18": (_tv("resnet18"), (3, 32, 32)),
     "tv_mobilenet_v2": (_tv("mobilenet_v2", width_mult=0.5), (3, 32, 32)),
     "tv_efficientnet_b0": (_tv("efficientnet_b0"), (3, 32, 32)),
@@ -115,11 +167,17 @@ def build(arch: str) -> tuple[nn.Module, torch.Tensor]:
     return model.eval(), torch.randn(4, *shape, generator=gen)
 
 
+def dead_channels(group) -> list[int]:
+    """A third of ``group``'s channels, in whole GroupNorm blocks (none of a group of one)."""
+    g = group.granularity
+    return [b + i for b in range(0, group.size, 3 * g) for i in range(g)] if group.size > g else []
+
+
 def kill(model: nn.Module, group, idx) -> None:
-    """Channels ``idx`` of ``group`` output exactly 0 after every producer and BatchNorm (dead channels)."""
+    """Channels ``idx`` of ``group`` output exactly 0 after every producer and norm layer (dead channels)."""
     modules = dict(model.named_modules())
     with torch.no_grad():
-        for name in group.producers + group.batchnorms:
+        for name in group.producers + group.batchnorms + group.groupnorms:
             for attr in ("weight", "bias"):
                 if getattr(modules[name], attr, None) is not None:
                     getattr(modules[name], attr)[idx] = 0
@@ -127,22 +185,23 @@ def kill(model: nn.Module, group, idx) -> None:
 
 def trimming_removal(model, x):
     groups = measurable_groups(model, example_input=x)
-    dead = {g.name: list(range(0, g.size, 3)) for g in groups if g.size > 1}
+    dead = {g.name: dead_channels(g) for g in groups if dead_channels(g)}
     for g in groups:
         kill(model, g, dead.get(g.name, []))
     scores = apoz(model, Split(x, torch.zeros(len(x), dtype=torch.long)), groups)
     for g, idx in dead.items():  # measured where the zeros are: the dead channels have the highest APoZ
         live = [j for j in range(len(scores[g])) if j not in idx]
         assert scores[g][idx].min() >= scores[g][live].max() and scores[g][idx].min() > 0.5
-    keep = {g: channels_to_keep(scores[g], rule="fraction", fraction=len(idx) / len(scores[g]))
-            for g, idx in dead.items()}
+    granularity = {g.name: g.granularity for g in groups}
+    keep = {g: channels_to_keep(scores[g], rule="fraction", fraction=len(idx) / len(scores[g]),
+                                granularity=granularity[g]) for g, idx in dead.items()}
     return remove_channels(model, keep, example_input=x)
 
 
 def l1l2_removal(model, x):
     groups = prunable_groups(model, example_input=x)
     for g in groups:
-        kill(model, g, list(range(0, g.size, 3)) if g.size > 1 else [])
+        kill(model, g, dead_channels(g))
     small, removal = remove_small_filters(model, groups, threshold=1e-3, example_input=x)
     assert sum(map(len, removal.removed.values())) > 0
     return small
@@ -151,11 +210,11 @@ def l1l2_removal(model, x):
 def sss_removal(model, x):
     scales = Scales(model, level="both", example_input=x)  # every model here has residual blocks
     with torch.no_grad():
-        for i, s in enumerate(scales):
+        for s in scales:
             if s.kind == "channel":
-                s.factor[::3] = 0
-            elif i % 2:
-                s.factor.zero_()
+                s.factor[::3] = 0  # one factor per channel, or per GroupNorm block
+        for s in [s for s in scales if s.kind == "block"][::2]:
+            s.factor.zero_()
     masked = model(x)
     small, removed = remove_zero_structures(model, scales, threshold=0.0, example_input=x)
     assert sum(removed["channels"].values()) > 0 and removed["blocks"]
@@ -278,6 +337,37 @@ def test_l1l2_measures_and_reports_the_border_change_of_a_zero_padded_consumer()
     assert f"removal {change['removal']:.3g}" in lines[-1]
 
 
+def test_l1l2_folds_the_constant_a_channel_last_consumer_reads_on_the_last_dim():
+    """The hidden width of a channel-last MLP lies on the last dim: zero filters with a bias give GELU(bias)
+    there, read and folded along that dim (the old reading took dim 1, and trimming/l1l2 saw no such group)."""
+    torch.manual_seed(0)
+    model, x = ChannelLastNet().eval(), torch.randn(8, 3, 8, 8)
+    fc1 = model.blocks[0].fc1
+    with torch.no_grad():
+        fc1.weight[[2, 5, 11]] = 0
+        fc1.bias[[2, 5, 11]] = torch.tensor([0.8, -0.3, 1.5])  # GELU of each: a different non-zero constant
+        before = model(x)
+    groups = prunable_groups(model, example_input=x)
+    assert [(g.name, g.channel_dim) for g in groups] == [("blocks.0.fc1", 3), ("blocks.1.fc1", 3)]
+    small, removal = remove_small_filters(model, groups, threshold=1e-3, example_input=x)
+    assert removal.removed == {"blocks.0.fc1": [2, 5, 11], "blocks.1.fc1": []}
+    assert small.blocks[0].fc1.out_features == 21 and small.blocks[0].fc2.in_features == 21
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_l1l2_measures_and_removes_whole_groupnorm_blocks():
+    """A filter is small only with the rest of its GroupNorm group: one zero filter of a pair stays (per-filter
+    norms would split the pair, which the surgery refuses)."""
+    model, x = build("groupnorm")
+    group = next(g for g in prunable_groups(model, example_input=x) if g.name == "block.branch.0")
+    assert group.granularity == 2
+    with torch.no_grad():
+        model.block.branch[0].weight[[0, 1, 2]] = 0  # all of block 0, half of block 1
+    small, removal = remove_small_filters(model, [group], threshold=1e-3, example_input=x)
+    assert removal.removed == {"block.branch.0": [0, 1]} and small.block.branch[1].num_groups == 3
+
+
 # ------------------------------------------------------------------ SSS: blocks of torchvision ResNets and x + f(x)
 
 @pytest.mark.parametrize("arch,blocks", [
@@ -308,6 +398,62 @@ def test_sss_block_level_removes_residual_blocks(arch, blocks):
     rebuilt.load_state_dict(small.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), small(x))
+
+
+WEIGHT_NORMS = {"parametrizations": nn.utils.parametrizations.weight_norm, "hooks": nn.utils.weight_norm}
+
+
+class WeightNormed(nn.Module):
+    """conv -> relu -> x + conv(relu(conv(x))) -> relu -> pool -> fc, the block's convs under weight_norm: the SSS
+    factors of the inner channels and of the branch sit on weight-normed layers."""
+
+    def __init__(self, wrap) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.block = Residual(nn.Sequential(wrap(nn.Conv2d(6, 6, 3, padding=1)), nn.ReLU(),
+                                            wrap(nn.Conv2d(6, 6, 3, padding=1))))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.block(F.relu(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated")
+@pytest.mark.parametrize("norm", list(WEIGHT_NORMS))
+def test_sss_folds_its_factors_into_weight_normed_layers(norm):
+    """The weight of a weight-normed layer is computed from g and v: the old fold scaled that computed weight, and
+    the factors were lost at the next forward pass."""
+    torch.manual_seed(0)
+    model, x = WeightNormed(WEIGHT_NORMS[norm]).eval(), torch.randn(4, 3, 8, 8)
+    scales = Scales(model, level="both", example_input=x)
+    assert [(s.kind, s.site) for s in scales] == [("channel", "block.branch.0"), ("block", "block.branch.2")]
+    with torch.no_grad():
+        scales.scales[0].factor.copy_(torch.tensor([0.5, 0.0, 1.5, 0.7, 0.0, 1.2]))
+        scales.scales[1].factor.fill_(0.6)  # the branch stays, scaled
+        masked = model(x)
+    small, removed = remove_zero_structures(model, scales, threshold=0.0, example_input=x)
+    assert removed == {"channels": {"block.branch.0": 2}, "blocks": []}
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked, rtol=1e-5, atol=1e-6)
+
+
+class SpectralStem(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 6, 3))
+        self.conv2, self.fc = nn.Conv2d(6, 8, 3), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_a_spectral_normed_producer_gets_no_sss_factor_and_no_l1l2_regularizer():
+    """Scaling or zeroing rows of a spectral-normed weight changes sigma, so every other row: such a group is left
+    alone (the old fold wrote the computed weight)."""
+    model, x = SpectralStem().eval(), torch.randn(2, 3, 8, 8)
+    assert [g.name for g in channel_groups(model, example_input=x)] == ["conv1", "conv2"]
+    assert [s.structure for s in Scales(model, level="channel", example_input=x)] == ["conv2"]
+    assert [g.name for g in prunable_groups(model, example_input=x)] == ["conv2"]
 
 
 # ------------------------------------------------------------------ whole trials on user-written models
@@ -350,6 +496,24 @@ def test_l1l2_compresses_functional_and_reused_relu_cnns(monkeypatch, style):
                       {"lambda": 1.0, "threshold": 1e-2, "finetune_epochs": 0}, epochs=4, batch_size=8,
                       data=synthetic(160))
     assert sum(result.info["removed"].values()) > 0 and result.params < result.baseline_params
+
+
+@pytest.mark.parametrize("method", STRUCTURED)
+@pytest.mark.parametrize("arch", ["groupnorm", "channel_last"])
+def test_trials_on_groupnorm_and_channel_last_models(monkeypatch, arch, method):
+    """Each method's whole trial: GroupNorm channels leave in whole groups (a split block is refused by the
+    surgery), SSS multiplies the channels of a channel-last MLP on the last dim and folds its factors exactly."""
+    params = {"trimming": {"rounds": 1, "retrain_epochs": 1, "rule": "fraction", "fraction": 0.3, "layers": "all"},
+              "l1l2": {"lambda": 1.0, "threshold": 1e-2, "finetune_epochs": 0},
+              "sss": {"level": "both", "gamma": 0.05, "threshold": 1e-3}}[method]
+    result, epochs = trial(monkeypatch, lambda: MODELS[arch][0](num_classes=4), method, params, epochs=2)
+    assert epochs.seen == 2 + (method == "trimming")
+    norms = [m for m in result.model.modules() if isinstance(m, nn.GroupNorm)]
+    assert all(m.num_channels == 2 * m.num_groups for m in norms) and len(norms) == 3 * (arch == "groupnorm")
+    if method == "trimming":
+        assert result.params < result.baseline_params
+    if method == "sss":
+        assert result.info["removal_change"] < 1e-5
 
 
 class NoActivation(nn.Module):
