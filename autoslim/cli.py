@@ -18,7 +18,17 @@ import json
 import sys
 from typing import Sequence
 
+import pandas as pd
+
+from autoslim.config import load_study
+from autoslim.dashboard import serve
 from autoslim.errors import UsageError
+from autoslim.export import export_trial, select_trials, train_config_file
+from autoslim.recover import parse_age, recover
+from autoslim.report import default_report_dir, write_report
+from autoslim.search.pareto import COLUMNS, format_table, summary
+from autoslim.storage import open_artifact_store, study_lock
+from autoslim.study import open_study, optimize, storage_url, study_locations
 
 
 def _log(msg: str) -> None:
@@ -26,9 +36,6 @@ def _log(msg: str) -> None:
 
 
 def cmd_optimize(args) -> int:
-    from autoslim.config import load_study
-    from autoslim.study import optimize
-
     cfg = load_study(args.study)
     study = optimize(cfg, n_trials=args.n_trials, timeout=args.timeout, storage=args.storage,
                      study_name=args.study_name, artifact_dir=args.artifact_dir,
@@ -38,25 +45,18 @@ def cmd_optimize(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from autoslim.study import open_study
-
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
     _print_front(study, args.format, history=args.history)
     return 0
 
 
 def cmd_dashboard(args) -> int:
-    from autoslim.dashboard import serve
-
     serve(args.study, study_name=args.study_name, storage=args.storage, host=args.host, port=args.port,
           artifact_dir=args.artifact_dir, log=lambda s: print(s, flush=True))
     return 0
 
 
 def cmd_report(args) -> int:
-    from autoslim.report import default_report_dir, write_report
-    from autoslim.study import open_study
-
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
     for path in write_report(study, out=args.out or default_report_dir(study.study_name)).values():
         print(path)
@@ -64,11 +64,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from autoslim.storage import open_artifact_store
-    from autoslim.study import study_locations
-    from autoslim.export import export_trial, select_trials
-    from autoslim.study import open_study
-
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
     url, artifact_dir = study_locations(args.study, storage=args.storage, artifact_dir=args.artifact_dir)
     store = open_artifact_store(url, artifact_dir=artifact_dir)
@@ -78,8 +73,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from autoslim.export import train_config_file
-
     result = train_config_file(args.config, out=args.out, log=_log)
     print(f"val accuracy {100 * result.val_accuracy:.2f}%, test accuracy {100 * result.test_accuracy:.2f}%, "
           f"params {result.params:,}" + (f"; model files in {args.out}" if args.out else ""))
@@ -87,11 +80,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    from autoslim.storage import study_lock
-    from autoslim.study import storage_url
-    from autoslim.recover import parse_age, recover
-    from autoslim.study import open_study
-
     older_than = parse_age(args.older_than)
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
     with study_lock(storage_url(args.study, storage=args.storage)):
@@ -100,10 +88,6 @@ def cmd_recover(args) -> int:
 
 
 def _print_front(study, fmt: str, *, history: bool = False) -> None:
-    import pandas as pd
-
-    from autoslim.search.pareto import COLUMNS, format_table, summary
-
     result = summary(study)
     rows = result["hypervolume_history"] if history else result["front"]
     if fmt == "json":

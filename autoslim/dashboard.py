@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Callable
 
 from autoslim.errors import UsageError
+from autoslim.storage import default_artifact_dir, get_storage, open_artifact_store
+from autoslim.study import open_study, study_locations
 
 
 def serve(target: str, *, study_name: str | None = None, storage: str | None = None, host: str = "127.0.0.1",
@@ -21,10 +23,7 @@ def serve(target: str, *, study_name: str | None = None, storage: str | None = N
     >>> serve("studies/quickstart.yaml", port=8080)  # doctest: +SKIP
     optuna-dashboard for study 'quickstart': http://127.0.0.1:8080/dashboard/studies/1 ...
     """
-    from optuna_dashboard import run_server
-
-    from autoslim.storage import default_artifact_dir, get_storage, open_artifact_store
-    from autoslim.study import open_study, study_locations
+    from optuna_dashboard import run_server  # heavy: only when serving
 
     study = open_study(target, study_name=study_name, storage=storage)
     url, artifact_dir = study_locations(target, storage=storage, artifact_dir=artifact_dir)

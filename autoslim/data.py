@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from autoslim.errors import UsageError
-from autoslim.registry import Registry
+from autoslim.registry import Registry, check_callable
 from autoslim.storage import FileLock
 
 
@@ -105,7 +105,7 @@ class RawData:
 
 
 Source = Callable[..., RawData]
-DATASETS: Registry[Source] = Registry("data set", field="data.name")
+DATASETS: Registry[Source] = Registry("data set", field="data.name", group="autoslim.datasets", check=check_callable)
 
 
 def register_dataset(name: str) -> Callable[[Source], Source]:

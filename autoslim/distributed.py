@@ -34,6 +34,8 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
+from autoslim.heartbeat import TrialLost
+from autoslim.recover import requeue
 from autoslim.storage import AdvisoryLock, FileLock
 
 
@@ -79,8 +81,6 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *,
     >>> run_worker(study, objective, n_trials=20, lock=study_lock(url), heartbeat=True)  # doctest: +SKIP
     5
     """
-    from autoslim.heartbeat import TrialLost
-    from autoslim.recover import requeue
 
     start, ran, said = time.monotonic(), 0, False
     started = _Started(objective, lock)

@@ -25,6 +25,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from autoslim.config import STUDY_NAME, STUDY_NAME_RULE
 from autoslim.errors import UsageError
 from autoslim.search.pareto import hypervolume_history, is_feasible, pareto_front, reference_point
 
@@ -48,7 +49,6 @@ def default_report_dir(study_name: str) -> Path:
     >>> default_report_dir("quickstart")
     PosixPath('reports/quickstart')
     """
-    from autoslim.config import STUDY_NAME, STUDY_NAME_RULE
 
     if not STUDY_NAME.fullmatch(study_name):
         raise UsageError(f"--out: study name {study_name!r} cannot name a folder (accepted: {STUDY_NAME_RULE}); "

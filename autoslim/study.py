@@ -26,6 +26,7 @@ from autoslim.config import StudyConfig, check_study_name, load_study
 from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
+from autoslim.measure import measure
 from autoslim.methods import METHODS, get_method
 from autoslim.models import MODELS, create_model
 from autoslim.search.objective import CHECK_EXAMPLES, Objective
@@ -60,8 +61,6 @@ def make_sampler(cfg: StudyConfig, *, worker: int = 0) -> optuna.samplers.BaseSa
 
 def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int) -> dict[str, float]:
     """The hypervolume reference point: the study file's values, else the uncompressed network's."""
-    from autoslim.measure import measure
-    from autoslim.models import create_model
 
     base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, **cfg.model_kwargs),
                    in_shape=in_shape)

@@ -160,6 +160,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torchvision.models import resnet as tv_resnet
 
 from autoslim.errors import UsageError, accepted
+from autoslim.heads import apply_heads_spec, heads_spec
 from autoslim.models import resnet as autoslim_resnet
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -1224,16 +1225,18 @@ def channel_groups(model: nn.Module, *, example_input: torch.Tensor) -> list[Cha
     return _analyse(model, example_input).groups
 
 
-def _kept_indices(group: ChannelGroup, idx: Sequence[int] | torch.Tensor) -> set[int]:
-    name, size = group.name, group.size
+def _kept_indices(name: str, idx: Sequence[int] | torch.Tensor, size: int, *, unit: str = "channel",
+                  granularity: int = 1) -> set[int]:
+    """The indices ``idx`` to keep of ``size`` units of ``name``, checked: not empty, in range, whole blocks of
+    ``granularity`` (a group that reaches a GroupNorm)."""
     if isinstance(idx, torch.Tensor) and (idx.dtype == torch.bool or idx.is_floating_point()):
-        raise UsageError(f"keep[{name!r}]: expected channel indices, got a {idx.dtype} tensor")
+        raise UsageError(f"keep[{name!r}]: expected {unit} indices, got a {idx.dtype} tensor")
     kept = {int(i) for i in (idx.flatten().tolist() if isinstance(idx, torch.Tensor) else idx)}
     if not kept:
-        raise UsageError(f"keep[{name!r}]: removing all {size} channels of a group is not allowed")
+        raise UsageError(f"keep[{name!r}]: removing all {size} {unit}s of a group is not allowed")
     if min(kept) < 0 or max(kept) >= size:
         raise UsageError(f"keep[{name!r}]: indices must lie in [0, {size}), got {min(kept)}..{max(kept)}")
-    g = group.granularity
+    g = granularity
     split = next((b for b in range(0, size, g) if 0 < len(kept & set(range(b, b + g))) < g), None)
     if split is not None:
         raise UsageError(f"keep[{name!r}]: the group reaches a GroupNorm, so its channels go in whole blocks of "
@@ -1527,7 +1530,7 @@ def _removed_ids(analysis: _Analysis, keep: Mapping[str, Sequence[int] | torch.T
     removed: dict[int, float] = {}
     for name, idx in keep.items():
         size = groups[name].size
-        kept = _kept_indices(groups[name], idx)
+        kept = _kept_indices(name, idx, size, granularity=groups[name].granularity)
         values = torch.as_tensor(fold_constants.get(name, [0.0] * size)).detach().double().flatten()
         if len(values) != size:
             raise UsageError(f"fold_constants[{name!r}]: expected {size} values, got {len(values)}")
@@ -1606,7 +1609,8 @@ def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | tor
         if group not in groups:
             raise accepted("channels", group, groups)
         if len(idx):
-            gone.update((analysis.keys[group][j], (group, j)) for j in _kept_indices(groups[group], idx))
+            gone.update((analysis.keys[group][j], (group, j))
+                        for j in _kept_indices(group, idx, groups[group].size, granularity=groups[group].granularity))
     consumers = {name: analysis.roots(layer.in_ids) for name, layer in analysis.layers.items()
                  if _is_consumer(layer) and any(r in gone for r in analysis.roots(layer.in_ids))}
     stats: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -1887,7 +1891,8 @@ def _custom_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def architecture_spec(model: nn.Module) -> dict[str, Any]:
-    """A JSON-serialisable description of the layer widths and removed blocks of ``model``.
+    """A JSON-serialisable description of the layer widths, removed blocks and attention head counts
+    (:func:`autoslim.heads.heads_spec`) of ``model``.
 
     ``tensors`` gives the shapes of the parameters and buffers owned by custom
     modules (a learned per-channel scale loses entries with its channels).
@@ -1901,7 +1906,7 @@ def architecture_spec(model: nn.Module) -> dict[str, Any]:
                for branch in ([name] if isinstance(m, ShortcutPath) else m.removed if
                               isinstance(m, ResidualShortcut) else ())]
     tensors = {name: list(t.shape) for name, t in _custom_tensors(model)}
-    return {"layers": layers, "removed": removed, "tensors": tensors}
+    return {"layers": layers, "removed": removed, "tensors": tensors, "heads": heads_spec(model)}
 
 
 _IN_SIZES = ("in_channels", "in_features", "num_features", "num_channels", "num_parameters")
@@ -1919,6 +1924,7 @@ def apply_architecture_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Mod
     <All keys matched successfully>
     """
     new = remove_blocks(model, spec.get("removed", []))
+    apply_heads_spec(new, spec.get("heads", {}))  # first: it slices the attention layers' own Linear layers
     modules = dict(new.named_modules())
     with torch.no_grad():
         for name, want in spec["layers"].items():

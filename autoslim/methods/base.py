@@ -24,6 +24,7 @@ from torch import nn
 
 from autoslim.config import TrainConfig
 from autoslim.data import Data
+from autoslim.errors import UsageError
 from autoslim.registry import Registry
 from autoslim.search.space import SearchSpace
 from autoslim.train import Callback, evaluate, train
@@ -153,7 +154,13 @@ def relative_change(after: torch.Tensor, before: torch.Tensor) -> float:
     return float(f"{diff / scale:.3g}") if scale else float(diff > 0)
 
 
-METHODS: Registry[type[Method]] = Registry("method", field="method")
+def _check_method_class(obj: Any, where: str) -> None:
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        raise UsageError(f"{where}: expected a subclass of autoslim.Method, got {obj!r}")
+
+
+METHODS: Registry[type[Method]] = Registry("method", field="method", group="autoslim.methods",
+                                           check=_check_method_class)
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -20,10 +20,10 @@ from typing import Callable
 
 from torch import nn
 
-from autoslim.registry import Registry
+from autoslim.registry import Registry, check_callable
 
 ModelFactory = Callable[..., nn.Module]
-MODELS: Registry[ModelFactory] = Registry("model", field="model")
+MODELS: Registry[ModelFactory] = Registry("model", field="model", group="autoslim.models", check=check_callable)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:

@@ -40,6 +40,7 @@ from typing import Any, Mapping
 
 import optuna
 
+from autoslim.config import load_yaml
 from autoslim.errors import UsageError
 
 _TYPES = ("int", "float", "categorical", "bool")
@@ -130,7 +131,6 @@ class SearchSpace:
     @classmethod
     def load(cls, method: str) -> "SearchSpace":
         path = spaces_dir() / f"{method}.yaml"
-        from autoslim.config import load_yaml
 
         raw = load_yaml(path, what=f"search space of {method!r}")
         return cls.from_dict(raw, where=str(path))
