@@ -255,6 +255,9 @@ class StudyConfig:
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     warm_start: bool = True
+    # A trial of a method that compresses the study's model but removed nothing: pruned (its sampled knobs rank
+    # as bad, its full-size accuracy stays off the front) or kept (completed, marked by user attr nothing_removed).
+    nothing_removed: str = field(default="prune", metadata=meta(choices=["prune", "keep"]))
     reference_point: ReferencePointConfig = field(default_factory=ReferencePointConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     path: Path | None = field(default=None, init=False, repr=False)

@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import optuna
 from optuna.trial import TrialState
@@ -25,10 +26,10 @@ from autoslim.config import StudyConfig, check_study_name, load_study
 from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
-from autoslim.methods import METHODS
 from autoslim.measure import measure
+from autoslim.methods import METHODS, get_method
 from autoslim.models import MODELS, create_model
-from autoslim.search.objective import Objective
+from autoslim.search.objective import CHECK_EXAMPLES, Objective
 from autoslim.search.space import SearchSpace
 from autoslim.storage import get_storage, open_artifact_store, redact, storage_file, study_lock
 from autoslim.train import resolve_device
@@ -108,7 +109,8 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
              strict_timeout: bool = False, log: Callable[[str], None] = print) -> optuna.Study:
     """Create or resume the study of ``cfg`` and run it until it holds ``n_trials`` finished trials.
 
-    Everything the user gave is checked (names, ranges, data files, storage)
+    Everything the user gave is checked (names, ranges, data files, storage,
+    and whether each method can compress the model: :func:`check_methods`)
     before anything is written to storage. Completed and pruned trials are
     never redone: a second call with the same arguments runs only the rest.
     Every completed trial uploads its artifacts (:mod:`autoslim.artifacts`) to
@@ -125,6 +127,7 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     sampler = make_sampler(cfg)
     method_data = load_method_data(cfg, device=resolve_device(cfg.device))
     data = method_data[next(iter(cfg.methods))]
+    check_methods(cfg, spaces, data)
     url = storage or cfg.storage or cfg.default_storage()
     lock = study_lock(url)
     with lock:  # several workers: the tables, the study, its attrs and warm-start trials are made once
@@ -153,6 +156,44 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
                    max_trials=remaining, timeout=timeout, lock=lock, heartbeat=heartbeat,
                    poll=min(5.0, cfg.recovery.heartbeat_interval), log=log)
     return study
+
+
+def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Data) -> None:
+    """Each method checks the study's untrained model once (:meth:`autoslim.methods.Method.check`).
+
+    A method that cannot compress it is refused in one UsageError line naming the layer or op; so is a
+    searched choice of a knob the check reads (``Method.check_params``) that cannot act on it, naming the
+    choices that can. Knobs the study file pins are checked at their value, the others at their defaults.
+
+    >>> cfg = StudyConfig.from_dict({"model": "lenet5", "methods": {"sss": {}}, "data": {"name": "digits"}})
+    >>> check_methods(cfg, check_study(cfg), load_method_data(cfg)["sss"])
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: methods.sss.level: 'block', 'both' cannot act on model lenet5 (sss: no structure to scale at level 'block': LeNet5 has no residual branch x + f(x) (in a submodule, f ending in a conv, linear or norm layer)); narrow it to: channel
+    """
+    model = None
+    for name, space in spaces.items():
+        method = get_method(name)
+        if method.builds_model:
+            continue
+        if model is None:
+            model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
+                                 **cfg.model_kwargs).to(data.val.x.device)
+        knobs = [k for k in method.check_params if not space.params[k].pinned]
+        combos = [dict(zip(knobs, values))
+                  for values in itertools.product(*(space.params[k].choices or (False, True) for k in knobs))]
+        refused = {}
+        for combo in combos:
+            try:
+                method.check(model, example_input=data.val.x[:CHECK_EXAMPLES], params={**space.defaults(), **combo})
+            except UsageError as e:
+                refused[", ".join(map(str, combo.values()))] = e
+        if len(refused) == len(combos):
+            raise next(iter(refused.values()))
+        if refused:
+            ok = [", ".join(map(str, c.values())) for c in combos if ", ".join(map(str, c.values())) not in refused]
+            raise UsageError(f"methods.{name}.{'/'.join(knobs)}: {', '.join(map(repr, refused))} cannot act on "
+                             f"model {cfg.model} ({next(iter(refused.values()))}); narrow it to: {'; '.join(ok)}")
 
 
 def load_method_data(cfg: StudyConfig, *, device: str = "cpu") -> dict[str, Data]:

@@ -113,9 +113,19 @@ keep the channels they see (no group). Advanced indexing, ``torch.roll``/
 ``flip``, ``einsum``/``matmul`` and attention layers, LSTMs,
 LocalResponseNorm, other weight parametrizations, functional convolutions or
 norms on a custom module's parameters, and custom modules fx cannot trace
-refuse the model, naming the op, when a group's channels reach them. An
-activation module called more than once per forward (torchvision's ResNet
-blocks), or whose channels are not on dim 1, is reported for no group.
+refuse the model, naming the op, when a group's channels reach them.
+
+What the methods read off the analysis: every activation call a group's
+channels pass through (:attr:`ChannelGroup.sites`: modules called once or
+several times, as torchvision's ResNet blocks reuse one ReLU, and functions
+such as ``F.relu`` or ``x.relu()``, on whatever dim the channels sit);
+:func:`probe` reads the values there, or at any layer's input, on the traced
+model; :func:`constant_inputs` what each consumer reads from channels that no
+longer depend on the input, folded per consumer by :func:`remove_channels`;
+:func:`residual_branches` every ``x + f(x)`` of a submodule, removed by
+:func:`remove_blocks`. A removal that fails, or whose result does not run, is
+refused in one line (:class:`RemovalError`, a UsageError) naming the layer or
+op; :func:`check_removal` is that removal as a dry run before training.
 
 >>> import torch
 >>> from autoslim.models import create_model
@@ -133,7 +143,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -175,6 +185,11 @@ _ELEMENTWISE = {F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.
                 "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clamp_min",
                 "clamp_max", "abs", "exp", "sqrt", "rsqrt", "square", "neg", "erf", "contiguous", "clone",
                 "detach", "float", "double", "half", "bfloat16", "to", "type_as"}
+# the elementwise functions that are nonlinearities: where a channel's values pass one (APoZ is measured there)
+_ACT_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+                  F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.softplus, torch.relu, torch.sigmoid, torch.tanh,
+                  torch.clamp, torch.clip, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp",
+                  "clamp_", "clip", "clamp_min"}
 _DTYPE_ONLY = {"to", "type_as"}  # a second tensor argument only gives the dtype/device
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
            operator.imul, operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul, torch.div,
@@ -198,6 +213,23 @@ Ids = tuple[Dim, ...]  # one entry per dim; a tuple/list output has a list of Id
 
 
 @dataclass(frozen=True)
+class ActivationSite:
+    """An activation call (a module, called once or several times, or a function: one fx node) that some of a
+    group's channels pass through.
+
+    ``node`` is the name of the node in the :mod:`torch.fx` trace of the model
+    (see :func:`probe`); ``dim`` the dim of its output along which the
+    channels lie; ``channels[i]`` is the group channel that entry ``i`` along
+    ``dim`` holds, or -1 for an entry of another group (a concatenation) or a
+    fixed channel. After a flatten one channel fills several entries.
+    """
+
+    node: str
+    channels: tuple[int, ...]
+    dim: int = 1
+
+
+@dataclass(frozen=True)
 class ChannelGroup:
     """Channels that must be removed together.
 
@@ -205,24 +237,32 @@ class ChannelGroup:
     is the key of ``keep`` in :func:`remove_channels`. ``producers`` are the
     convolution/Linear layers (depthwise convs included) whose output channel
     ``j`` is channel ``j`` of the group: more than one when a residual sum or a
-    depthwise conv ties them. ``batchnorms`` are the BatchNorm layers that see
-    exactly these channels in this order. ``activation`` names an activation
-    module, called once per forward, whose output is this group's feature map
-    with the channels on dim 1 (where Network Trimming measures APoZ), or is
-    None. ``granularity`` > 1 when the channels reach a GroupNorm: they can
-    only be removed in whole GroupNorm groups, channel ``j`` lying in block
-    ``j // granularity``. ``channel_dim`` is the dim of the first producer's
-    output that holds the channels: 1 for a convolution ``(N, C, ...)``, the
-    last dim for a Linear (``(N, F)``, tokens ``(N, L, D)``, channel-last maps).
+    depthwise conv ties them. ``batchnorms`` are the BatchNorm layers, and
+    ``groupnorms`` the GroupNorm layers, that see exactly these channels in
+    this order. ``sites`` are every activation call the group's channels pass
+    through (where Network Trimming measures APoZ): modules and functions
+    (``F.relu``, ``x.relu()``) alike, one per call of a module used several
+    times, several for a residual stream. ``granularity`` > 1 when the
+    channels reach a GroupNorm: they can only be removed in whole GroupNorm
+    groups, channel ``j`` lying in block ``j // granularity``. ``channel_dim``
+    is the dim of the first producer's output that holds the channels: 1 for a
+    convolution ``(N, C, ...)``, the last dim for a Linear (``(N, F)``, tokens
+    ``(N, L, D)``, channel-last maps).
     """
 
     name: str
     producers: tuple[str, ...]
     size: int
-    activation: str | None
+    sites: tuple[ActivationSite, ...] = ()
     batchnorms: tuple[str, ...] = ()
     granularity: int = 1
     channel_dim: int = 1
+    groupnorms: tuple[str, ...] = ()
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """The fx node names of :attr:`sites`."""
+        return tuple(s.node for s in self.sites)
 
 
 @dataclass
@@ -338,18 +378,103 @@ def _none_like(out: Any) -> Ids | list | None:
     return None
 
 
-def _analyse(model: nn.Module, example_input: torch.Tensor) -> _Analysis:
+class RemovalError(UsageError, RuntimeError):
+    """A removal that cannot be done, or whose result does not run: one line naming the layer or op."""
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line, without the graph dump torch.fx appends to an op's error."""
+    return " ".join(str(e).split("\n\nWhile executing")[0].split())
+
+
+def _traced(model: nn.Module) -> fx.GraphModule:
+    """``model`` traced by :func:`_trace` in eval mode (what ``self.training`` decides is fixed at tracing: the
+    graph is the one every analysis and probe runs); a UsageError line if torch.fx cannot trace it."""
     try:
-        graph = _trace(model)
+        with _eval_mode(model):
+            return fx.GraphModule(model, _trace(model))
     except Exception as e:  # fx raises many types for untraceable Python
-        raise UsageError(f"surgery: {type(model).__name__} cannot be traced by torch.fx: {e}") from e
-    return _Analysis(fx.GraphModule(model, graph), model, _on_device_of(model, example_input))
+        raise UsageError(f"surgery: {type(model).__name__} cannot be traced by torch.fx: {_one_line(e)}") from e
+
+
+def _analyse(model: nn.Module, example_input: torch.Tensor) -> _Analysis:
+    module = _traced(model)
+    try:
+        return _Analysis(module, model, _on_device_of(model, example_input))
+    except UsageError:
+        raise
+    except Exception as e:  # the model fails on the input, or an op trips the analysis: one line either way
+        raise UsageError(f"surgery: the channel analysis of {type(model).__name__} failed: {type(e).__name__}: "
+                         f"{_one_line(e)}") from e
 
 
 def _on_device_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` on the device of ``model``'s parameters (a CUDA batch for a CPU model, or the reverse)."""
     p = next(model.parameters(), None)
     return x if p is None else x.to(p.device)
+
+
+class _Probe(fx.Interpreter):
+    """Runs a traced model, handing node outputs and layer inputs to callbacks; an op that fails raises a
+    :class:`RemovalError` naming it."""
+
+    def __init__(self, module: fx.GraphModule, *, nodes: Collection[str] = (), layer_inputs: Collection[str] = (),
+                 on_output: Callable[[str, Any], None] | None = None,
+                 on_input: Callable[[str, torch.Tensor], None] | None = None) -> None:
+        super().__init__(module)
+        self.nodes, self.layer_inputs = set(nodes), set(layer_inputs)
+        self.on_output, self.on_input = on_output, on_input
+        self.extra_traceback = False  # the error names the op; no graph dump
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_module" and n.target in self.layer_inputs and n.args and isinstance(n.args[0], fx.Node):
+            self.on_input(n.target, self.env[n.args[0]])
+        try:
+            out = super().run_node(n)
+        except Exception as e:
+            module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+            raise RemovalError(f"{_where(n, module)} fails: {_one_line(e)}") from e
+        self.seen(n, out)
+        if n.name in self.nodes:
+            self.on_output(n.name, out)
+        return out
+
+    def seen(self, n: fx.Node, out: Any) -> None:
+        """Called with every node's output (a subclass checks it)."""
+
+
+def probe(model: nn.Module, batches: Iterable[torch.Tensor], *, nodes: Collection[str] = (),
+          layer_inputs: Collection[str] = (), on_output: Callable[[str, Any], None] | None = None,
+          on_input: Callable[[str, torch.Tensor], None] | None = None) -> None:
+    """Run ``model`` on each of ``batches`` (eval mode, no gradients) through its :mod:`torch.fx` trace.
+
+    ``on_output(node, value)`` receives the output of every node named in
+    ``nodes`` (:attr:`ActivationSite.node`), ``on_input(layer, value)`` the
+    input of every call of a layer named in ``layer_inputs``, as they are
+    computed: reduce them at once (an in-place op later on may change them).
+    The model runs in eval mode, so dropout is off. An op that fails raises a
+    :class:`RemovalError` naming it.
+
+    >>> import torch
+    >>> from autoslim.models import create_model
+    >>> model = create_model("lenet5", in_shape=(1, 8, 8), num_classes=3)
+    >>> site = channel_groups(model, example_input=torch.zeros(1, 1, 8, 8))[0].sites[0]
+    >>> seen = {}
+    >>> probe(model, [torch.randn(4, 1, 8, 8)], nodes=[site.node], layer_inputs=["features.conv2"],
+    ...       on_output=lambda n, v: seen.setdefault(n, v.shape), on_input=lambda n, v: seen.setdefault(n, v.shape))
+    >>> seen
+    {'features_relu1': torch.Size([4, 20, 8, 8]), 'features.conv2': torch.Size([4, 20, 4, 4])}
+    """
+    _probe(_traced(model), model, batches, nodes=nodes, layer_inputs=layer_inputs, on_output=on_output,
+           on_input=on_input)
+
+
+def _probe(module: fx.GraphModule, model: nn.Module, batches: Iterable[torch.Tensor], **callbacks: Any) -> None:
+    """:func:`probe` on ``module``, the trace of ``model``."""
+    interpreter = _Probe(module, **callbacks)
+    with _eval_mode(model):
+        for x in batches:
+            interpreter.run(_on_device_of(model, x))
 
 
 def _segments(xs: Sequence[int], os: Sequence[int]) -> list[tuple[range, range]]:
@@ -418,9 +543,8 @@ class _Analysis(fx.Interpreter):
         self.tensors: dict[str, dict[int, list[int]]] = {}  # custom parameter/buffer -> {its dim: channel ids}
         self.origins: dict[fx.Node, tuple[str, tuple[int | None, ...]]] = {}  # -> (parameter, its dim per dim)
         self.group_norms: list[tuple[str, list[int], int]] = []
-        self.activations: list[tuple[str, Ids]] = []
+        self.activations: list[tuple[str, Ids]] = []  # (fx node name, ids of its output) of every activation call
         self.unknown: list[tuple[str, list[int]]] = []
-        self.calls = Counter(n.target for n in module.graph.nodes if n.op == "call_module")
         self.named_tensors = {name for name, _ in [*root.named_parameters(), *root.named_buffers()]}
         with _eval_mode(module):
             self.run(example_input)
@@ -556,7 +680,11 @@ class _Analysis(fx.Interpreter):
         x = self._input(n)
         if x is None or not isinstance(out, torch.Tensor) or tuple(out.shape) != x[1]:
             return None
-        return x[0] if n.target in _DTYPE_ONLY or self._tensors_in(n) == [n.args[0]] else None
+        if n.target in _DTYPE_ONLY or self._tensors_in(n) == [n.args[0]]:
+            if n.target in _ACT_FUNCTIONS:
+                self.activations.append((n.name, x[0]))
+            return x[0]
+        return None
 
     def _binary(self, n: fx.Node, out: Any) -> Ids | None:
         if not isinstance(out, torch.Tensor):
@@ -922,8 +1050,7 @@ class _Analysis(fx.Interpreter):
         return self._mix(xi, range(len(xs) - len(m.normalized_shape), len(xs)))
 
     def _activation(self, n: fx.Node, m: nn.Module, out: Any, xi: Ids, xs: tuple[int, ...]) -> Ids:
-        if self.calls[n.target] == 1:
-            self.activations.append((n.target, xi))
+        self.activations.append((n.name, xi))
         return xi
 
     def _same(self, n: fx.Node, m: nn.Module, out: Any, xi: Ids, xs: tuple[int, ...]) -> Ids:
@@ -972,10 +1099,15 @@ class _Analysis(fx.Interpreter):
                     bad |= {key, owner[r]}
         return {key: names for key, names in by_key.items() if key not in bad}
 
+    @staticmethod
+    def _positions(by_key: Mapping[tuple[int, ...], Any]) -> dict[int, tuple[tuple[int, ...], int]]:
+        """Root id -> (the key of the group holding it, its channel in the group)."""
+        return {r: (key, j) for key in by_key for j, r in enumerate(key)}
+
     def _group_norm_blocks(self, by_key: Mapping[tuple[int, ...], list[str]]) -> dict[tuple[int, ...], int] | None:
         """The block size of each group that reaches a GroupNorm, or None after fixing the groups whose
         channels do not fall into its groups as whole aligned blocks of one channel group."""
-        position = {r: (key, j) for key in by_key for j, r in enumerate(key)}
+        position = self._positions(by_key)
         blocks: dict[tuple[int, ...], int] = {}
         bad: set[tuple[int, ...]] = set()
         for _, ids, num_groups in self.group_norms:
@@ -994,23 +1126,39 @@ class _Analysis(fx.Interpreter):
             self.uf.fix(list(key))
         return None if bad else blocks
 
+    def _sites(self, by_key: Mapping[tuple[int, ...], list[str]]) -> dict[tuple[int, ...], list[ActivationSite]]:
+        """Per group key, the activation calls some of its channels pass through, on any dim."""
+        position = self._positions(by_key)
+        sites: dict[tuple[int, ...], list[ActivationSite]] = {key: [] for key in by_key}
+        for node, ids in self.activations:
+            for d, lst in enumerate(ids):
+                entries: dict[tuple[int, ...], list[int]] = {}
+                for i, r in enumerate(self.roots(lst or ())):
+                    if r in position:
+                        key, j = position[r]
+                        entries.setdefault(key, [-1] * len(lst))[i] = j
+                for key, channels in entries.items():
+                    sites[key].append(ActivationSite(node, tuple(channels), d))
+        return sites
+
+    def _norms(self, kind: type[nn.Module]) -> list[tuple[str, tuple[int, ...]]]:
+        """The per-channel layers of type ``kind`` and the roots of the channels they see."""
+        return [(name, self.roots(layer.in_ids)) for name, layer in self.layers.items()
+                if layer.out_ids is None and isinstance(self.root.get_submodule(name), kind)]
+
     def _find_groups(self) -> tuple[list[ChannelGroup], dict[str, tuple[int, ...]]]:
         blocks = None
         while blocks is None:
             by_key = self._producer_keys()
             blocks = self._group_norm_blocks(by_key)
-        norms = [(name, self.roots(layer.in_ids)) for name, layer in self.layers.items()
-                 if layer.out_ids is None and isinstance(self.root.get_submodule(name), _BatchNorm)]
-        acts = [(name, self.roots(ids[1])) for name, ids in self.activations
-                if len(ids) > 1 and ids[1] is not None and sum(lst is not None for lst in ids) == 1]
+        batchnorms, groupnorms, sites = self._norms(_BatchNorm), self._norms(nn.GroupNorm), self._sites(by_key)
         groups, keys = [], {}
         for key, names in by_key.items():
             keys[names[0]] = key
             groups.append(ChannelGroup(
-                name=names[0], producers=tuple(names), size=len(key),
-                activation=next((a for a, k in acts if k == key), None),
-                batchnorms=tuple(b for b, k in norms if k == key), granularity=blocks.get(key, 1),
-                channel_dim=self.layers[names[0]].dim))
+                name=names[0], producers=tuple(names), size=len(key), sites=tuple(sites[key]),
+                batchnorms=tuple(b for b, k in batchnorms if k == key), granularity=blocks.get(key, 1),
+                channel_dim=self.layers[names[0]].dim, groupnorms=tuple(b for b, k in groupnorms if k == key)))
         return groups, keys
 
     def _refuse_unknown(self) -> None:
@@ -1069,8 +1217,10 @@ def channel_groups(model: nn.Module, *, example_input: torch.Tensor) -> list[Cha
     >>> groups = channel_groups(model, example_input=torch.randn(1, 3, 32, 32))
     >>> groups[0].producers
     ('conv1', 'layer1.0.conv2', 'layer1.1.conv2', 'layer1.2.conv2')
-    >>> groups[0].activation, groups[1].name, groups[1].batchnorms
-    ('relu', 'layer1.0.conv1', ('layer1.0.bn1',))
+    >>> groups[0].activations  # the stem's ReLU and the ReLU after each residual sum of the stage
+    ('relu', 'layer1_0_relu2', 'layer1_1_relu2', 'layer1_2_relu2')
+    >>> groups[1].name, groups[1].batchnorms, groups[1].activations
+    ('layer1.0.conv1', ('layer1.0.bn1',), ('layer1_0_relu1',))
     """
     return _analyse(model, example_input).groups
 
@@ -1163,6 +1313,42 @@ def _slice_weight(m: nn.Module, out_keep: list[int] | None, in_keep: list[int] |
             m.weight = hook.compute_weight(m, do_power_iteration=False)
 
 
+def scales_exactly(m: nn.Module) -> bool:
+    """Whether :func:`scale_output_channels` can scale the outputs of ``m``."""
+    return getattr(m, "weight", None) is not None and _weight_kind(m) in ("plain", "weight_norm")
+
+
+@torch.no_grad()
+def scale_output_channels(m: nn.Module, factor: torch.Tensor, *, bias: bool = True) -> None:
+    """Multiply output channel ``j`` of ``m`` by ``factor[j]`` (a single value: every channel) in its parameters.
+
+    ``m`` is a convolution or Linear (its weight's rows), or a norm layer's
+    affine (BatchNorm, GroupNorm, LayerNorm); under ``weight_norm`` its ``g``
+    is scaled, since the weight is computed from it. ``bias=False`` leaves the
+    bias alone (a zeroed filter keeps its bias). Refused (UsageError) where no
+    parameter scales the output linearly (:func:`scales_exactly`): under
+    ``spectral_norm`` (sigma follows the weight), a norm without affine weight.
+
+    >>> conv = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(1, 3, 1))
+    >>> before = conv.weight.detach().clone()
+    >>> scale_output_channels(conv, torch.tensor([1.0, 0.0, 2.0]))
+    >>> torch.allclose(conv.weight, before * torch.tensor([1.0, 0.0, 2.0]).view(3, 1, 1, 1))
+    True
+    """
+    if not scales_exactly(m):
+        raise UsageError(f"surgery: the outputs of {type(m).__name__} cannot be scaled in its parameters "
+                         f"({'no affine weight' if getattr(m, 'weight', None) is None else 'spectral_norm'})")
+    kind = _weight_kind(m)
+    owner, attr = (m, "weight") if kind == "plain" else (m.parametrizations.weight, "original0") \
+        if parametrize.is_parametrized(m) else (m, "weight_g")
+    t = getattr(owner, attr)
+    t.mul_(factor.to(t).view(-1, *[1] * (t.dim() - 1)))
+    if bias and m.bias is not None:
+        m.bias.mul_(factor.to(m.bias))
+    if kind == "weight_norm" and not parametrize.is_parametrized(m):
+        m.weight = next(h for h in m._forward_pre_hooks.values() if isinstance(h, WeightNorm)).compute_weight(m)
+
+
 def _resize(m: nn.Module, in_keep: list[int] | None, out_keep: list[int] | None) -> None:
     """Keep input channels ``in_keep`` and output channels ``out_keep`` of ``m`` (None keeps all).
 
@@ -1209,25 +1395,23 @@ def _fold(m: nn.Module, constants: torch.Tensor) -> None:
     _set_param(m, "bias", bias)
 
 
-class _ShapeMismatch(RuntimeError):
+class _ShapeMismatch(RemovalError):
     pass
 
 
-class _ShapeCheck(fx.Interpreter):
+class _ShapeCheck(_Probe):
     """Runs the reduced model and checks every tensor against the shape the analysis predicts."""
 
     def __init__(self, module: fx.GraphModule, analysis: _Analysis, removed: Mapping[int, float]) -> None:
         super().__init__(module)
         self.analysis, self.removed, self.cache = analysis, removed, {}
 
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+    def seen(self, n: fx.Node, out: Any) -> None:
         want = None if n in self.analysis.origins else self.analysis.reduced_shape(n, self.removed, self.cache)
         if want is not None and isinstance(out, torch.Tensor) and tuple(out.shape) != want:
             module = self.module.get_submodule(n.target) if n.op == "call_module" else None
             raise _ShapeMismatch(f"surgery: {_where(n, module)} gives shape {tuple(out.shape)} after the removal, "
                                  f"expected {want}; please report this model")
-        return out
 
 
 def _check_reduced(new: nn.Module, analysis: _Analysis, removed: Mapping[int, float], x: torch.Tensor) -> None:
@@ -1238,11 +1422,11 @@ def _check_reduced(new: nn.Module, analysis: _Analysis, removed: Mapping[int, fl
             _ShapeCheck(module, analysis, removed).run(_on_device_of(new, x))
         except _ShapeMismatch:
             raise
-        except RuntimeError as e:
-            raise RuntimeError(f"surgery: the reduced model does not run ({e}); please report this model") from e
+        except RemovalError as e:
+            raise RemovalError(f"surgery: the reduced model does not run: {e}; please report this model") from e
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model``, also when old-style weight_norm/spectral_norm hooks left a computed weight
     (a non-leaf tensor, which deepcopy refuses) on a module: that weight is copied detached."""
     memo = {id(t): t.detach().clone() for m in model.modules() for t in vars(m).values()
@@ -1250,9 +1434,25 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _is_consumer(layer: _Layer) -> bool:
+    """A layer that mixes the channels it reads into new ones (a convolution or Linear, not depthwise)."""
+    return layer.out_ids is not None and layer.out_ids is not layer.in_ids
+
+
+@contextmanager
+def _refused(what: str) -> Iterator[None]:
+    """Any error but a UsageError while ``what`` is resized becomes one :class:`RemovalError` line naming it."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as e:
+        raise RemovalError(f"surgery: {what} cannot be resized: {_one_line(e)}") from e
+
+
 def remove_channels(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tensor], *,
-                    example_input: torch.Tensor,
-                    fold_constants: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+                    example_input: torch.Tensor, fold_constants: Mapping[str, torch.Tensor] | None = None,
+                    consumer_constants: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """A smaller dense copy of ``model`` that keeps only the channels ``keep[group]`` of each group.
 
     Producers lose output channels, BatchNorm layers the matching entries, and
@@ -1261,17 +1461,22 @@ def remove_channels(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.T
     layers and the per-channel parameters of custom modules. Groups missing from
     ``keep`` are unchanged; removing every channel of a group is refused, and so
     is splitting a block of a group with ``granularity`` > 1.
-    ``model`` is not modified.
+    ``model`` is not modified. A layer that cannot be sliced, or a result that
+    does not run, is refused in one :class:`RemovalError` line naming the layer
+    or op.
 
-    ``fold_constants[group]`` (length ``size``) gives, for removed channels
-    whose map is a known constant ``c`` at the input of every consumer (e.g. a
-    zero filter followed by BatchNorm and ReLU gives ``relu(beta)``), that
-    value; its contribution is added to the consumers' biases (a bias is
-    created if missing): ``W[:, col] * c`` for a Linear, exact; the kernel sum
-    times ``c`` for a convolution, exact without padding, while with zero padding
-    the outputs within ``padding`` of the border receive the full kernel sum
-    although part of their window is padding (keep such channels for an exact
-    result).
+    A removed channel that is not zero but a constant at a consumer's input
+    can be folded into the consumer's bias (a bias is created if missing):
+    ``W[:, col] * c`` for a Linear, exact; the kernel sum times ``c`` for a
+    convolution, exact without padding, while with zero padding the outputs
+    within ``padding`` of the border receive the full kernel sum although part
+    of their window is padding (measure the change, or keep such channels).
+    ``consumer_constants[layer]`` (one value per input column of the consumer
+    ``layer``, as :func:`constant_inputs` reads them) gives what that consumer
+    sees; ``fold_constants[group]`` (length ``size``) gives one value per
+    channel that every consumer sees (a zero filter followed by BatchNorm and
+    ReLU gives ``relu(beta)`` at every consumer, unless something else lies
+    between). Only the columns of removed channels are read.
 
     >>> import torch
     >>> from autoslim.models import create_model
@@ -1280,24 +1485,12 @@ def remove_channels(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.T
     >>> small.classifier.fc1.out_features, small.classifier.fc2.in_features
     (3, 3)
     """
-    new = _copy(model)
+    new = copy_model(model)
     analysis = _analyse(new, example_input)
-    groups = {g.name: g for g in analysis.groups}
-    fold_constants = fold_constants or {}
-    for field, names in (("keep", keep), ("fold_constants", fold_constants)):
-        for name in names:
-            if name not in groups:
-                raise accepted(field, name, groups)
-    removed: dict[int, float] = {}  # channel id -> constant to fold
-    for name, idx in keep.items():
-        size = groups[name].size
-        kept = _kept_indices(name, idx, groups[name].size, granularity=groups[name].granularity)
-        values = torch.as_tensor(fold_constants.get(name, [0.0] * size)).detach().double().flatten()
-        if len(values) != size:
-            raise UsageError(f"fold_constants[{name!r}]: expected {size} values, got {len(values)}")
-        removed.update((analysis.keys[name][j], float(values[j])) for j in range(size) if j not in kept)
+    removed = _removed_ids(analysis, keep, fold_constants or {})
     if not removed:
         return new
+    at_consumer = _checked_consumer_constants(analysis, consumer_constants or {})
 
     def kept_of(ids: list[int]) -> list[int] | None:
         kept = [j for j, r in enumerate(analysis.roots(ids)) if r not in removed]
@@ -1306,20 +1499,141 @@ def remove_channels(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.T
     with torch.no_grad():
         for name, layer in analysis.layers.items():
             module = new.get_submodule(name)
-            in_keep = kept_of(layer.in_ids)
-            if in_keep is not None and layer.out_ids is not None and layer.out_ids is not layer.in_ids:
-                column = torch.tensor([removed.get(r, 0.0) for r in analysis.roots(layer.in_ids)])
-                if column.any():
-                    _fold(module, column)
-            _resize(module, in_keep, None if layer.out_ids is None else kept_of(layer.out_ids))
+            with _refused(f"layer '{name}' ({type(module).__name__})"):
+                in_keep = kept_of(layer.in_ids)
+                if in_keep is not None and _is_consumer(layer):
+                    given = at_consumer.get(name)
+                    column = torch.tensor([(float(given[j]) if given is not None else removed[r]) if r in removed
+                                           else 0.0 for j, r in enumerate(analysis.roots(layer.in_ids))])
+                    if column.any():
+                        _fold(module, column)
+                _resize(module, in_keep, None if layer.out_ids is None else kept_of(layer.out_ids))
         for name, dims in analysis.tensors.items():
             owner, _, attr = name.rpartition(".")
-            t = getattr(new.get_submodule(owner), attr)
-            for dim, ids in dims.items():
-                t = _take(t, dim, kept_of(ids))
-            _set_param(new.get_submodule(owner), attr, t)
+            with _refused(f"tensor '{name}'"):
+                t = getattr(new.get_submodule(owner), attr)
+                for dim, ids in dims.items():
+                    t = _take(t, dim, kept_of(ids))
+                _set_param(new.get_submodule(owner), attr, t)
     _check_reduced(new, analysis, removed, example_input)
     return new
+
+
+def _removed_ids(analysis: _Analysis, keep: Mapping[str, Sequence[int] | torch.Tensor],
+                 fold_constants: Mapping[str, torch.Tensor]) -> dict[int, float]:
+    """Channel id -> the constant of ``fold_constants`` (0 if none) of every channel ``keep`` drops."""
+    groups = {g.name: g for g in analysis.groups}
+    for field, names in (("keep", keep), ("fold_constants", fold_constants)):
+        for name in names:
+            if name not in groups:
+                raise accepted(field, name, groups)
+    removed: dict[int, float] = {}
+    for name, idx in keep.items():
+        size = groups[name].size
+        kept = _kept_indices(name, idx, size, granularity=groups[name].granularity)
+        values = torch.as_tensor(fold_constants.get(name, [0.0] * size)).detach().double().flatten()
+        if len(values) != size:
+            raise UsageError(f"fold_constants[{name!r}]: expected {size} values, got {len(values)}")
+        removed.update((analysis.keys[name][j], float(values[j])) for j in range(size) if j not in kept)
+    return removed
+
+
+def _checked_consumer_constants(analysis: _Analysis, given: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    consumers = {name: len(layer.in_ids) for name, layer in analysis.layers.items() if _is_consumer(layer)}
+    out = {}
+    for name, values in given.items():
+        if name not in consumers:
+            raise accepted("consumer_constants", name, consumers)
+        out[name] = torch.as_tensor(values).detach().double().flatten().cpu()
+        if len(out[name]) != consumers[name]:
+            raise UsageError(f"consumer_constants[{name!r}]: expected {consumers[name]} values (one per input "
+                             f"column), got {len(out[name])}")
+    return out
+
+
+def check_removal(model: nn.Module, *, example_input: torch.Tensor, groups: Sequence[ChannelGroup] = (),
+                  blocks: Sequence[str] = ()) -> None:
+    """Refuse, in one UsageError line naming the layer or op, a model whose channels or branches cannot be removed.
+
+    A dry run before any training: the first channel (the first block of
+    ``granularity`` channels) of each of ``groups`` (of
+    :func:`channel_groups` on ``model``) and every residual branch in
+    ``blocks`` (:func:`residual_branches`) are removed from a copy, which must
+    run on ``example_input``.
+
+    >>> import torch
+    >>> from autoslim.models import create_model
+    >>> model, x = create_model("resnet20", in_shape=(3, 8, 8), num_classes=3), torch.randn(1, 3, 8, 8)
+    >>> check_removal(model, example_input=x, groups=channel_groups(model, example_input=x)[:1],
+    ...               blocks=["layer1.0", "layer2.0"])
+    """
+    keep = {g.name: range(g.granularity, g.size) for g in groups if g.size > g.granularity}
+    small = remove_channels(model, keep, example_input=example_input)
+    if blocks:
+        try:
+            probe(remove_blocks(small, blocks), [example_input])
+        except RemovalError as e:
+            raise RemovalError(f"surgery: the model without its residual branches {', '.join(blocks)} does not "
+                               f"run: {e}; please report this model") from e
+
+
+def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | torch.Tensor], *,
+                    example_input: torch.Tensor, rtol: float = 1e-5) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, list[int]]]:
+    """What the consumers of ``channels`` ({group: indices}) read from them, for :func:`remove_channels`.
+
+    Meant for a model in which those channels no longer depend on the input
+    (their filters zeroed, or their scale): whatever lies between a producer
+    and a consumer (activation, BatchNorm, pooling, a residual sum) is run, in
+    eval mode on ``example_input``, and each consumer's input is read along
+    the dim its channels lie on. Returns ``(constants, varying)``: per
+    consumer layer, the value of every input column (that of a removed channel
+    where it is one constant over the batch and the other dims, else 0) for
+    ``consumer_constants``; per group, the channels whose value at some
+    consumer is not one constant (they cannot be folded: keep them).
+
+    >>> import torch
+    >>> from autoslim.models import create_model
+    >>> model = create_model("lenet300_100", in_shape=(1, 8, 8), num_classes=3)
+    >>> with torch.no_grad():
+    ...     model.classifier.fc1.weight[:2] = 0
+    ...     model.classifier.fc1.bias[:2] = torch.tensor([0.5, -1.0])
+    >>> constants, varying = constant_inputs(model, {"classifier.fc1": [0, 1]}, example_input=torch.randn(4, 1, 8, 8))
+    >>> constants["classifier.fc2"][:3].tolist(), varying   # relu(0.5), relu(-1); other columns read as 0
+    ([0.5, 0.0, 0.0], {})
+    """
+    analysis = _analyse(model, example_input)
+    groups = {g.name: g for g in analysis.groups}
+    gone: dict[int, tuple[str, int]] = {}  # channel id -> (group, channel)
+    for group, idx in channels.items():
+        if group not in groups:
+            raise accepted("channels", group, groups)
+        if len(idx):
+            gone.update((analysis.keys[group][j], (group, j))
+                        for j in _kept_indices(group, idx, groups[group].size, granularity=groups[group].granularity))
+    consumers = {name: analysis.roots(layer.in_ids) for name, layer in analysis.layers.items()
+                 if _is_consumer(layer) and any(r in gone for r in analysis.roots(layer.in_ids))}
+    stats: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def on_input(name: str, value: torch.Tensor) -> None:
+        d = analysis.layers[name].dim
+        flat = value.detach().movedim(d, 0).reshape(value.shape[d], -1).double()
+        new = (flat.amin(1), flat.amax(1), flat.sum(1), torch.full_like(flat[:, 0], flat.shape[1]))
+        old = stats.get(name)
+        stats[name] = new if old is None else (torch.minimum(old[0], new[0]), torch.maximum(old[1], new[1]),
+                                               old[2] + new[2], old[3] + new[3])
+
+    _probe(analysis.module, model, [example_input], layer_inputs=list(consumers), on_input=on_input)
+    constants, varying = {}, {}
+    for name, roots in consumers.items():
+        lo, hi, total, count = (t.cpu() for t in stats[name])
+        steady = (hi - lo) <= rtol * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+        removed = torch.tensor([r in gone for r in roots])
+        constants[name] = torch.where(removed & steady, total / count, 0.0).float()
+        for j in torch.nonzero(removed & ~steady).flatten().tolist():
+            group, channel = gone[roots[j]]
+            varying.setdefault(group, set()).add(channel)
+    return constants, {g: sorted(c) for g, c in varying.items()}
 
 
 class ShortcutPath(nn.Sequential):
@@ -1328,6 +1642,157 @@ class ShortcutPath(nn.Sequential):
     Empty (the identity) when the shortcut is the identity: the block input
     follows a ReLU in the supported ResNets, so ``relu(x) == x``.
     """
+
+
+class ResidualShortcut(nn.Module):
+    """A block whose residual branches ``removed`` are gone: each ``x + f(x)`` became ``x``.
+
+    ``kept`` is the block's :mod:`torch.fx` graph (traced in eval mode) with
+    those sums rewritten and the branches' layers dropped (dead-code
+    elimination); whatever followed a sum (an activation) still runs.
+    """
+
+    def __init__(self, kept: fx.GraphModule, removed: tuple[str, ...]) -> None:
+        super().__init__()
+        self.kept, self.removed = kept, removed
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.kept(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ResidualBranch:
+    """A residual sum ``x + f(x)`` in the forward of module ``block``; removing the branch leaves ``x``.
+
+    ``name`` is ``block``, or ``block[index]`` when the block's forward holds
+    several residual sums (``index`` counts them in order). ``scale_site`` is
+    the layer whose output ends ``f`` (its last convolution, Linear or
+    normalisation layer, reached back through dropout, stochastic depth, a
+    constant scale or a permute), called once per forward, where a factor can
+    scale the whole branch and be folded into the layer's parameters exactly
+    (:func:`scale_output_channels`); None if there is none.
+    """
+
+    name: str
+    block: str
+    index: int
+    scale_site: str | None
+
+
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_MULS = {operator.mul, torch.mul, "mul"}
+_SCALE_PASS_MODULES = (*_PASS_MODULES, torchvision.ops.StochasticDepth)
+_SCALE_PASS_FUNCTIONS = {F.dropout, torchvision.ops.stochastic_depth, torch.permute, torch.flatten, torch.reshape,
+                         "permute", "contiguous", "flatten", "transpose", "view", "reshape"}
+_FOLDABLE = (*_CONVS, nn.Linear, _BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _shortcut_and_branch(a: fx.Node, b: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(x, f(x))`` of a sum of ``a`` and ``b``: one feeds the other, or both read the block input on separate
+    paths and the shorter is the shortcut (a projection); None if the sum is not residual."""
+    up_a, up_b = _ancestors(a), _ancestors(b)
+    if a in up_b:
+        return a, b
+    if b in up_a:
+        return b, a
+    common = up_a & up_b
+    if a is b or not common or any(n.op != "placeholder" for n in common) or len(up_a) == len(up_b):
+        return None
+    return (a, b) if len(up_a) < len(up_b) else (b, a)
+
+
+def _block_sums(block: nn.Module) -> tuple[fx.GraphModule, list[tuple[fx.Node, fx.Node, fx.Node]]] | None:
+    """The block's own trace (eval mode) and its residual sums ``(sum, shortcut, branch)`` in order; None if
+    the block cannot be traced on its own."""
+    try:
+        traced = _traced(block)
+    except UsageError:
+        return None
+    sums = []
+    for n in traced.graph.nodes:
+        if n.op not in ("call_function", "call_method") or n.target not in _ADDS or n.meta.get("nn_module_stack"):
+            continue  # not a sum, or one inside a child module (a block of its own)
+        operands = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+        pair = _shortcut_and_branch(*operands) if len(operands) == 2 and "alpha" not in n.kwargs else None
+        if pair is not None:
+            sums.append((n, *pair))
+    return traced, sums
+
+
+def _scale_site(block: nn.Module, branch: fx.Node) -> str | None:
+    """The layer (relative to ``block``) whose output, scaled, scales the whole ``branch``; None if none."""
+    node = branch
+    while len(node.users) == 1:
+        if node.op == "call_module":
+            m = block.get_submodule(node.target)
+            if isinstance(m, _FOLDABLE):
+                return node.target if scales_exactly(m) else None
+            if not isinstance(m, _SCALE_PASS_MODULES):
+                return None
+        elif node.op in ("call_function", "call_method") and node.target in _MULS:
+            tensors = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+            if len(tensors) != 1:
+                return None
+            node = tensors[0]
+            continue
+        elif node.op not in ("call_function", "call_method") or node.target not in _SCALE_PASS_FUNCTIONS:
+            return None
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def residual_branches(model: nn.Module) -> list[ResidualBranch]:
+    """Every residual sum ``x + f(x)`` in the forward of a submodule of ``model`` called once, in execution order.
+
+    A sum is residual when one operand feeds the other (``x + f(x)``, also
+    ``x + f(y)`` with ``y`` computed from ``x``), or both read the block input
+    on separate paths (``proj(x) + f(x)``: the shorter path is the shortcut).
+    The branches of torchvision's BasicBlock/Bottleneck, of autoslim's
+    BasicBlock, of MobileNet/EfficientNet/MNASNet inverted residuals, RegNet,
+    ConvNeXt, ViT and Swin blocks are found this way. Sums written in the
+    model's own forward (not in a submodule) are not listed: a block is a module.
+
+    >>> import torchvision
+    >>> branches = residual_branches(torchvision.models.resnet18(num_classes=10))
+    >>> len(branches), branches[0].name, branches[0].scale_site
+    (8, 'layer1.0', 'layer1.0.bn2')
+    """
+    branches = []
+    for name in _blocks(model):
+        block = model.get_submodule(name)
+        found = _block_sums(block)
+        sums = found[1] if found else []
+        calls = Counter(n.target for n in found[0].graph.nodes if n.op == "call_module") if found else Counter()
+        for k, (_, _, branch) in enumerate(sums):
+            site = _scale_site(block, branch)
+            site = f"{name}.{site}" if site is not None and calls[site] == 1 else None
+            branches.append(ResidualBranch(name if len(sums) == 1 else f"{name}[{k}]", name, k, site))
+    return branches
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    """Names of the submodules of ``model`` whose own forward holds a sum, in order; modules called more than
+    once are left out."""
+    graph = _traced(model).graph
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    repeated = {key.split("@")[0] for n in graph.nodes for key in (n.meta.get("nn_module_stack") or {})
+                if "@" in key} | {t for t, c in calls.items() if c > 1}
+    names = [list(n.meta["nn_module_stack"].values())[-1][0] for n in graph.nodes
+             if n.op in ("call_function", "call_method") and n.target in _ADDS and n.meta.get("nn_module_stack")]
+    return [name for name in dict.fromkeys(names) if name not in repeated]
 
 
 def _shortcut_path(block: nn.Module) -> ShortcutPath | None:
@@ -1341,30 +1806,59 @@ def _shortcut_path(block: nn.Module) -> ShortcutPath | None:
 
 
 def remove_blocks(model: nn.Module, block_names: Sequence[str]) -> nn.Module:
-    """A copy of ``model`` in which each named residual block is replaced by its shortcut path.
+    """A copy of ``model`` in which each named residual branch (:func:`residual_branches`) is removed.
 
-    ``relu(branch(x) + shortcut(x))`` becomes ``relu(shortcut(x))`` (the
-    identity for an identity shortcut), exact when the branch outputs zero.
-    Supported blocks: :class:`autoslim.models.resnet.BasicBlock` and
-    torchvision's ``BasicBlock``/``Bottleneck``. ``model`` is not modified.
+    ``act(branch(x) + shortcut(x))`` becomes ``act(shortcut(x))``, exact when
+    the branch outputs zero. autoslim's BasicBlock and torchvision's
+    ``BasicBlock``/``Bottleneck`` are replaced by a :class:`ShortcutPath`
+    (the identity for an identity shortcut); any other block by a
+    :class:`ResidualShortcut` (its graph with the sums rewritten to their
+    shortcut and the branches' layers dropped), the same for the same names,
+    so :func:`apply_architecture_spec` redoes it. ``model`` is not modified.
 
     >>> from autoslim.models import create_model
     >>> model = create_model("resnet20", in_shape=(3, 32, 32), num_classes=10)
     >>> type(remove_blocks(model, ["layer1.1"]).layer1[1]).__name__
     'ShortcutPath'
     """
-    new = _copy(model)
+    new = copy_model(model)
     modules = dict(new.named_modules())
+    generic: dict[str, dict[int | None, str]] = {}
     for name in block_names:
-        if name not in modules or not name:
-            raise accepted("block", name, [n for n, m in modules.items() if _shortcut_path(m) is not None])
-        path = _shortcut_path(modules[name])
-        if path is None:
-            raise UsageError(f"surgery: '{name}' ({type(modules[name]).__name__}) is not a residual block with "
-                             "shortcut semantics; supported: autoslim BasicBlock, torchvision BasicBlock/Bottleneck")
-        parent, _, child = name.rpartition(".")
-        setattr(new.get_submodule(parent), child, path)
+        block, _, index = name.removesuffix("]").partition("[")
+        if not block or block not in modules or (index and not index.isdigit()):
+            raise accepted("block", name, [b.name for b in residual_branches(model)])
+        path = _shortcut_path(modules[block])
+        if path is not None and not index:
+            parent, _, child = block.rpartition(".")
+            setattr(new.get_submodule(parent), child, path)
+        else:
+            generic.setdefault(block, {})[int(index) if index else None] = name
+    for block, chosen in generic.items():
+        _remove_sums(new, block, chosen)
     return new
+
+
+def _remove_sums(model: nn.Module, name: str, chosen: Mapping[int | None, str]) -> None:
+    """Replace block ``name`` of ``model`` by a :class:`ResidualShortcut` without the sums ``chosen``
+    ({index, or None for the block's only sum: branch name})."""
+    block = model.get_submodule(name)
+    found = _block_sums(block)
+    sums = found[1] if found else []
+    valid = {None: name} if len(sums) == 1 else {k: f"{name}[{k}]" for k in range(len(sums))}
+    if not sums or any(k not in valid for k in chosen):
+        what = "holds no residual sum x + f(x)" if not sums else f"has residual branches {', '.join(valid.values())}"
+        raise UsageError(f"surgery: '{name}' ({type(block).__name__}) {what}; cannot remove "
+                         f"{', '.join(chosen.values())}")
+    traced = found[0]
+    for k in chosen:
+        add, shortcut, _ = sums[k or 0]
+        add.replace_all_uses_with(shortcut)
+        traced.graph.erase_node(add)
+    traced.graph.eliminate_dead_code()
+    kept = fx.GraphModule(block, traced.graph)  # holds only the layers and tensors the graph still uses
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, ResidualShortcut(kept, tuple(sorted(chosen.values()))))
 
 
 def _torch_class(m: nn.Module) -> str:
@@ -1408,7 +1902,9 @@ def architecture_spec(model: nn.Module) -> dict[str, Any]:
     {'type': 'Linear', 'in_features': 100, 'out_features': 10, 'bias': True}
     """
     layers = {name: spec for name, m in model.named_modules() if (spec := _layer_spec(m)) is not None}
-    removed = [name for name, m in model.named_modules() if isinstance(m, ShortcutPath)]
+    removed = [branch for name, m in model.named_modules()
+               for branch in ([name] if isinstance(m, ShortcutPath) else m.removed if
+                              isinstance(m, ResidualShortcut) else ())]
     tensors = {name: list(t.shape) for name, t in _custom_tensors(model)}
     return {"layers": layers, "removed": removed, "tensors": tensors, "heads": heads_spec(model)}
 

@@ -18,7 +18,10 @@ timed is the method's analysis, decision and surgery:
   its ``threshold`` and folds the constants they still output.
 - ``sss``: at the method's training phase, 30% of its scaling factors (every
   channel factor tensor, and every third block factor) are set to zero;
-  ``level: both`` (the search space's default), ``threshold: 0``.
+  ``level: both`` (the search space's default) where the model has channels
+  and residual branches to scale, else the level that finds structures in it
+  (what :func:`autoslim.study.check_methods` asks a study to narrow ``level``
+  to), ``threshold: 0``.
 - ``iht``: one hard-thresholding cycle at ``keep_ratio`` 0.7; the "removal" is
   the masking itself: params after = non-zeros, no error to measure.
 - ``heads`` (surgery only, no method uses it yet): 30% of the attention heads of
@@ -85,6 +88,7 @@ from autoslim.errors import UsageError
 from autoslim.heads import head_groups, mask_heads, mlp_groups, remove_heads, remove_mlp_hidden
 from autoslim.measure import count_nonzeros, count_params
 from autoslim.methods import Method, TrialContext, get_method
+from autoslim.methods.sss import structures
 from autoslim.models import list_models, register_model
 from autoslim.search.objective import run_trial
 from autoslim.surgery import channel_groups
@@ -224,6 +228,19 @@ class MethodCell:
     mask: Callable[[nn.Module, torch.Tensor, torch.Generator], None] | None = None
     force: bool = False
     exact: bool = True
+    adapt: Callable[[nn.Module, torch.Tensor], Mapping[str, Any]] | None = None  # knobs that depend on the model
+
+
+def sss_level(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """The first SSS ``level`` of both, channel, block that finds structures in ``model``; both if none (the cell
+    is then refused up front, with the method's line)."""
+    for level in ("both", "channel", "block"):
+        try:
+            structures(model, level=level, example_input=x)
+            return {"level": level}
+        except UsageError:
+            continue
+    return {"level": "both"}
 
 
 CELLS = {
@@ -232,7 +249,7 @@ CELLS = {
                            mask=lambda m, x, g: zero_channels(m, x, g, dead=True)),
     "l1l2": MethodCell({"threshold": 1e-3, "grouping": "filter", "layers": "all", "finetune_epochs": 0},
                        mask=lambda m, x, g: zero_channels(m, x, g, dead=False)),
-    "sss": MethodCell({"level": "both", "threshold": 0.0, "finetune_epochs": 0}, force=True),
+    "sss": MethodCell({"level": "both", "threshold": 0.0, "finetune_epochs": 0}, force=True, adapt=sss_level),
     "iht": MethodCell({"keep_ratio": 1 - RATIO, "cycles": 1}, exact=False),
 }
 
@@ -312,7 +329,8 @@ def run_cell(model: nn.Module, x: torch.Tensor, *, method: Method, spec: MethodC
         ref["out"] = outputs(m, x)
 
     ctx = ForcingContext(random_data(x), force if spec.force else None)
-    params = method.search_space().complete(spec.params, where=f"bench_zoo {method.name}")
+    params = method.search_space().complete({**spec.params, **(spec.adapt(model, x) if spec.adapt else {})},
+                                            where=f"bench_zoo {method.name}")
     cell = Cell(name, method.name, "", before)
     start = time.perf_counter()
     try:

@@ -75,6 +75,13 @@ BAD = [
     (with_(name=".hidden"), "name: '.hidden' is not a valid study name"),
     (with_(name=""), "name: '' is not a valid study name"),
     (with_(name="x" * 101), "is not a valid study name; accepted: 1 to 100 letters"),
+    # a method that cannot compress the study's model is refused before anything is stored
+    (with_(methods={"sss": {"level": "block"}}),
+     "sss: no structure to scale at level 'block': LeNet300100 has no residual branch x + f(x)"),
+    (with_(methods={"sss": {}}), "methods.sss.level: 'block', 'both' cannot act on model lenet300_100 (sss: no "
+                                 "structure to scale at level 'block'"),
+    (with_(methods={"l1l2": {}}), "methods.l1l2.layers: 'conv' cannot act on model lenet300_100 (l1l2: "
+                                  "LeNet300100 has no removable channel group without a Linear producer"),
 ]
 
 

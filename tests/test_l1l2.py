@@ -50,14 +50,17 @@ def test_penalty_sums_the_ratio_over_the_regularized_layers_and_is_zero_safe():
     assert torch.isfinite(layers[0].weight.grad).all() and not layers[1].weight.grad.any()
 
 
-def test_only_untied_layers_inside_the_network_are_pruned():
+def test_every_layer_inside_the_network_is_pruned_residual_streams_included():
     x = torch.randn(2, 1, 8, 8)
     lenet = create_model("lenet5", in_shape=(1, 8, 8), num_classes=3)
     assert [g.name for g in prunable_groups(lenet, example_input=x)] == ["features.conv1", "features.conv2",
                                                                          "classifier.fc1"]
     assert len(prunable_groups(lenet, example_input=x, layers="conv")) == 2
     resnet = create_model("resnet20", in_shape=(1, 8, 8), num_classes=3)
-    assert all(g.name.endswith(".conv1") and g.name != "conv1" for g in prunable_groups(resnet, example_input=x))
+    groups = prunable_groups(resnet, example_input=x)
+    # the 9 blocks' inner channels and the 3 residual streams, each stream with all the convs that write it
+    assert len(groups) == 12 and groups[0].producers == ("conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2")
+    assert [g.name for g in groups if len(g.producers) == 1] == [f"layer{i}.{j}.conv1" for i in (1, 2, 3) for j in range(3)]
 
 
 def _zero_filters(layer: nn.Module, idx: list[int], bias: float | None = None) -> None:

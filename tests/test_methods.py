@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from autoslim.errors import UsageError
-
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
+from autoslim.errors import UsageError
 from autoslim.methods import get_method, list_methods
+from autoslim.models import create_model
 from autoslim.search.objective import run_trial
 
 BUDGET_KNOBS = ("epochs", "rounds", "cycles", "iterations")
@@ -19,6 +19,21 @@ def smallest_budget(space) -> dict:
     for name, p in space.params.items():
         if p.type == "int" and any(k in name for k in BUDGET_KNOBS):
             params[name] = int(p.low)
+    return params
+
+
+def for_lenet5(method, params: dict, example: torch.Tensor) -> dict:
+    """``params`` with each knob the method's check reads at its first choice that LeNet-5 allows (SSS: level
+    channel, LeNet-5 has no residual branch)."""
+    model = create_model("lenet5", in_shape=tuple(example.shape[1:]), num_classes=4)
+    for knob in method.check_params:
+        for choice in method.search_space().params[knob].choices:
+            try:
+                method.check(model, example_input=example, params={**params, knob: choice})
+            except UsageError:
+                continue
+            params = {**params, knob: choice}
+            break
     return params
 
 
@@ -37,7 +52,8 @@ def test_search_space_and_paper_default_are_valid(name):
 @pytest.mark.parametrize("name", list_methods())
 def test_method_runs_end_to_end_and_really_compresses_or_builds(name, data):
     method = get_method(name)
-    config = TrialConfig(method=name, params=smallest_budget(method.search_space()), model="lenet5",
+    params = for_lenet5(method, smallest_budget(method.search_space()), data.val.x[:2])
+    config = TrialConfig(method=name, params=params, model="lenet5",
                          data=DataConfig(name="synthetic"), train=TrainConfig(epochs=1, batch_size=32))
     result = run_trial(config, data=data)
     assert 0 <= result.val_accuracy <= 1 and 0 <= result.test_accuracy <= 1
@@ -57,7 +73,8 @@ def test_method_runs_on_cuda(name):
     cuda = torch.device("cuda")
     data = load_data(DataConfig(name="synthetic", num_samples=160, image_shape=[1, 12, 12], num_classes=4), device=cuda)
     method = get_method(name)
-    config = TrialConfig(method=name, params=smallest_budget(method.search_space()), model="lenet5",
+    params = for_lenet5(method, smallest_budget(method.search_space()), data.val.x[:2].cpu())
+    config = TrialConfig(method=name, params=params, model="lenet5",
                          data=DataConfig(name="synthetic"), train=TrainConfig(epochs=1, batch_size=32), device="cuda")
     result = run_trial(config, data=data)
     assert next(result.model.parameters()).device.type == "cuda"
@@ -69,6 +86,8 @@ def test_method_runs_on_cuda(name):
 def test_run_trial_fills_the_parameters_a_config_leaves_out_and_says_so(name, data):
     space = get_method(name).search_space()
     given = {k: v for k, v in smallest_budget(space).items() if any(b in k for b in BUDGET_KNOBS)}
+    lenet5 = for_lenet5(get_method(name), {**space.defaults(), **given}, data.val.x[:2])
+    given |= {k: v for k, v in lenet5.items() if v != space.defaults()[k]}  # SSS: level channel, not its default
     config = TrialConfig(method=name, params=given, model="lenet5", data=DataConfig(name="synthetic"),
                          train=TrainConfig(epochs=1, batch_size=32))
     lines = []

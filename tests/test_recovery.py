@@ -54,7 +54,7 @@ def round_trip(payload: dict) -> dict:
 
 CASES = [("trimming", "lenet300_100", {"rounds": 2, "retrain_epochs": 1}, [1, 3]),  # surgery between phases
          ("iht", "lenet300_100", {"cycles": 2, "sparse_epochs": 1, "dense_epochs": 1}, [3]),  # masks from weights
-         ("sss", "lenet5", {"finetune_epochs": 1}, [1])]                                 # extra optimizer state
+         ("sss", "lenet5", {"finetune_epochs": 1, "level": "channel"}, [1])]             # extra optimizer state
 
 
 @pytest.mark.parametrize("method,model,params,crashes", CASES, ids=[c[0] for c in CASES])

@@ -118,8 +118,8 @@ def test_a_methods_own_data_sets_the_training_images_of_its_trials_only_and_its_
     a trial rerun from its saved config (what export and `autoslim train` do) trains on the same images."""
     cfg = tiny(methods={"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100,
                                      "data": {"train_subset": 400}},
-                        "l1l2": {"finetune_epochs": 1}},
-               n_trials=2, warm_start=True)  # one trial of each method
+                        "l1l2": {"finetune_epochs": 1, "layers": "all"}},  # LeNet-300-100 has no conv
+               n_trials=2, warm_start=True, nothing_removed="keep")  # one trial of each method, both complete
     assert [len(d.train) for d in load_method_data(cfg).values()] == [400, 150]
     lines: list[str] = []
     study = optimize(cfg, log=lines.append)
@@ -232,8 +232,8 @@ def test_a_methods_own_rungs_replace_the_studys_for_its_trials():
     cfg = tiny(n_trials=2, train={"epochs": 2, "batch_size": 64},
                methods={"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100,
                                      "early_stopping": {"rungs": [1, 2]}},
-                        "l1l2": {"finetune_epochs": 1}},
-               early_stopping={"enabled": True, "rungs": [3]})
+                        "l1l2": {"finetune_epochs": 1, "layers": "all"}},
+               early_stopping={"enabled": True, "rungs": [3]}, warm_start=True)  # one trial of each method
     assert (rungs_for(cfg, "trimming"), rungs_for(cfg, "l1l2")) == ([1, 2], [3])
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
     assert sorted(t.params["method"] for t in study.trials) == ["l1l2", "trimming"]

@@ -6,6 +6,7 @@ from helpers import randomize_batchnorm
 
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
+from autoslim.errors import UsageError
 from autoslim.methods import TrialContext, get_method
 from autoslim.methods.sss import APG, Scales, remove_zero_structures
 from autoslim.models import create_model
@@ -138,7 +139,7 @@ def test_threshold_removes_small_factors_too():
 
 
 def test_block_level_needs_residual_blocks():
-    with pytest.raises(ValueError, match="no structure to scale"):
+    with pytest.raises(UsageError, match="no structure to scale"):
         Scales(create_model("vgg11", in_shape=(1, 8, 8), num_classes=4, width=0.25), level="block",
                example_input=torch.randn(2, 1, 8, 8))
 

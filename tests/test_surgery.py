@@ -122,7 +122,9 @@ def test_resnet20_residual_ties_and_parameter_count():
     assert groups["conv1"].producers == ("conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2")
     assert "layer2.0.shortcut.0" in groups["layer2.0.conv2"].producers
     assert groups["conv1"].batchnorms == ("bn1", "layer1.0.bn2", "layer1.1.bn2", "layer1.2.bn2")
-    assert groups["conv1"].activation == "relu" and groups["layer1.0.conv1"].activation == "layer1.0.relu1"
+    # every activation call the channels pass: the stem's ReLU and the ReLU after each residual sum of the stage
+    assert groups["conv1"].activations == ("relu", "layer1_0_relu2", "layer1_1_relu2", "layer1_2_relu2")
+    assert groups["layer1.0.conv1"].activations == ("layer1_0_relu1",)
     assert len(groups) == 3 + 9
     small, keep = mask_and_remove(model, x)
     s = [len(keep[g]) for g in stage]
@@ -162,7 +164,7 @@ def test_user_model_groups_leave_the_model_untouched():
     groups = {g.name: g for g in channel_groups(model, example_input=x)}
     assert list(groups) == ["conv1", "left", "right", "fc1"]  # concatenated branches stay separate
     assert groups["conv1"].producers == ("conv1", "dw", "gate") and groups["conv1"].batchnorms == ("bn1", "bn2")
-    assert groups["conv1"].activation == "act1" and groups["left"].activation == "act3"
+    assert groups["conv1"].activations == ("act1", "act2", "sigmoid") and groups["left"].activations == ("act3",)
     assert model.training and model.bn1.training and torch.equal(model.bn1.running_mean, stats)
 
 
@@ -250,7 +252,7 @@ def test_unsupported_layers_are_refused_by_name(model, x, message):
 
 def test_unknown_ops_on_fixed_channels_are_allowed():
     groups = channel_groups(RolledInput(), example_input=torch.randn(1, 3, 8, 8))
-    assert [(g.name, g.activation) for g in groups] == [("head.conv", "head.act")]
+    assert [(g.name, g.activations) for g in groups] == [("head.conv", ("head_act",))]
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "tv_mobilenet_v2", "lenet5_8", "user"])

@@ -87,10 +87,13 @@ def test_width_for_budget_reference_and_too_small():
 def test_build_model_from_budget_or_filters():
     method = get_method("thriftynet")
     assert method.builds_model
-    net = method.build_model({"budget": 20_000, "iterations": 12, "history": 2}, in_shape=(1, 28, 28), num_classes=10)
+    full = lambda params: method.search_space().complete(params, where="params")  # noqa: E731 (as a trial's config)
+    net = method.build_model(full({"budget": 20_000, "iterations": 12, "history": 2}), in_shape=(1, 28, 28),
+                             num_classes=10)
     assert net.filters == width_for_budget(20_000, T=12, h=2, conv="mb1", num_classes=10)
     assert n_params(net) <= 20_000
-    net = method.build_model({"filters": 40, "budget": 20_000, "conv": "classic"}, in_shape=(3, 32, 32), num_classes=10)
+    net = method.build_model(full({"filters": 40, "budget": 20_000, "conv": "classic"}), in_shape=(3, 32, 32),
+                             num_classes=10)
     assert net.filters == 40 and n_params(net) == thriftynet_params(f=40, T=30, h=5, conv="classic", num_classes=10)
 
 

@@ -17,7 +17,11 @@ def test_apoz_equals_a_hand_count():
     model = create_model("lenet5", in_shape=(1, 8, 8), num_classes=3).eval()
     x = torch.randn(37, 1, 8, 8)
     split = Split(x, torch.zeros(37, dtype=torch.long))
-    scores = apoz(model, split, {"a": "features.relu2", "b": "classifier.relu3"}, batch_size=10)
+    groups = {g.name: g for g in channel_groups(model, example_input=x[:1])}
+    assert groups["features.conv2"].activations == ("features_relu2",)
+    assert groups["classifier.fc1"].activations == ("classifier_relu3",)
+    scores = apoz(model, split, [groups["features.conv2"], groups["classifier.fc1"]], batch_size=10)
+    scores = {"a": scores["features.conv2"], "b": scores["classifier.fc1"]}
     feat = model.features(x)  # after pool2: take relu2's output by hand instead
     with torch.no_grad():
         r2 = model.features[:5](x)       # conv1 relu1 pool1 conv2 relu2

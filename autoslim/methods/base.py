@@ -92,7 +92,7 @@ class CompressionResult:
 
 
 class Method(ABC):
-    """A compression method. Subclasses set :attr:`name` and implement :meth:`compress`.
+    """A compression method. Subclasses set :attr:`name` and implement :meth:`compress` (and :meth:`check`).
 
     A method that *is* an architecture (ThriftyNet) sets ``builds_model = True``
     and implements :meth:`build_model`; the study's model is then ignored.
@@ -100,6 +100,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     builds_model: ClassVar[bool] = False
+    #: The knobs :meth:`check` reads: at study start each of their searched choices is checked on its own.
+    check_params: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def search_space(cls) -> SearchSpace:
@@ -109,9 +111,47 @@ class Method(ABC):
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} compresses a given model; it does not build one")
 
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
+        """Refuse, before any training, a model this method cannot compress with ``params``.
+
+        Raises :class:`~autoslim.errors.UsageError`, one line naming the layer
+        or op. :func:`autoslim.search.objective.run_trial` calls it on the
+        untrained model with a trial's knobs; :func:`autoslim.study.optimize`
+        once per method before anything is stored, with the knobs the study
+        file pins (and each choice of the searched knobs in
+        :attr:`check_params`), the others at their defaults. ``params`` is
+        complete, as in :meth:`compress`. The default accepts every model.
+        """
+
     @abstractmethod
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
-        """Train and compress ``model`` with hyperparameters ``params``; return the smaller model."""
+        """Train and compress ``model`` with hyperparameters ``params`` (every knob of the method's search
+        space, :func:`autoslim.trial.check_trial_config` fills the ones a config leaves out); return the
+        smaller model."""
+
+
+CHANGE_IMAGES = 256  # validation images on which a method measures how much a removal changed the outputs
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """``model``'s outputs on ``x`` in eval mode (its training flag is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def relative_change(after: torch.Tensor, before: torch.Tensor) -> float:
+    """``||after - before|| / ||before||`` to 3 significant digits (0 when both are 0).
+
+    >>> relative_change(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 3.0]))
+    0.236
+    """
+    scale, diff = before.norm().item(), (after - before).norm().item()
+    return float(f"{diff / scale:.3g}") if scale else float(diff > 0)
 
 
 def _check_method_class(obj: Any, where: str) -> None:

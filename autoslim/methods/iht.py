@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from autoslim.errors import UsageError
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
 from autoslim.sparse import sparse_size_bytes
 from autoslim.train import Callback
@@ -120,21 +121,28 @@ class IHT(Method):
     """Dense training, then ``cycles`` of hard thresholding + sparse fine-tuning, re-activating between cycles."""
 
     name = "iht"
+    check_params = ("prune_first", "prune_last")
+
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
+        """Refuse a model without a Conv2d or Linear weight to threshold."""
+        if not prunable_layers(model, prune_first=params["prune_first"], prune_last=params["prune_last"]):
+            raise UsageError(f"iht: {type(model).__name__} has no Conv2d or Linear layer to sparsify "
+                             f"(prune_first: {params['prune_first']}, prune_last: {params['prune_last']})")
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
-        p = self.search_space().complete(params, where="iht")
-        layers = prunable_layers(model, prune_first=p["prune_first"], prune_last=p["prune_last"])
-        ratios = {n: p["keep_ratio"] * (p["linear_keep_factor"] if isinstance(m, nn.Linear) else 1.0)
+        layers = prunable_layers(model, prune_first=params["prune_first"], prune_last=params["prune_last"])
+        ratios = {n: params["keep_ratio"] * (params["linear_keep_factor"] if isinstance(m, nn.Linear) else 1.0)
                   for n, m in layers.items()}
         ctx.train(model, phase="train")
         cycles = []
-        for c in range(1, p["cycles"] + 1):
-            masks = magnitude_masks(layers, keep_ratio=ratios, scope=p["scope"])
-            sparse = ctx.train(model, epochs=p["sparse_epochs"], phase=f"sparse{c}", lr_scale=p["sparse_lr_scale"],
+        for c in range(1, params["cycles"] + 1):
+            masks = magnitude_masks(layers, keep_ratio=ratios, scope=params["scope"])
+            sparse = ctx.train(model, epochs=params["sparse_epochs"], phase=f"sparse{c}",
+                               lr_scale=params["sparse_lr_scale"],
                                callbacks=[MaskCallback(layers, masks)])
             cycles.append({"sparse_val_accuracy": sparse[-1]["val_accuracy"] if sparse else None})
-            if c < p["cycles"]:
-                dense = ctx.train(model, epochs=p["dense_epochs"], phase=f"dense{c}")
+            if c < params["cycles"]:
+                dense = ctx.train(model, epochs=params["dense_epochs"], phase=f"dense{c}")
                 cycles[-1]["dense_val_accuracy"] = dense[-1]["val_accuracy"] if dense else None
         density = {n: round(float(torch.count_nonzero(m.weight)) / m.weight.numel(), 4) for n, m in layers.items()}
         kept = sum(int(torch.count_nonzero(m.weight)) for m in layers.values())

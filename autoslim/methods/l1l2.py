@@ -5,23 +5,40 @@ Training adds ``lambda * sum_l R_l`` to the loss, with the scale-invariant ratio
     R_l = ||v_l||_1 / (||v_l||_2 + eps)
 
 Reading implemented (the grouping could not be verified against the paper):
-``grouping: filter`` (the default) takes ``v_l`` as the L2 norms of the layer's
-output filters, so whole filters are driven to zero; ``grouping: kernel``
-takes the L2 norm of every (output, input) kernel of a convolution (single
-weights of a linear layer). Either way, after training the filters whose norm
-is below ``threshold`` times the layer's largest filter norm are removed
-physically (:mod:`autoslim.surgery`), once; an optional short fine-tune
-(``finetune_epochs``, at a tenth of the learning rate) follows. Only layers
-whose output is not the network output are regularized and pruned
-(``layers: conv`` leaves linear layers alone), and only untied channels: in a
-ResNet the internal channels of each block, not the residual stream.
+``grouping: filter`` (the default) takes ``v_l`` as the L2 norms of the output
+filters of channel group ``l``, so whole filters are driven to zero;
+``grouping: kernel`` takes the L2 norm of every (output, input) kernel of a
+convolution (single weights of a linear layer). A group is a layer, or the
+layers whose outputs a residual sum (or a depthwise conv) ties channel by
+channel: filter ``j`` of such a group is the filters ``j`` of all its
+producers, with one norm over all of them, regularized and removed together.
+Channels that reach a GroupNorm go in whole GroupNorm groups: a "filter" is
+then the block of filters of one GroupNorm group (``granularity``).
+After training the filters whose norm is below ``threshold`` times the group's
+largest filter norm are removed physically (:mod:`autoslim.surgery`), once; an
+optional short fine-tune (``finetune_epochs``, at a tenth of the learning
+rate) follows. Every group whose channels do not reach the network output is
+regularized and pruned, whatever dim its channels lie on (``layers: conv``
+leaves groups with a linear producer alone), but for groups with a
+spectral-normed producer (zeroing a filter there changes sigma and so the
+other filters); a model with none, or whose channels the surgery cannot
+remove, is refused before training (:meth:`L1L2.check`).
 
 A removed filter does not output zero: behind it a BatchNorm (or the filter's
-bias) and the activation still output a constant. The pruned filters are
-zeroed, the constant each then outputs is read after its activation, and it is
-folded into the consumers' biases (``fold_constants``), so the network's
-function is kept: exactly where a consumer is a linear layer or an unpadded
-conv, up to the border outputs of a zero-padded conv (see :func:`remove_channels`).
+bias), an activation, another BatchNorm, pooling... still output a constant.
+The small filters are zeroed (under ``weight_norm`` its ``g``), the model is
+run on validation images and each consumer's *input* is read
+(:func:`autoslim.surgery.constant_inputs`): where a removed channel is one
+constant there, that constant is folded into the consumer's bias; a filter
+whose channel is not constant at some consumer (it is multiplied by an
+input-dependent gate, say) is kept. Folding is exact where the consumer is a
+linear layer or an unpadded conv. A zero-padded conv sees the constant only
+inside the image (its border windows partly read padding): we fold anyway and
+*measure* the change, rather than keep such filters (which would keep most
+filters of every padded CNN): ``info["output_change"]`` holds the relative
+change of the network's outputs on validation images caused by zeroing the
+small filters (``zeroing``) and by their removal (``removal``, 0 up to
+rounding unless a padded conv's border changed), and the trial prints it.
 
 >>> w = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 5.0]])  # 3 filters of a linear layer
 >>> round(pseudo_norm(w).item(), 4)  # v = (5, 0, 5): 10 / sqrt(50)
@@ -30,118 +47,190 @@ conv, up to the border outputs of a zero-padded conv (see :func:`remove_channels
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
-from autoslim.surgery import ChannelGroup, channel_groups, remove_channels
+from autoslim.errors import UsageError
+from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
+                                   register_method, relative_change)
+from autoslim.surgery import (ChannelGroup, channel_groups, check_removal, constant_inputs, copy_model,
+                              remove_channels, scale_output_channels, scales_exactly)
 from autoslim.train import Callback
 
 EPS = 1e-8
 FINETUNE_LR_SCALE = 0.1
 
-
-def filter_norms(weight: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of every output filter (row) of a conv or linear ``weight``."""
-    return weight.flatten(1).norm(dim=1)
+Weights = torch.Tensor | Sequence[torch.Tensor]
 
 
-def pseudo_norm(weight: torch.Tensor, *, grouping: str = "filter", eps: float = EPS) -> torch.Tensor:
-    """``||v||_1 / (||v||_2 + eps)`` of the per-filter (or per-kernel) L2 norms ``v`` of ``weight``."""
+def _weights(weight: Weights) -> list[torch.Tensor]:
+    return [weight] if isinstance(weight, torch.Tensor) else list(weight)
+
+
+def filter_norms(weight: Weights, *, granularity: int = 1) -> torch.Tensor:
+    """The L2 norm of every output filter (row) of a conv or linear ``weight``; of a group's producers' weights
+    (a sequence), one norm per channel over all of them; with ``granularity`` g, one norm per block of g
+    consecutive filters.
+
+    >>> filter_norms(torch.tensor([[3.0, 0.0], [0.0, 4.0], [1.0, 0.0], [0.0, 0.0]]), granularity=2).tolist()
+    [5.0, 1.0]
+    """
+    rows = torch.cat([w.flatten(1) for w in _weights(weight)], dim=1)
+    return rows.reshape(rows.shape[0] // granularity, -1).norm(dim=1)
+
+
+def pseudo_norm(weight: Weights, *, grouping: str = "filter", eps: float = EPS, granularity: int = 1) -> torch.Tensor:
+    """``||v||_1 / (||v||_2 + eps)`` of the per-filter (per-block of ``granularity`` filters, or per-kernel) L2
+    norms ``v`` of ``weight`` (one tensor, or the weights of a group's producers)."""
     if grouping == "filter":
-        v = filter_norms(weight)
+        v = filter_norms(weight, granularity=granularity)
     elif grouping == "kernel":
-        v = weight.reshape(weight.shape[0], weight.shape[1], -1).norm(dim=2).flatten()
+        v = torch.cat([w.reshape(w.shape[0], w.shape[1], -1).norm(dim=2).flatten() for w in _weights(weight)])
     else:
         raise ValueError(f"grouping: unknown value {grouping!r}; accepted: filter, kernel")
     return v.sum() / (v.norm() + eps)
 
 
 class L1L2Penalty(Callback):
-    """Adds ``strength * sum(pseudo_norm(layer.weight))`` over ``layers`` to every training step's loss."""
+    """Adds ``strength * sum(pseudo_norm(...))`` over ``layers`` to every training step's loss; an item of
+    ``layers`` is a layer or the producers of one channel group (a list), regularized jointly, in blocks of
+    ``granularity[i]`` filters (default 1)."""
 
-    def __init__(self, layers: Iterable[nn.Module], *, strength: float, grouping: str = "filter") -> None:
-        self.layers, self.strength, self.grouping = list(layers), strength, grouping
+    def __init__(self, layers: Iterable[nn.Module | Sequence[nn.Module]], *, strength: float,
+                 grouping: str = "filter", granularity: Sequence[int] = ()) -> None:
+        self.layers = [[item] if isinstance(item, nn.Module) else list(item) for item in layers]
+        self.granularity = list(granularity) or [1] * len(self.layers)
+        self.strength, self.grouping = strength, grouping
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor:
-        return self.strength * sum(pseudo_norm(m.weight, grouping=self.grouping) for m in self.layers)
+        return self.strength * sum(pseudo_norm([m.weight for m in group], grouping=self.grouping, granularity=g)
+                                   for group, g in zip(self.layers, self.granularity))
 
 
 def prunable_groups(model: nn.Module, *, example_input: torch.Tensor, layers: str = "all") -> list[ChannelGroup]:
-    """The channel groups this method regularizes and prunes: one producer (``layers``: any, or Conv2d only)
-    followed by an activation module. A tied group (a residual stream) is left alone: its removed channel
-    would hold a different constant at every consumer, which no single folded value can replace."""
+    """The channel groups this method regularizes and prunes: every removable group (residual streams
+    included) whose producers' filters can be zeroed in their parameters (not under spectral_norm), or with
+    ``layers: conv`` those of them without a Linear producer."""
     if layers not in ("all", "conv"):
         raise ValueError(f"layers: unknown value {layers!r}; accepted: all, conv")
     modules = dict(model.named_modules())
     return [g for g in channel_groups(model, example_input=example_input)
-            if len(g.producers) == 1 and g.activation is not None
-            and (layers == "all" or isinstance(modules[g.producers[0]], nn.Conv2d))]
+            if all(scales_exactly(modules[p]) for p in g.producers)
+            and (layers == "all" or not any(isinstance(modules[p], nn.Linear) for p in g.producers))]
 
 
-def small_filters(weight: torch.Tensor, *, threshold: float) -> torch.Tensor:
-    """Mask of the filters of ``weight`` whose norm is below ``threshold`` x the largest filter norm.
+def producer_weights(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
+    modules = dict(model.named_modules())
+    return [modules[p].weight for p in group.producers]
+
+
+def small_filters(weight: Weights, *, threshold: float, granularity: int = 1) -> torch.Tensor:
+    """Mask of the filters of ``weight`` whose norm (that of their block of ``granularity``) is below
+    ``threshold`` x the largest.
 
     >>> small_filters(torch.tensor([[1.0, 0.0], [0.0, 1e-4], [0.0, 0.1]]), threshold=1e-2).tolist()
     [False, True, False]
     """
-    norms = filter_norms(weight.detach())
-    return norms < threshold * norms.max()
+    norms = filter_norms([w.detach() for w in _weights(weight)], granularity=granularity)
+    return (norms < threshold * norms.max()).repeat_interleave(granularity)
 
 
 @torch.no_grad()
-def zero_and_read_constants(model: nn.Module, pruned: Mapping[str, torch.Tensor], groups: Iterable[ChannelGroup], *,
-                            example_input: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Zero the ``pruned`` filters ({group: channel mask}) of ``model`` in place and return, per group, what
-    each channel then outputs after the group's activation (eval mode, mean over the batch and positions:
-    a zero filter's channel is one constant, ``act(BN(bias))``)."""
+def zero_filters(model: nn.Module, groups: Iterable[ChannelGroup], channels: Mapping[str, Sequence[int]]) -> None:
+    """Zero, in place, filters ``channels[group]`` of every producer of each group (biases are kept)."""
     modules = dict(model.named_modules())
-    outputs: dict[str, torch.Tensor] = {}
-    handles = []
     for g in groups:
-        modules[g.producers[0]].weight[pruned[g.name]] = 0
-        handles.append(modules[g.activation].register_forward_hook(
-            lambda m, i, out, name=g.name: outputs.__setitem__(name, out.transpose(0, 1).flatten(1).mean(1))))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return outputs
+        factor = torch.ones(g.size)
+        factor[list(channels.get(g.name, []))] = 0
+        for p in g.producers:
+            scale_output_channels(modules[p], factor, bias=False)
+
+
+@dataclass
+class FilterRemoval:
+    """What :func:`remove_small_filters` did: ``removed`` and ``kept`` ({group: channels}) are the small filters
+    removed and those kept because their channel (or another of its GroupNorm block) is not one constant at
+    some consumer; ``constants`` are the values folded into each consumer
+    (:func:`autoslim.surgery.constant_inputs`)."""
+
+    removed: dict[str, list[int]]
+    kept: dict[str, list[int]]
+    constants: dict[str, torch.Tensor]
+
+
+def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, threshold: float,
+                         example_input: torch.Tensor) -> tuple[nn.Module, FilterRemoval]:
+    """Remove the small filters (:func:`small_filters`) of ``groups``, folding what each consumer then reads from
+    them into its bias. ``model`` keeps its shapes but its removed filters are zeroed (the masked model)."""
+    groups = list(groups)
+    small = {g.name: torch.nonzero(small_filters(producer_weights(model, g), threshold=threshold,
+                                                 granularity=g.granularity)).flatten().tolist() for g in groups}
+    masked = copy_model(model)
+    zero_filters(masked, groups, small)
+    constants, varying = constant_inputs(masked, small, example_input=example_input)
+    removed, kept = {}, {}
+    for g in groups:
+        blocks = {j // g.granularity for j in varying.get(g.name, [])}
+        removed[g.name] = [j for j in small[g.name] if j // g.granularity not in blocks]
+        if blocks:
+            kept[g.name] = [j for j in small[g.name] if j // g.granularity in blocks]
+    zero_filters(model, groups, removed)
+    keep = {g.name: sorted(set(range(g.size)) - set(removed[g.name])) for g in groups}
+    new = remove_channels(model, keep, example_input=example_input, consumer_constants=constants)
+    return new, FilterRemoval(removed, kept, constants)
 
 
 def prune_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, threshold: float,
                         example_input: torch.Tensor) -> tuple[nn.Module, dict[str, int]]:
-    """Remove the small filters (:func:`small_filters`) of ``groups``, folding their constant outputs into the
-    consumers; ``model`` keeps its shapes but its pruned filters are zeroed. Returns the new model and
-    the count removed per group."""
-    groups = list(groups)
-    modules = dict(model.named_modules())
-    pruned = {g.name: small_filters(modules[g.producers[0]].weight, threshold=threshold) for g in groups}
-    constants = zero_and_read_constants(model, pruned, groups, example_input=example_input)
-    keep = {g: torch.nonzero(~mask).flatten() for g, mask in pruned.items()}
-    new = remove_channels(model, keep, example_input=example_input, fold_constants=constants)
-    return new, {g: int(mask.sum()) for g, mask in pruned.items()}
+    """:func:`remove_small_filters`, returning the new model and the count removed per group."""
+    new, removal = remove_small_filters(model, groups, threshold=threshold, example_input=example_input)
+    return new, {g: len(c) for g, c in removal.removed.items()}
 
 
 @register_method
 class L1L2(Method):
     name = "l1l2"
+    check_params = ("layers",)
+
+    def groups(self, model: nn.Module, *, example_input: torch.Tensor, layers: str) -> list[ChannelGroup]:
+        """:func:`prunable_groups`, refusing a model with none."""
+        groups = prunable_groups(model, example_input=example_input, layers=layers)
+        if not groups:
+            raise UsageError(f"l1l2: {type(model).__name__} has no removable channel group"
+                             f"{' without a Linear producer (layers: conv)' if layers == 'conv' else ''}: "
+                             "every convolution/Linear output reaches the network output or a channel it cannot "
+                             "resize")
+        return groups
+
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
+        """Refuse a model with no prunable group, or whose channels cannot be removed."""
+        groups = self.groups(model, example_input=example_input, layers=params["layers"])
+        check_removal(model, example_input=example_input, groups=groups)
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         example = ctx.data.val.x[:8]
-        groups = prunable_groups(model, example_input=example, layers=params["layers"])
+        groups = self.groups(model, example_input=example, layers=params["layers"])
         modules = dict(model.named_modules())
-        penalty = L1L2Penalty([modules[g.producers[0]] for g in groups], strength=params["lambda"],
-                              grouping=params["grouping"])
+        penalty = L1L2Penalty([[modules[p] for p in g.producers] for g in groups], strength=params["lambda"],
+                              grouping=params["grouping"], granularity=[g.granularity for g in groups])
         ctx.train(model, phase="sparse", callbacks=[penalty])
-        model, removed = prune_small_filters(model, groups, threshold=params["threshold"], example_input=example)
+        images = ctx.data.val.x[:CHANGE_IMAGES]
+        trained = outputs(model, images)
+        small, removal = remove_small_filters(model, groups, threshold=params["threshold"], example_input=example)
+        masked = outputs(model, images)  # ``model`` now has its removed filters zeroed
+        change = {"zeroing": relative_change(masked, trained),
+                  "removal": relative_change(outputs(small, images), masked)}
+        model = small
+        removed = {g: len(c) for g, c in removal.removed.items()}
+        kept = sum(len(c) for c in removal.kept.values())
         ctx.log(f"l1l2: removed {sum(removed.values())} filters "
-                f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})")
+                f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})"
+                + (f", kept {kept} small ones not constant at a consumer" if kept else "")
+                + f"; output change on {len(images)} val images: zeroing {change['zeroing']:.3g}, "
+                f"removal {change['removal']:.3g}")
         ctx.train(model, epochs=params["finetune_epochs"], phase="finetune", lr_scale=FINETUNE_LR_SCALE)
-        return CompressionResult(model, info={"removed": removed})
+        return CompressionResult(model, info={"removed": removed, "kept_not_constant": removal.kept,
+                                              "output_change": change})

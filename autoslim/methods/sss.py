@@ -2,27 +2,43 @@
 
 A learnable factor (initialised to 1) multiplies the output of every structure:
 
-- ``channel``: each channel before its activation, i.e. after its BatchNorm (VGG,
-  and the internal channels of every ResNet BasicBlock), or after the conv/linear
-  layer itself where no BatchNorm follows (LeNets). Channels tied across a
-  residual stream get no factor.
-- ``block``: the residual branch of every BasicBlock,
-  ``r_{i+1} = relu(shortcut(r_i) + lambda_i * F(r_i))`` (the factor sits after ``bn2``).
+- ``channel``: each channel before its activation, i.e. after its BatchNorm
+  or GroupNorm (VGG, and the internal channels of every ResNet block), or
+  after the conv/linear layer itself where no norm follows (LeNets, the hidden
+  width of a ConvNeXt/ViT/Swin MLP, whose channels lie on the last dim).
+  Channels tied across a residual stream get no factor; channels that reach a
+  GroupNorm get one factor per GroupNorm group (they go in whole blocks).
+- ``block``: every residual branch, ``r_{i+1} = act(shortcut(r_i) + lambda_i * F(r_i))``:
+  the branches of autoslim's and torchvision's BasicBlock/Bottleneck (the
+  factor sits after ``bn2``/``bn3``) and of any block whose forward computes
+  ``x + f(x)`` (:func:`autoslim.surgery.residual_branches`: MobileNet,
+  EfficientNet, MNASNet, RegNet, ConvNeXt...), the factor after the last
+  conv, linear or normalisation layer of ``f``.
+
+``level: both`` scales channels and branches; a model without one of them is
+refused (as is ``block`` on a model without residual branches), before any
+training (:meth:`SparseStructureSelection.check`), never silently narrowed.
 
 The weights train with SGD + Nesterov momentum and weight decay; the factors
 train with :class:`APG` only (no weight decay), which applies the penalty
 ``gamma * ||lambda||_1`` by soft thresholding; its ``eta_t`` is the weights' lr
 under the same schedule, so sparsification fades as the lr decays. After training the factors are
-folded into the layer they scale (BatchNorm weight and bias, or the conv/linear
-weight and bias), so the model is made of standard layers again, then every
+folded into the layer they scale (the norm's weight and bias, or the
+conv/linear weight and bias; under ``weight_norm`` its ``g``; a layer under
+``spectral_norm`` gets no factor, its sigma would follow the scale), so the
+model is made of standard layers again, then every
 channel whose factor is ``<= threshold`` (exact zeros at ``threshold: 0``) is
 removed (:func:`autoslim.surgery.remove_channels`; a group keeps its largest
-channel) and every block whose factor is ``<= threshold`` is replaced by its
-shortcut (:func:`autoslim.surgery.remove_blocks`): the network gets shallower.
-Removing a zero structure keeps the network's function exactly (the activation
-after a scaled channel maps 0 to 0, as ReLU does). One training pass, then an
-optional fine-tune (``finetune_epochs`` at a tenth of the learning rate; not in
-the paper).
+channel) and every branch whose factor is ``<= threshold`` is removed
+(:func:`autoslim.surgery.remove_blocks`): the network gets shallower.
+A zero channel still holds ``act(0)`` after its activation (0 for ReLU,
+0.5 for a sigmoid): what each consumer reads from it is folded into the
+consumer's bias (:func:`autoslim.surgery.constant_inputs`), so removing a
+zero structure keeps the network's function (exactly, but at the border of a
+zero-padded conv that reads a non-zero constant); ``info["removal_change"]``
+is the measured relative output change on validation images. One training
+pass, then an optional fine-tune (``finetune_epochs`` at a tenth of the
+learning rate; not in the paper).
 
 >>> p = nn.Parameter(torch.tensor([1.0, 0.004]))
 >>> p.grad = torch.tensor([0.0, 0.0])
@@ -34,14 +50,16 @@ the paper).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import nn
 
-from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
-from autoslim.models.resnet import BasicBlock
-from autoslim.surgery import channel_groups, remove_blocks, remove_channels
+from autoslim.errors import UsageError
+from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
+                                   register_method, relative_change)
+from autoslim.surgery import (channel_groups, check_removal, constant_inputs, remove_blocks, remove_channels,
+                              residual_branches, scale_output_channels, scales_exactly)
 
 FINETUNE_LR_SCALE = 0.1
 LEVELS = ("channel", "block", "both")
@@ -85,14 +103,61 @@ class APG(torch.optim.Optimizer):
         return loss
 
 
+class Structure(NamedTuple):
+    """A structure SSS scales: a channel group or a residual branch (``name``), the module whose output the
+    factor multiplies (``site``), the number of factors (``size``: one per channel or per GroupNorm block of
+    ``granularity`` channels, one for a branch) and the dim of the site's output they lie along."""
+
+    kind: str
+    name: str
+    site: str
+    size: int
+    dim: int = 1
+    granularity: int = 1
+
+
+def structures(model: nn.Module, *, level: str, example_input: torch.Tensor) -> list[Structure]:
+    """Every structure SSS scales at ``level``; a UsageError if ``level`` finds nothing to scale in ``model``
+    (``both`` needs channels and residual branches)."""
+    if level not in LEVELS:
+        raise ValueError(f"level: unknown value {level!r}; accepted: {', '.join(LEVELS)}")
+    modules = dict(model.named_modules())
+    found: dict[str, list[Structure]] = {"channel": [], "block": []}
+    if level in ("channel", "both"):
+        for g in channel_groups(model, example_input=example_input):
+            norms = g.batchnorms + g.groupnorms
+            site = (norms or g.producers)[0]
+            if len(g.producers) == 1 and len(norms) <= 1 and scales_exactly(modules[site]):
+                found["channel"].append(Structure("channel", g.name, site, g.size // g.granularity,
+                                                  1 if norms else g.channel_dim, g.granularity))
+    if level in ("block", "both"):
+        found["block"] = [Structure("block", b.name, b.scale_site, 1) for b in residual_branches(model)
+                          if b.scale_site]
+    missing = [k for k in ("channel", "block") if level in (k, "both") and not found[k]]
+    if missing:
+        what = {"channel": "channel group with a single producer (a layer whose channels are not tied to others "
+                           "and do not reach the output)",
+                "block": "residual branch x + f(x) (in a submodule, f ending in a conv, linear or norm layer)"}
+        hint = f"; use level: {'block' if missing == ['channel'] else 'channel'}" if level == "both" else ""
+        raise UsageError(f"sss: no structure to scale at level {level!r}: {type(model).__name__} has no "
+                         f"{what[missing[0]]}{hint}")
+    return found["channel"] + found["block"]
+
+
 @dataclasses.dataclass
 class Scale:
-    """One structure's factor: ``structure`` is a channel-group name or a block name; ``site`` the scaled module."""
+    """One structure's factor: ``structure`` is a channel-group name or a branch name; ``site`` the scaled
+    module, whose output ``factor`` multiplies along ``dim`` (each entry repeated ``granularity`` times)."""
 
     kind: str
     structure: str
     site: str
     factor: nn.Parameter
+    dim: int = 1
+    granularity: int = 1
+
+    def per_channel(self) -> torch.Tensor:
+        return self.factor.repeat_interleave(self.granularity) if self.granularity > 1 else self.factor
 
 
 class Scales:
@@ -106,24 +171,12 @@ class Scales:
     """
 
     def __init__(self, model: nn.Module, *, level: str, example_input: torch.Tensor) -> None:
-        if level not in LEVELS:
-            raise ValueError(f"level: unknown value {level!r}; accepted: {', '.join(LEVELS)}")
         self.model = model
         device = example_input.device
-        self.scales: list[Scale] = []
-        if level in ("channel", "both"):
-            for g in channel_groups(model, example_input=example_input):
-                if len(g.producers) == 1 and len(g.batchnorms) <= 1:
-                    site = (g.batchnorms or g.producers)[0]
-                    self.scales.append(Scale("channel", g.name, site, nn.Parameter(torch.ones(g.size, device=device))))
-        if level in ("block", "both"):
-            for name, m in model.named_modules():
-                if isinstance(m, BasicBlock):
-                    self.scales.append(Scale("block", name, f"{name}.bn2", nn.Parameter(torch.ones(1, device=device))))
-        if not self.scales:
-            raise ValueError(f"sss: {type(model).__name__} has no structure to scale at level {level!r}")
+        self.scales = [Scale(st.kind, st.name, st.site, nn.Parameter(torch.ones(st.size, device=device)), st.dim,
+                             st.granularity) for st in structures(model, level=level, example_input=example_input)]
         modules = dict(model.named_modules())
-        self._handles = [modules[s.site].register_forward_hook(_multiplier(s.factor)) for s in self.scales]
+        self._handles = [modules[s.site].register_forward_hook(_multiplier(s)) for s in self.scales]
 
     def __iter__(self) -> Iterator[Scale]:
         return iter(self.scales)
@@ -133,41 +186,52 @@ class Scales:
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Multiply every factor into its site's weight and bias and remove the hooks: standard layers again."""
+        """Multiply every factor into its site's parameters and remove the hooks: standard layers again."""
         for h in self._handles:
             h.remove()
         modules = dict(self.model.named_modules())
         for s in self.scales:
-            site = modules[s.site]
-            site.weight.mul_(s.factor.view(-1, *[1] * (site.weight.dim() - 1)))
-            if site.bias is not None:
-                site.bias.mul_(s.factor)
+            scale_output_channels(modules[s.site], s.per_channel())
 
 
-def _multiplier(factor: nn.Parameter):
+def _multiplier(scale: Scale):
     def hook(module, inputs, out):
-        return out * factor.view(1, -1, *[1] * (out.dim() - 2))
+        shape = [1] * out.dim()
+        shape[scale.dim] = -1
+        return out * scale.per_channel().view(shape)
     return hook
 
 
 def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float,
                            example_input: torch.Tensor) -> tuple[nn.Module, dict]:
-    """Fold ``scales`` into ``model``, then remove every structure whose factor is ``<= threshold``.
+    """Set every factor ``<= threshold`` to 0, fold ``scales`` into ``model``, then remove those structures.
 
-    Returns the new model and what was removed (``channels``: {group: count}, ``blocks``: names).
+    What a consumer reads from a removed channel (its activation of 0) is folded into the consumer; a channel
+    (a GroupNorm block) that is not one constant there is kept. Returns the new model and what was removed
+    (``channels``: {group: count}, ``blocks``: names).
     """
+    drop, removed = {}, {}
+    with torch.no_grad():
+        for s in scales:  # a factor <= threshold is taken as 0: the structure is removed exactly
+            kept = s.factor > threshold
+            if s.kind == "channel" and not kept.any():
+                kept[s.factor.argmax()] = True
+            s.factor[~kept] = 0.0
+            if s.kind == "channel":
+                drop[s.structure] = torch.nonzero(~kept.repeat_interleave(s.granularity)).flatten().tolist()
     scales.fold()
-    keep, removed = {}, {}
+    constants, varying = constant_inputs(model, drop, example_input=example_input) if drop else ({}, {})
+    keep = {}
     for s in scales:
         if s.kind == "channel":
-            kept = s.factor > threshold
-            if not kept.any():
-                kept[s.factor.argmax()] = True
-            keep[s.structure] = torch.nonzero(kept).flatten().cpu()
-            removed[s.structure] = int((~kept).sum())
-    blocks = [s.structure for s in scales if s.kind == "block" and s.factor.item() <= threshold]
+            g = s.granularity
+            blocks = {j // g for j in varying.get(s.structure, [])}
+            gone = {j for j in drop[s.structure] if j // g not in blocks}
+            keep[s.structure] = [j for j in range(len(s.factor) * g) if j not in gone]
+            removed[s.structure] = len(gone)
+    blocks = [s.structure for s in scales if s.kind == "block" and s.factor.item() == 0.0]
     if keep:
-        model = remove_channels(model, keep, example_input=example_input)
+        model = remove_channels(model, keep, example_input=example_input, consumer_constants=constants)
     if blocks:
         model = remove_blocks(model, blocks)
     return model, {"channels": removed, "blocks": blocks}
@@ -176,6 +240,15 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
 @register_method
 class SparseStructureSelection(Method):
     name = "sss"
+    check_params = ("level",)
+
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
+        """Refuse a model without the structures of ``level``, or whose structures cannot be removed."""
+        found = structures(model, level=params["level"], example_input=example_input)
+        channels = {st.name for st in found if st.kind == "channel"}
+        check_removal(model, example_input=example_input,
+                      groups=[g for g in channel_groups(model, example_input=example_input) if g.name in channels],
+                      blocks=[st.name for st in found if st.kind == "block"])
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         example = ctx.data.val.x[:8]
@@ -184,9 +257,13 @@ class SparseStructureSelection(Method):
         apg = APG(scales.parameters(), lr=config.lr, gamma=params["gamma"])
         ctx.train(model, phase="sparse", config=config, extra_optimizers=[apg])
         factors = {s.structure: [round(v, 4) for v in s.factor.tolist()] for s in scales}
+        images = ctx.data.val.x[:CHANGE_IMAGES]
+        scaled = outputs(model, images)
         model, removed = remove_zero_structures(model, scales, threshold=params["threshold"], example_input=example)
+        change = relative_change(outputs(model, images), scaled)
         ctx.log(f"sss: removed {sum(removed['channels'].values())} channels and {len(removed['blocks'])} blocks"
-                + (f" ({', '.join(removed['blocks'])})" if removed["blocks"] else ""))
+                + (f" ({', '.join(removed['blocks'])})" if removed["blocks"] else "")
+                + f"; output change on {len(images)} val images: {change:.3g}")
         ctx.train(model, epochs=params["finetune_epochs"], phase="finetune", config=config,
                   lr_scale=FINETUNE_LR_SCALE)
-        return CompressionResult(model, info={**removed, "factors": factors})
+        return CompressionResult(model, info={**removed, "factors": factors, "removal_change": change})

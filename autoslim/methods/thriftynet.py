@@ -9,7 +9,9 @@ bigger T or h leaves fewer filters). Architecture details, the formulas and
 the alpha initialisation are in :mod:`autoslim.models.thriftynet`.
 
 >>> from autoslim.methods import get_method
->>> net = get_method("thriftynet").build_model({"budget": 40000}, in_shape=(3, 32, 32), num_classes=10)
+>>> method = get_method("thriftynet")
+>>> params = method.search_space().complete({"budget": 40000}, where="params")  # what a trial's config holds
+>>> net = method.build_model(params, in_shape=(3, 32, 32), num_classes=10)
 >>> net.filters, sum(p.numel() for p in net.parameters())
 (163, 39636)
 """
@@ -33,12 +35,12 @@ class ThriftyNetMethod(Method):
     builds_model = True
 
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
-        p = self.search_space().complete(params, where="thriftynet")
-        f = p["filters"] or width_for_budget(p["budget"], T=p["iterations"], h=p["history"], conv=p["conv"],
-                                             num_classes=num_classes)
-        return ThriftyNet(in_shape=in_shape, num_classes=num_classes, filters=f, iterations=p["iterations"],
-                          history=p["history"], pool_every=p["pool_every"], conv=p["conv"],
-                          activation=p["activation"])
+        """The ThriftyNet of ``params`` (every knob of the search space, as a trial's config holds them)."""
+        f = params["filters"] or width_for_budget(params["budget"], T=params["iterations"], h=params["history"],
+                                                  conv=params["conv"], num_classes=num_classes)
+        return ThriftyNet(in_shape=in_shape, num_classes=num_classes, filters=f, iterations=params["iterations"],
+                          history=params["history"], pool_every=params["pool_every"], conv=params["conv"],
+                          activation=params["activation"])
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         ctx.train(model, phase="train")

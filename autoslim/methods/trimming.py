@@ -5,62 +5,98 @@ activation, in eval mode, over N held-out examples and M spatial positions::
 
     APoZ_c = #{exact zeros in channel c} / (N * M)
 
-Each round removes, in every target layer, the channels whose APoZ exceeds
-``mean + alpha * std`` of the layer (rule ``std``, our reading of the paper's
+"After its activation" is every activation call the channel's values pass
+through (:attr:`autoslim.surgery.ChannelGroup.sites`): an activation module
+called once or several times (torchvision's ResNet blocks reuse one ReLU), a
+function (``F.relu``, ``x.relu()``), on whatever dim the channels lie (the
+hidden width of a channel-last MLP too); the values are read on the traced
+model (:func:`autoslim.surgery.probe`). A channel tied across a residual
+stream passes one activation per block: its zeros and positions are pooled
+over all of them. Only channel groups that pass an activation are trimmed; a
+model with none is refused before training (:meth:`NetworkTrimming.check`),
+as is one whose channels the surgery cannot remove.
+
+Each round removes, in every target group, the channels whose APoZ exceeds
+``mean + alpha * std`` of the group (rule ``std``, our reading of the paper's
 "one standard deviation above the mean"; unverified, hence ``alpha`` is a
 knob) or the floor of ``fraction`` x channels with the highest APoZ (rule
 ``fraction``), physically (:mod:`autoslim.surgery`), then retrains from the
-surviving weights. ``layers: highest`` trims only the layer of highest mean
-APoZ per round, the paper's order; ``all`` trims every layer. A layer always
-keeps at least one channel. Statistics are collected on the validation images
-(labels are not used), never on a single batch.
+surviving weights. ``layers: highest`` trims only the channel group (a layer,
+or the layers a residual stream ties) of highest mean APoZ per round, the
+paper's order; ``all`` trims every group. A group always keeps at least one
+channel. Channels that reach a GroupNorm go in whole GroupNorm groups
+(``granularity``): the rule then reads the mean APoZ of each block. Statistics
+are collected on the validation images (labels are not used), never on a
+single batch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from autoslim.data import Split, batches
+from autoslim.errors import UsageError
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
-from autoslim.surgery import channel_groups, remove_channels
+from autoslim.surgery import ChannelGroup, channel_groups, check_removal, probe, remove_channels
 
 
 @torch.no_grad()
-def apoz(model: nn.Module, split: Split, activations: Mapping[str, str], *, batch_size: int = 500) -> dict[str, torch.Tensor]:
-    """APoZ of every channel at the outputs of ``activations`` ({group name: module name}) over ``split``."""
-    modules = dict(model.named_modules())
-    zeros: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+def apoz(model: nn.Module, split: Split, groups: Sequence[ChannelGroup], *,
+         batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """APoZ of every channel of each of ``groups`` over ``split``, pooled over the group's activation sites.
 
-    def hook(group):
-        def fn(module, inputs, out):
-            flat = out.transpose(0, 1).reshape(out.shape[1], -1)  # channels x (N * M)
-            zeros[group] = zeros.get(group, 0) + (flat == 0).sum(1).double()
-            counts[group] = counts.get(group, 0) + flat.shape[1]
-        return fn
+    Every group must have at least one site (:func:`measurable_groups`).
+    """
+    at: dict[str, list[tuple[str, torch.Tensor, int]]] = {}  # site node -> (group, channel of each entry, dim)
+    for g in groups:
+        if not g.sites:
+            raise ValueError(f"apoz: group {g.name!r} passes no activation")
+        for site in g.sites:
+            at.setdefault(site.node, []).append((g.name, torch.tensor(site.channels), site.dim))
+    zeros = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    counts = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
 
-    handles = [modules[act].register_forward_hook(hook(g)) for g, act in activations.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for x, _ in batches(split, batch_size=batch_size):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return {g: (zeros[g] / counts[g]).float().cpu() for g in activations}
+    def count(node: str, out: torch.Tensor) -> None:
+        for group, channels, dim in at[node]:
+            flat = out.detach().movedim(dim, 0).reshape(out.shape[dim], -1)  # entries x (N * positions)
+            z = (flat == 0).sum(1).double().cpu()
+            mine = channels >= 0
+            zeros[group].index_add_(0, channels[mine], z[mine])
+            counts[group].index_add_(0, channels[mine], torch.full((int(mine.sum()),), float(flat.shape[1]),
+                                                                   dtype=torch.float64))
+
+    probe(model, (x for x, _ in batches(split, batch_size=batch_size)), nodes=at, on_output=count)
+    return {g: (zeros[g] / counts[g].clamp_min(1)).float() for g in zeros}
 
 
-def channels_to_keep(scores: torch.Tensor, *, rule: str, alpha: float = 1.0, fraction: float = 0.1) -> torch.Tensor:
-    """Indices (sorted) of the channels that survive one trimming round of a layer with APoZ ``scores``.
+def measurable_groups(model: nn.Module, *, example_input: torch.Tensor) -> list[ChannelGroup]:
+    """The removable channel groups that pass an activation (where APoZ is measured); a UsageError if none."""
+    groups = [g for g in channel_groups(model, example_input=example_input) if g.sites]
+    if not groups:
+        raise UsageError(f"trimming: {type(model).__name__} has no removable channel group that passes an "
+                         "activation (APoZ is measured there): no ReLU-like activation follows a convolution/Linear "
+                         "layer whose channels do not reach the output")
+    return groups
+
+
+def channels_to_keep(scores: torch.Tensor, *, rule: str, alpha: float = 1.0, fraction: float = 0.1,
+                     granularity: int = 1) -> torch.Tensor:
+    """Indices (sorted) of the channels that survive one trimming round of a group with APoZ ``scores``.
+
+    With ``granularity`` > 1 the channels go in blocks of that many (a GroupNorm's groups): the rule reads
+    each block's mean APoZ and keeps or removes whole blocks.
 
     >>> channels_to_keep(torch.tensor([0.1, 0.9, 0.2, 0.15]), rule="std", alpha=1.0).tolist()
     [0, 2, 3]
+    >>> channels_to_keep(torch.tensor([0.1, 0.9, 0.8, 0.7]), rule="fraction", fraction=0.5, granularity=2).tolist()
+    [0, 1]
     """
+    if granularity > 1:
+        blocks = channels_to_keep(scores.view(-1, granularity).mean(1), rule=rule, alpha=alpha, fraction=fraction)
+        return (blocks[:, None] * granularity + torch.arange(granularity)).flatten()
     n = len(scores)
     if rule == "std":
         prune = scores > scores.mean() + alpha * scores.std(unbiased=False)
@@ -79,18 +115,23 @@ def channels_to_keep(scores: torch.Tensor, *, rule: str, alpha: float = 1.0, fra
 class NetworkTrimming(Method):
     name = "trimming"
 
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
+        """Refuse a model with no measurable group, or whose channels cannot be removed."""
+        check_removal(model, example_input=example_input, groups=measurable_groups(model, example_input=example_input))
+
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         ctx.train(model, phase="train")
         example = ctx.data.val.x[:2]
         stats_split = Split(ctx.data.val.x[: params["apoz_examples"]], ctx.data.val.y[: params["apoz_examples"]])
         rounds = []
         for r in range(params["rounds"]):
-            groups = {g.name: g.activation for g in channel_groups(model, example_input=example) if g.activation}
-            scores = apoz(model, stats_split, groups)
+            groups = {g.name: g for g in measurable_groups(model, example_input=example)}
+            scores = apoz(model, stats_split, list(groups.values()))
             if params["layers"] == "highest":
                 top = max(scores, key=lambda g: scores[g].mean().item())
                 scores = {top: scores[top]}
-            keep = {g: channels_to_keep(s, rule=params["rule"], alpha=params["alpha"], fraction=params["fraction"])
+            keep = {g: channels_to_keep(s, rule=params["rule"], alpha=params["alpha"], fraction=params["fraction"],
+                                        granularity=groups[g].granularity)
                     for g, s in scores.items()}
             removed = {g: len(scores[g]) - len(k) for g, k in keep.items()}
             ctx.log(f"trimming round {r + 1}: removed {sum(removed.values())} channels "

@@ -30,6 +30,8 @@ from autoslim.search.space import SearchSpace
 from autoslim.train import Callback, Diverged, evaluate, seed_everything
 from autoslim.trial import check_trial_config
 
+CHECK_EXAMPLES = 8  # validation images a method's check runs the untrained model on
+
 
 @dataclass
 class TrialResult:
@@ -47,6 +49,7 @@ class TrialResult:
     history: list
     info: dict = field(default_factory=dict)
     seconds: float = 0.0
+    nothing_removed: str | None = None  # why the trial counts as "removed nothing" (None: it compressed)
 
     @property
     def params(self) -> int:
@@ -68,6 +71,7 @@ class TrialResult:
             "compression": self.baseline_params / max(1, self.params),
             "widths_before": self.widths_before, "widths_after": self.widths_after,
             "history": self.history, "info": self.info, "seconds": self.seconds,
+            **({"nothing_removed": self.nothing_removed} if self.nothing_removed else {}),
         }
 
 
@@ -81,11 +85,15 @@ def build_model(config: TrialConfig, *, in_shape, num_classes: int) -> nn.Module
 
 def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] = (),
               log: Callable[[str], None] = lambda s: None, checkpointer: Checkpointer | None = None) -> TrialResult:
-    """Build, train and compress the network of ``config`` on ``data``; measure the result.
+    """Build, check, train and compress the network of ``config`` on ``data``; measure the result.
 
     ``config`` is checked as a study checks a trial (:func:`autoslim.trial.check_trial_config`); the
     method's parameters it leaves out take their search-space defaults, logged and
     recorded in ``info["filled_params"]`` (the result's ``config`` holds them all).
+    The method checks the untrained model first (:meth:`autoslim.methods.Method.check`): a model it cannot
+    compress is refused (UsageError) before any epoch. A method that compresses the study's model but left
+    as many parameters (non-zeros for a sparse result) as it started with is marked: ``nothing_removed``
+    holds the reason, which is also logged.
     ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes."""
     start = time.perf_counter()
     config, filled = check_trial_config(config)
@@ -95,6 +103,7 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     seed_everything(config.seed)
     method = get_method(config.method)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
+    method.check(model, example_input=data.val.x[:CHECK_EXAMPLES], params=config.params)
     widths_before = layer_widths(model)
     baseline = count_params(model)
     ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
@@ -102,6 +111,12 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     result = method.compress(model, ctx, config.params)
     compressed = result.model
     measurements = measure(compressed, in_shape=data.in_shape, size_bytes=result.size_bytes)
+    params = measurements.nonzeros if result.sparse else measurements.params
+    unchanged = None if method.builds_model or params < baseline else (
+        f"removed nothing: {config.method} left {params:,} {'non-zero ' if result.sparse else ''}parameters of "
+        f"the {baseline:,} it started with")
+    if unchanged:
+        log(unchanged)
     return TrialResult(
         config=config, model=compressed,
         val_accuracy=evaluate(compressed, data.val), test_accuracy=evaluate(compressed, data.test),
@@ -109,7 +124,7 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
         widths_before=widths_before,
         widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),
         history=ctx.history, info={**result.info, **({"filled_params": filled} if filled else {})},
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, nothing_removed=unchanged)
 
 
 class Deadline(Callback):
@@ -160,8 +175,10 @@ class Objective:
                            seed=self.cfg.seed + _original_number(trial), device=self.cfg.device)
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
-        """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``); an error fails it
-        (user attr ``error``, one line); the study goes on either way. A trial failed under this worker
+        """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``), as does a compression
+        that removed nothing unless the study file says ``nothing_removed: keep`` (then it completes, marked by
+        the user attr ``nothing_removed``); an error fails it (user attr ``error``, one line); the study goes on
+        either way. A trial failed under this worker
         raises :class:`~autoslim.heartbeat.TrialLost` with the line to print (:mod:`autoslim.heartbeat`)."""
         try:
             return self._attempt(trial)
@@ -217,6 +234,9 @@ class Objective:
                 values = self._store(trial, result)
             except optuna.exceptions.UpdateFinishedTrialError:
                 raise TrialLost(result=result) from None
+        if values is None:
+            self.log(f"{prefix} pruned (nothing_removed: prune): {result.nothing_removed}")
+            raise optuna.TrialPruned(result.nothing_removed)
         self.log(f"{prefix} done in {result.seconds:.1f}s: val {100 * result.val_accuracy:.2f}% "
                  f"(test {100 * result.test_accuracy:.2f}%), params {result.params:,} "
                  f"({result.user_attrs()['compression']:.1f}x smaller), FLOPs {result.measurements.flops:,}")
@@ -227,10 +247,15 @@ class Objective:
             return None
         return TrialCheckpoints(trial, store=self.artifact_store)
 
-    def _store(self, trial: optuna.Trial, result: TrialResult) -> list[float]:
-        """Store ``result`` as ``trial``'s (user attrs, constraints, artifacts); return its objective values."""
+    def _store(self, trial: optuna.Trial, result: TrialResult) -> list[float] | None:
+        """Store ``result`` as ``trial``'s (user attrs, constraints, artifacts); return its objective values, or
+        None for a trial to prune (it removed nothing and the study says ``nothing_removed: prune``: only its
+        user attrs are stored, ``pruned_reason`` among them)."""
         for k, v in result.user_attrs().items():
             trial.set_user_attr(k, v)
+        if result.nothing_removed and self.cfg.nothing_removed == "prune":
+            trial.set_user_attr("pruned_reason", result.nothing_removed)
+            return None
         for name, value in constraint_values(self.cfg.constraints, result).items():
             trial.set_constraint(name, value)
         if self.artifact_store is not None:
@@ -261,7 +286,10 @@ class Objective:
             checkpoints = self._checkpoints(adopted)
             if checkpoints is not None:
                 checkpoints.discard()  # the files it inherited
-            study.tell(adopted, values)
+            if values is None:
+                study.tell(adopted, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(adopted, values)
         except optuna.exceptions.UpdateFinishedTrialError:
             return f"{lost}; {done} is discarded: its retry, trial {retry.number}, was failed too"
         return f"{lost}; {done} is stored as its retry's, trial {retry.number}"
