@@ -16,7 +16,7 @@ from autoslim.modelfile import load_model
 from autoslim.measure import measure
 from autoslim.methods import CompressionResult, Method, TrialContext, get_method, list_methods, register_method
 from autoslim.models import create_model, list_models, register_model
-from autoslim.search.objective import run_trial
+from autoslim.trial import run_trial
 from autoslim.search.pareto import pareto_front
 from autoslim.study import open_study, optimize
 from autoslim.train import Callback, evaluate, train

@@ -23,7 +23,7 @@ from optuna.artifacts import ArtifactMeta
 from optuna.trial import FrozenTrial
 
 from autoslim.modelfile import save_model
-from autoslim.search.objective import TrialResult
+from autoslim.trial import TrialResult
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore

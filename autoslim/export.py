@@ -31,7 +31,7 @@ from autoslim.data import Data, load_data
 from autoslim.artifacts import trial_artifacts
 from autoslim.errors import UsageError
 from autoslim.modelfile import load_model, read_model_file, save_model
-from autoslim.search.objective import EpochPrinter, TrialResult, run_trial
+from autoslim.trial import EpochPrinter, TrialResult, run_trial
 from autoslim.search.pareto import is_feasible, pareto_front
 from autoslim.train import resolve_device
 from autoslim.trial import load_trial_config

@@ -36,7 +36,7 @@ from torch import nn
 
 from autoslim.config import TrialConfig
 from autoslim.errors import UsageError, load_error
-from autoslim.search.objective import build_model
+from autoslim.trial import build_model
 from autoslim.sparse import load_sparse_state_dict, sparse_state_dict
 from autoslim.surgery import apply_architecture_spec, architecture_spec
 from autoslim.trial import check_trial_config

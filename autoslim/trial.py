@@ -1,6 +1,8 @@
-"""One trial's configuration, checked as a study checks the trials it samples.
+"""One trial, end to end: config -> checked config -> model -> method -> measurements.
 
-A trial's :class:`~autoslim.config.TrialConfig` names a method, a model and a
+:func:`run_trial` is independent of Optuna (``autoslim train`` and ``export
+--retrain`` use it; :class:`autoslim.search.objective.Objective` wraps it for a
+study). A trial's :class:`~autoslim.config.TrialConfig` names a method, a model and a
 data set (checked against their registries) and the method's parameters
 (checked against its search space; the ones it leaves out take their
 defaults). ``autoslim train`` and :func:`autoslim.run_trial` accept exactly
@@ -15,13 +17,22 @@ what a study would have run.
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
+from torch import nn
+
+from autoslim.checkpoint import Checkpointer
 from autoslim.config import TrialConfig, load_yaml
-from autoslim.data import DATASETS
+from autoslim.data import DATASETS, Data
 from autoslim.errors import UsageError
-from autoslim.methods import get_method
-from autoslim.models import MODELS
+from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
+from autoslim.methods import TrialContext, get_method
+from autoslim.models import MODELS, create_model
+from autoslim.train import Callback, evaluate, seed_everything
 
 # What a trial's config.yaml must hold (autoslim export writes every field); params left out are filled in.
 TRIAL_KEYS = ["method", "model", "data", "train", "seed"]
@@ -53,3 +64,115 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     config = TrialConfig.from_dict(raw)
     check_trial_config(config)
     return config
+
+
+CHECK_EXAMPLES = 8  # validation images a method's check runs the untrained model on
+
+
+@dataclass
+class TrialResult:
+    """Everything a trial measured; ``user_attrs()`` is what the study stores."""
+
+    config: TrialConfig
+    model: nn.Module
+    val_accuracy: float
+    test_accuracy: float
+    measurements: Measurements
+    baseline_params: int
+    sparse: bool
+    widths_before: dict
+    widths_after: dict
+    history: list
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    nothing_removed: str | None = None  # why the trial counts as "removed nothing" (None: it compressed)
+
+    @property
+    def params(self) -> int:
+        """The parameter objective: non-zeros for unstructured sparsity, else dense parameters."""
+        return self.measurements.nonzeros if self.sparse else self.measurements.params
+
+    def objective(self, name: str) -> float:
+        return {"accuracy": self.val_accuracy, "params": self.params, "flops": self.measurements.flops,
+                "latency": self.measurements.latency_ms}[name]
+
+    def user_attrs(self) -> dict:
+        m = self.measurements
+        return {
+            "config": self.config.to_dict(), "method": self.config.method,
+            "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
+            "params": m.params, "nonzeros": m.nonzeros, "flops": m.flops, "latency_ms": m.latency_ms,
+            "latency_iqr_ms": m.latency_iqr_ms,
+            "size_bytes": m.size_bytes, "sparse": self.sparse, "baseline_params": self.baseline_params,
+            "compression": self.baseline_params / max(1, self.params),
+            "widths_before": self.widths_before, "widths_after": self.widths_after,
+            "history": self.history, "info": self.info, "seconds": self.seconds,
+            **({"nothing_removed": self.nothing_removed} if self.nothing_removed else {}),
+        }
+
+
+def build_model(config: TrialConfig, *, in_shape, num_classes: int) -> nn.Module:
+    """The uncompressed network of a trial: the study's model, or the method's own architecture."""
+    method = get_method(config.method)
+    if method.builds_model:
+        return method.build_model(config.params, in_shape=in_shape, num_classes=num_classes)
+    return create_model(config.model, in_shape=in_shape, num_classes=num_classes, **config.model_kwargs)
+
+
+def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] = (),
+              log: Callable[[str], None] = lambda s: None, checkpointer: Checkpointer | None = None) -> TrialResult:
+    """Build, check, train and compress the network of ``config`` on ``data``; measure the result.
+
+    ``config`` is checked as a study checks a trial (:func:`autoslim.trial.check_trial_config`); the
+    method's parameters it leaves out take their search-space defaults, logged and
+    recorded in ``info["filled_params"]`` (the result's ``config`` holds them all).
+    The method checks the untrained model first (:meth:`autoslim.methods.Method.check`): a model it cannot
+    compress is refused (UsageError) before any epoch. A method that compresses the study's model but left
+    as many parameters (non-zeros for a sparse result) as it started with is marked: ``nothing_removed``
+    holds the reason, which is also logged.
+    ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes."""
+    start = time.perf_counter()
+    config, filled = check_trial_config(config)
+    if filled:
+        log(f"{config.method}: parameters not in the config, from its search space: "
+            + " ".join(f"{k}={short(v)}" for k, v in filled.items()))
+    seed_everything(config.seed)
+    method = get_method(config.method)
+    model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
+    method.check(model, example_input=data.val.x[:CHECK_EXAMPLES], params=config.params)
+    widths_before = layer_widths(model)
+    baseline = count_params(model)
+    ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
+                       checkpointer=checkpointer)
+    result = method.compress(model, ctx, config.params)
+    compressed = result.model
+    measurements = measure(compressed, in_shape=data.in_shape, size_bytes=result.size_bytes)
+    params = measurements.nonzeros if result.sparse else measurements.params
+    unchanged = None if method.builds_model or params < baseline else (
+        f"removed nothing: {config.method} left {params:,} {'non-zero ' if result.sparse else ''}parameters of "
+        f"the {baseline:,} it started with")
+    if unchanged:
+        log(unchanged)
+    return TrialResult(
+        config=config, model=compressed,
+        val_accuracy=evaluate(compressed, data.val), test_accuracy=evaluate(compressed, data.test),
+        measurements=measurements, baseline_params=baseline, sparse=result.sparse,
+        widths_before=widths_before,
+        widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),
+        history=ctx.history, info={**result.info, **({"filled_params": filled} if filled else {})},
+        seconds=time.perf_counter() - start, nothing_removed=unchanged)
+
+
+class EpochPrinter(Callback):
+    """Prints one progress line per epoch."""
+
+    def __init__(self, log: Callable[[str], None], prefix: str) -> None:
+        self.log, self.prefix = log, prefix
+
+    def on_epoch_end(self, model, record) -> None:
+        self.log(f"{self.prefix} epoch {record['epoch']:>3} {record.get('phase', ''):<9} "
+                 f"loss {record['loss']:.4f}  val {100 * record['val_accuracy']:.2f}%  ({record['seconds']:.1f}s)")
+
+
+def short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) and not math.isnan(v) else str(v)

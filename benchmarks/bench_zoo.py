@@ -25,8 +25,8 @@ timed is the method's analysis, decision and surgery:
 - ``iht``: one hard-thresholding cycle at ``keep_ratio`` 0.7; the "removal" is
   the masking itself: params after = non-zeros, no error to measure.
 - ``heads`` (surgery only, no method uses it yet): 30% of the attention heads of
-  every layer of :func:`autoslim.heads.head_groups` and of the hidden units of
-  every MLP of :func:`autoslim.heads.mlp_groups`; "n/a" for a model without any.
+  every layer of :func:`autoslim.surgery.heads.head_groups` (MLP hidden widths are
+  channel groups, in the methods' cells); "n/a" for a model without any.
 
 The reference is the *masked* model (the model after the zeroing above, with
 the factors' hooks for sss); a cell's error is ``max|reduced - masked| /
@@ -85,12 +85,12 @@ from torch import nn
 from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import Data, Split, load_data
 from autoslim.errors import UsageError
-from autoslim.heads import head_groups, mask_heads, mlp_groups, remove_heads, remove_mlp_hidden
+from autoslim.surgery.heads import head_groups, mask_heads, remove_heads
 from autoslim.measure import count_nonzeros, count_params
 from autoslim.methods import Method, TrialContext, get_method
 from autoslim.methods.sss import structures
 from autoslim.models import list_models, register_model
-from autoslim.search.objective import run_trial
+from autoslim.trial import run_trial
 from autoslim.surgery import channel_groups
 from autoslim.train import Callback
 
@@ -356,25 +356,20 @@ def classify(before: int, after: int, error: float | None) -> str:
 
 
 def run_heads_cell(model: nn.Module, x: torch.Tensor, *, name: str = "model", seed: int = 0) -> Cell:
-    """Remove ``chosen`` heads of every attention layer and hidden units of every MLP; compare with the mask."""
+    """Remove ``chosen`` heads of every attention layer; compare with the mask."""
     gen = torch.Generator().manual_seed(seed)
     heads = {g.name: (g, chosen(g.num_heads, gen)) for g in head_groups(model)}
-    units = {g.name: (g, chosen(g.size, gen)) for g in mlp_groups(model)}
-    if not heads and not units:
-        return Cell(name, "heads", "n/a", message="no attention layer or MLP")
+    if not heads:
+        return Cell(name, "heads", "n/a", message="no attention layer")
     mask_heads(model, {n: drop for n, (_, drop) in heads.items()})
-    with torch.no_grad():
-        for g, drop in units.values():
-            model.get_submodule(g.second).weight[:, drop] = 0
     ref = outputs(model, x)
     start = time.perf_counter()
     small = remove_heads(model, {n: sorted(set(range(g.num_heads)) - set(d)) for n, (g, d) in heads.items()})
-    small = remove_mlp_hidden(small, {n: sorted(set(range(g.size)) - set(d)) for n, (g, d) in units.items()})
     seconds = time.perf_counter() - start
     before, after = count_params(model), count_params(small)
     error = rel_error(outputs(small, x), ref)
     return Cell(name, "heads", classify(before, after, error), before, after, error, seconds,
-                f"{sum(len(d) for _, d in heads.values())} heads, {sum(len(d) for _, d in units.values())} units")
+                f"{sum(len(d) for _, d in heads.values())} heads")
 
 
 # --- one short real trial ------------------------------------------------------------------------------------------
@@ -467,13 +462,11 @@ def run_model(name: str, methods: Sequence[str], *, size: int, max_params: float
                 for m in methods]
     cells = []
     for method in methods:
-        model = copy.deepcopy(base)
         if method == "heads":
-            cells.append(guarded(name, method, limit, lambda: run_heads_cell(model, x, name=name)))
+            cells.append(guarded(name, method, limit, lambda: run_heads_cell(copy.deepcopy(base), x, name=name)))
         else:
             cells.append(guarded(name, method, limit, lambda: run_cell(
-                model, x, method=get_method(method), spec=CELLS[method], name=name)))
-        del model
+                copy.deepcopy(base), x, method=get_method(method), spec=CELLS[method], name=name)))
     return cells
 
 
@@ -570,7 +563,7 @@ def report(cells: Sequence[Cell], trials: Sequence[Cell], methods: Sequence[str]
         f"Input {size}x{size} (inception_v3 75, maxvit_t 224, ViT: image_size = input). "
         "How a cell is measured: the docstring of `benchmarks/bench_zoo.py`. A cell: share of the parameters "
         "removed · max relative output error against the masked model · wall time of the removal step. "
-        "`heads`: 30% of the attention heads and MLP hidden units (`autoslim.heads`, surgery only: no method "
+        "`heads`: 30% of the attention heads (`autoslim.surgery.heads`, surgery only: no method "
         "uses it yet). The issue's targets concern trimming, l1l2 and sss.", "",
         *table(cells, methods, title="model"), "", "## Per family", "", *summary(cells, methods)]
     if skipped:

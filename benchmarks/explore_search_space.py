@@ -59,7 +59,7 @@ def run(job: tuple[str, dict, str, str]) -> dict:
     from autoslim.config import TrialConfig, load_study
     from autoslim.data import load_data
     from autoslim.methods import get_method
-    from autoslim.search.objective import run_trial
+    from autoslim.trial import run_trial
 
     torch.set_num_threads(2)
     cfg = load_study(ROOT / "studies" / "search_mnist.yaml")

@@ -89,7 +89,7 @@ def test_a_trial_failed_during_its_upload_leaves_no_orphaned_file(tmp_path, digi
     from autoslim.artifacts import upload_trial_artifacts
     from autoslim.config import DataConfig, TrainConfig, TrialConfig
     from autoslim.methods import get_method
-    from autoslim.search.objective import run_trial
+    from autoslim.trial import run_trial
 
     params = get_method("trimming").search_space().complete({"rounds": 1, "retrain_epochs": 1}, where="trimming")
     config = TrialConfig(method="trimming", params=params, model="lenet300_100", data=DataConfig(name="digits"),

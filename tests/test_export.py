@@ -22,7 +22,7 @@ from autoslim.export import FILES, select_trials
 from autoslim.modelfile import load_model, save_model
 from autoslim.methods import get_method
 from autoslim.models import create_model
-from autoslim.search.objective import run_trial
+from autoslim.trial import run_trial
 from autoslim.study import optimize
 
 TINY = tiny_study(name="tiny", n_trials=1)

@@ -1,4 +1,4 @@
-"""Removal of whole attention heads and MLP hidden units (autoslim.heads), checked against masked models."""
+"""Removal of whole attention heads (autoslim.surgery.heads), checked against masked models."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from torchvision.models.maxvit import MaxVit
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 from autoslim.errors import UsageError
-from autoslim.heads import (HeadPrunedMultiheadAttention, head_groups, head_magnitudes, mask_heads, mlp_groups,
-                            remove_heads, remove_mlp_hidden)
-from autoslim.surgery import apply_architecture_spec, architecture_spec
+from autoslim.surgery import apply_architecture_spec, architecture_spec, channel_groups, remove_channels
+from autoslim.surgery.heads import (HeadPrunedMultiheadAttention, head_groups, head_magnitudes, mask_heads,
+                                    remove_heads)
 
 SWIN = dict(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=5)
 ARCHS = {  # small versions of torchvision's ViT, Swin, Swin V2 and MaxViT: (factory, input side)
@@ -134,10 +134,13 @@ def test_unbatched_input_and_training_mode():
 
 @pytest.mark.parametrize("arch", ["vit", "swin_v2", "maxvit"])
 def test_spec_rebuilds_a_fresh_model(arch):
-    """Heads and MLP widths removed -> spec (JSON) -> a fresh model reshaped -> strict load -> same outputs."""
+    """Heads and MLP widths (channel groups on the token dim) removed -> spec (JSON) -> a fresh model reshaped ->
+    strict load -> same outputs."""
     model, x = build(arch)
     small = remove_heads(model, {g.name: third_removed(g.num_heads) for g in head_groups(model)})
-    small = remove_mlp_hidden(small, {g.name: third_removed(g.size) for g in mlp_groups(small)})
+    mlps = [g for g in channel_groups(small, example_input=x) if g.channel_dim != 1]
+    assert mlps  # the MLP hidden widths are channel groups of the analysis
+    small = remove_channels(small, {g.name: third_removed(g.size) for g in mlps}, example_input=x)
     spec = json.loads(json.dumps(architecture_spec(small)))
     assert {name: s["num_heads"] for name, s in spec["heads"].items()} == {
         g.name: g.num_heads for g in head_groups(small)}
@@ -194,34 +197,3 @@ def test_head_magnitudes_score_a_zero_head_zero():
     pruned = remove_heads(masked, {name: [0, 1, 3] for name in scores})
     assert isinstance(pruned.encoder.layers[0].self_attention, HeadPrunedMultiheadAttention)
     assert all(torch.equal(s[[0, 1, 3]], head_magnitudes(pruned)[name]) for name, s in scores.items())
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_removed_mlp_units_give_the_masked_model(arch):
-    model, x = build(arch)
-    groups = mlp_groups(model)
-    assert groups
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for g in groups:
-            masked.get_submodule(g.second).weight[:, 1::3] = 0
-    small = remove_mlp_hidden(model, {g.name: third_removed(g.size) for g in groups})
-    with torch.no_grad():
-        assert rel_error(model(x), masked(x)) > 1e-2
-        assert rel_error(small(x), masked(x)) < 1e-5
-    removed = sum((g.size - len(third_removed(g.size))) * (model.get_submodule(g.first).in_features + 1
-                                                            + model.get_submodule(g.second).out_features)
-                  for g in groups)
-    assert n_params(model) - n_params(small) == removed
-
-
-def test_mlp_groups_need_elementwise_modules_between_two_linears():
-    model = nn.Sequential(
-        nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Dropout(), nn.Linear(8, 4)),  # an MLP
-        nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 4)),  # a norm mixes the hidden units
-        nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))  # three layers
-    assert [(g.name, g.first, g.second, g.size) for g in mlp_groups(model)] == [("0", "0.0", "0.3", 8)]
-    with pytest.raises(UsageError, match="keep: unknown value '1'"):
-        remove_mlp_hidden(model, {"1": [0]})
-    with pytest.raises(UsageError, match="removing all 8 hidden units"):
-        remove_mlp_hidden(model, {"0": []})

@@ -14,7 +14,7 @@ from autoslim.methods import TrialContext, get_method
 from autoslim.methods.iht import MaskCallback, magnitude_masks, prunable_layers
 from autoslim.sparse import load_sparse_state_dict, sparse_size_bytes, sparse_state_dict
 from autoslim.models import create_model
-from autoslim.search.objective import run_trial
+from autoslim.trial import run_trial
 from autoslim.train import Callback, train
 
 DATA = DataConfig(name="synthetic")

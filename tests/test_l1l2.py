@@ -11,7 +11,7 @@ from autoslim.config import DataConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
 from autoslim.methods.l1l2 import EPS, L1L2Penalty, prunable_groups, prune_small_filters, pseudo_norm
 from autoslim.models import create_model
-from autoslim.search.objective import run_trial
+from autoslim.trial import run_trial
 from autoslim.surgery import remove_channels
 
 

@@ -8,7 +8,7 @@ from autoslim.data import load_data
 from autoslim.errors import UsageError
 from autoslim.methods import get_method, list_methods
 from autoslim.models import create_model
-from autoslim.search.objective import run_trial
+from autoslim.trial import run_trial
 
 BUDGET_KNOBS = ("epochs", "rounds", "cycles", "iterations")
 

@@ -28,7 +28,7 @@ from autoslim.storage import open_artifact_store, study_lock
 from autoslim.heartbeat import Heartbeat
 from autoslim.methods import get_method
 from autoslim.recover import requeue
-from autoslim.search.objective import run_trial
+from autoslim.trial import run_trial
 from autoslim.train import Callback
 
 
@@ -85,7 +85,7 @@ def test_an_epoch_is_checkpointed_before_its_line_is_printed_and_its_rung_record
     """A worker killed right after an epoch's progress line (or rung record) must not lose that epoch."""
     from autoslim.methods import TrialContext
     from autoslim.models import create_model
-    from autoslim.search.objective import EpochPrinter
+    from autoslim.trial import EpochPrinter
 
     data = load_data(DataConfig(name="digits", train_subset=100))
     saved, seen = [], []
@@ -180,7 +180,8 @@ def test_a_worker_whose_training_trial_is_failed_under_it_stops_in_one_line_and_
 
 def test_recover_leaves_a_trial_with_a_fresh_heartbeat_alone(tmp_path, capsys):
     """No checkpoint, a start longer ago than --older-than: only the heartbeat says the worker is alive."""
-    study = write_study(tmp_path, SLOW_STUDY, n_trials=1, train={"epochs": 14, "batch_size": 8},
+    # 40 epochs of ~0.1 s: the trial must still run 3.5 s after it started (14 epochs could finish in 2.6 s)
+    study = write_study(tmp_path, SLOW_STUDY, n_trials=1, train={"epochs": 40, "batch_size": 8},
                         recovery={"heartbeat_interval": 1, "checkpoint": False})
     journal = str(tmp_path / "s.journal")
     worker = start_worker(study, journal, log=tmp_path / "worker.log")
@@ -211,7 +212,7 @@ def test_recover_refuses_an_age_a_live_heartbeat_can_reach(tmp_path, capsys):
 def test_a_result_finished_after_its_trial_was_failed_goes_to_the_retry_or_is_discarded(tmp_path, monkeypatch,
                                                                                          retry_started):
     """The trial is failed (and its retry queued) between its training and its measurements."""
-    import autoslim.search.objective as objective
+    import autoslim.trial as objective
     from autoslim.config import load_study
     from autoslim.study import optimize
 
@@ -331,7 +332,7 @@ def _payload(epoch: int) -> dict:
 
 def _kill_at(step, trial, store):
     """Make the next ``TrialCheckpoints.save`` die at ``step`` (the CI race: a kill right after the attr moved on)."""
-    write, remove, set_user_attr = store.write, store.remove, trial.set_user_attr
+    write, set_user_attr = store.write, trial.set_user_attr
 
     def torn_write(artifact_id, content):
         store.write = write

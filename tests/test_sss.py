@@ -10,7 +10,7 @@ from autoslim.errors import UsageError
 from autoslim.methods import TrialContext, get_method
 from autoslim.methods.sss import APG, Scales, remove_zero_structures
 from autoslim.models import create_model
-from autoslim.search.objective import run_trial
+from autoslim.trial import run_trial
 from autoslim.surgery import ShortcutPath
 
 

@@ -3,9 +3,7 @@ residual blocks, torchvision classifiers; refusals before training; trials that 
 
 from __future__ import annotations
 
-import copy
 
-import optuna
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,8 +20,8 @@ from autoslim.methods import TrialContext, get_method, list_methods
 from autoslim.methods.l1l2 import prunable_groups, remove_small_filters
 from autoslim.methods.sss import Scales, remove_zero_structures
 from autoslim.methods.trimming import apoz, channels_to_keep, measurable_groups
-from autoslim.search import objective
-from autoslim.search.objective import run_trial
+from autoslim import trial as objective
+from autoslim.trial import run_trial
 from autoslim.study import optimize
 from autoslim.train import Callback
 from autoslim.surgery import (ResidualShortcut, ShortcutPath, apply_architecture_spec, architecture_spec,
@@ -606,7 +604,7 @@ def test_a_hard_coded_channel_count_fixes_those_channels():
 
 def test_a_failure_inside_removal_is_one_line_naming_the_layer_or_op(monkeypatch):
     """Whatever breaks while a layer is sliced, or makes the reduced model fail, is one UsageError line."""
-    from autoslim import surgery
+    from autoslim.surgery import remove as surgery
 
     model, x = build("functional")
     resize = surgery._resize

@@ -12,7 +12,7 @@ from autoslim.data import load_data
 from autoslim.methods import get_method
 from autoslim.models import create_model
 from autoslim.models.thriftynet import ThriftyNet, thriftynet_params, width_for_budget
-from autoslim.search.objective import run_trial
+from autoslim.trial import run_trial
 
 
 def n_params(model) -> int:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoslim.config import DataConfig, TrainConfig
+from autoslim.config import TrainConfig
 from autoslim.data import Split
 from autoslim.methods import TrialContext, get_method
 from autoslim.methods.trimming import apoz, channels_to_keep

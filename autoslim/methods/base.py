@@ -115,7 +115,7 @@ class Method(ABC):
         """Refuse, before any training, a model this method cannot compress with ``params``.
 
         Raises :class:`~autoslim.errors.UsageError`, one line naming the layer
-        or op. :func:`autoslim.search.objective.run_trial` calls it on the
+        or op. :func:`autoslim.trial.run_trial` calls it on the
         untrained model with a trial's knobs; :func:`autoslim.study.optimize`
         once per method before anything is stored, with the knobs the study
         file pins (and each choice of the searched knobs in

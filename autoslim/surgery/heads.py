@@ -1,4 +1,4 @@
-"""Exact removal of whole attention heads and of transformer MLP hidden units.
+"""Exact removal of whole attention heads.
 
 Heads. Supported attention layers (exact types; a user's subclass with its
 own ``forward`` is not listed): ``torch.nn.MultiheadAttention`` (torchvision's
@@ -20,17 +20,9 @@ a subclass (:class:`HeadPrunedMultiheadAttention`, ...) whose ``forward``
 computes the same attention with the inner width read from its weights; its
 parameter names, hence its ``state_dict`` keys, are the original ones.
 
-MLP hidden width (:func:`mlp_groups`, :func:`remove_mlp_hidden`): an
-``nn.Sequential`` holding exactly two ``nn.Linear`` layers with only
-elementwise modules between them (an activation, dropout, identity), as
-torchvision's ``MLP``/``MLPBlock`` (ViT, Swin) and MaxViT's ``mlp_layer``. A
-Linear acts on the last dimension, so the hidden units are independent on
-``(N, L, D)`` token tensors too: removing unit ``j`` drops row ``j`` of the first
-layer and column ``j`` of the second, exact against the model whose second
-layer's column ``j`` is zeroed. This is a self-contained path until the channel
-analysis of :mod:`autoslim.surgery` follows ``nn.Linear`` over the last
-dimension of N-d tensors; then those hidden widths are ordinary channel groups
-and these two functions should go.
+The MLP hidden widths of the same models are ordinary channel groups of the
+channel analysis (:func:`autoslim.surgery.channel_groups`: a Linear acts on
+the last dim of token tensors).
 
 The sizes are recorded by :func:`autoslim.surgery.architecture_spec` (``heads``:
 ``{layer: {"type", "num_heads"}}``; the Linear widths as ``layers``) and
@@ -71,10 +63,7 @@ from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from autoslim.errors import UsageError, accepted
-
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-                nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity)
-
+from autoslim.surgery.remove import _kept_indices
 
 @dataclass(frozen=True)
 class HeadGroup:
@@ -85,16 +74,6 @@ class HeadGroup:
     kind: str
     num_heads: int
     head_dim: int
-
-
-@dataclass(frozen=True)
-class MLPGroup:
-    """The hidden units of one MLP: ``name`` (the ``nn.Sequential``), its two Linear layers and the width."""
-
-    name: str
-    first: str
-    second: str
-    size: int
 
 
 # --- reduced layers: the same attention with inner width num_heads * head_dim -------------------------------------
@@ -383,8 +362,6 @@ def remove_heads(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tens
 
 
 def _remove_heads_in_place(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tensor]) -> None:
-    from autoslim.surgery import _kept_indices
-
     groups = {g.name: g for g in head_groups(model)}
     for name, idx in keep.items():
         if name not in groups:
@@ -416,50 +393,3 @@ def apply_heads_spec(model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) ->
             raise UsageError(f"architecture spec: heads.{name}.num_heads must lie in [1, {g.num_heads}], "
                              f"got {want.get('num_heads')}")
     _remove_heads_in_place(model, {name: range(int(want["num_heads"])) for name, want in spec.items()})
-
-
-def mlp_groups(model: nn.Module) -> list[MLPGroup]:
-    """The MLPs of ``model`` whose hidden units :func:`remove_mlp_hidden` can remove, in module order.
-
-    >>> import torchvision
-    >>> groups = mlp_groups(torchvision.models.swin_t())
-    >>> len(groups), groups[0]
-    (12, MLPGroup(name='features.1.0.mlp', first='features.1.0.mlp.0', second='features.1.0.mlp.3', size=384))
-    """
-    groups = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Sequential) or type(m).forward is not nn.Sequential.forward:
-            continue
-        linear = [i for i, child in enumerate(m) if isinstance(child, nn.Linear)]
-        if len(linear) == 2 and all(isinstance(m[i], _ELEMENTWISE) for i in range(linear[0] + 1, linear[1])):
-            first, second = (f"{name}.{i}" if name else str(i) for i in linear)
-            groups.append(MLPGroup(name, first, second, m[linear[0]].out_features))
-    return groups
-
-
-def remove_mlp_hidden(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` in which each MLP ``name`` in ``keep`` (see :func:`mlp_groups`) keeps only the
-    hidden units ``keep[name]``; removing them all is refused, ``model`` is not modified.
-
-    >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Dropout(), nn.Linear(8, 4))
-    >>> remove_mlp_hidden(nn.Sequential(mlp), {"0": [0, 5, 7]})[0]
-    Sequential(
-      (0): Linear(in_features=4, out_features=3, bias=True)
-      (1): GELU(approximate='none')
-      (2): Dropout(p=0.5, inplace=False)
-      (3): Linear(in_features=3, out_features=4, bias=True)
-    )
-    """
-    from autoslim.surgery import _kept_indices
-
-    new = copy.deepcopy(model)
-    groups = {g.name: g for g in mlp_groups(new)}
-    for name, idx in keep.items():
-        if name not in groups:
-            raise accepted("keep", name, groups)
-        g = groups[name]
-        units = sorted(_kept_indices(name, idx, g.size, unit="hidden unit"))
-        with torch.no_grad():
-            _shrink_linear(new.get_submodule(g.first), rows=units)
-            _shrink_linear(new.get_submodule(g.second), cols=units)
-    return new
