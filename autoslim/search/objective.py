@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Sequence
 
 import optuna
 
+from autoslim.artifacts import upload_trial_artifacts
 from autoslim.checkpoint import TrialCheckpoints, run_resumable
 from autoslim.config import ConstraintsConfig, StudyConfig, TrialConfig
 from autoslim.data import Data
@@ -147,7 +148,6 @@ class Objective:
         for name, value in constraint_values(self.cfg.constraints, result).items():
             trial.set_constraint(name, value)
         if self.artifact_store is not None:
-            from autoslim.artifacts import upload_trial_artifacts
             upload_trial_artifacts(trial, result, artifact_store=self.artifact_store,
                                    in_shape=self.data.in_shape, num_classes=self.data.num_classes)
         return [result.objective(o) for o in self.cfg.objectives]
