@@ -104,7 +104,8 @@ def trial_note(number: int, result: TrialResult) -> str:
         f"| parameters | {params} |",
         f"| compression | {a['compression']:.1f}x vs the uncompressed {result.baseline_params:,} |",
         f"| FLOPs | {m.flops:,} |",
-        f"| latency (batch 1, CPU, one thread) | {m.latency_ms:.3f} ms (IQR {m.latency_iqr_ms:.3f} ms) |",
+        f"| latency ({_latency_setting(result.config.latency)}) | {m.latency_ms:.3f} ms "
+        f"(IQR {m.latency_iqr_ms:.3f} ms) |",
         f"| saved size | {m.size_bytes / 1024:.1f} KiB |",
         f"| training | {len(result.history)} epochs ({phases}), {result.seconds:.1f} s |",
         *_input_rows(result.input_spec),
@@ -112,6 +113,13 @@ def trial_note(number: int, result: TrialResult) -> str:
         "Artifacts: `model.pt` (`autoslim.load_model`), `widths.png`, `training.png`.",
         "",
     ])
+
+
+def _latency_setting(lat) -> str:
+    """How the latency was measured, in words: ``batch 1, CPU, 1 thread``."""
+    threads = "default threads" if lat.threads is None else f"{lat.threads} thread{'s' * (lat.threads > 1)}"
+    where = "the training device" if lat.device == "study" else "CPU"
+    return ", ".join([f"batch {lat.batch_size}", where, threads] + (["ONNX Runtime"] * (lat.runtime == "onnxruntime")))
 
 
 def _input_rows(spec: dict) -> list[str]:

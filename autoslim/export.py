@@ -31,6 +31,7 @@ from autoslim.config import TrialConfig
 from autoslim.data import Data, load_data
 from autoslim.artifacts import trial_artifacts
 from autoslim.errors import UsageError
+from autoslim.measure import write_onnx
 from autoslim.modelfile import load_model, read_model_file, save_model
 from autoslim.search.pareto import is_feasible, pareto_front
 from autoslim.train import resolve_device
@@ -56,10 +57,8 @@ def to_onnx(model: nn.Module, path: str | Path, *, in_shape: Sequence[int]) -> P
     import onnxruntime
 
     x = torch.randn(3, *in_shape)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x[:1],), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    write_onnx(model, path, example=x[:1])
+    with torch.no_grad():
         expected = model(x).numpy()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"input": x.numpy()})

@@ -150,7 +150,8 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
                        checkpointer=checkpointer)
     result = method.compress(model, ctx, config.params)
     compressed = result.model
-    measurements = measure(compressed, in_shape=data.in_shape, size_bytes=result.size_bytes)
+    measurements = measure(compressed, in_shape=data.in_shape, latency_config=config.latency,
+                           device=data.train.x.device, size_bytes=result.size_bytes)
     params = measurements.nonzeros if result.sparse else measurements.params
     unchanged = None if method.builds_model or params < baseline else (
         f"removed nothing: {config.method} left {params:,} {'non-zero ' if result.sparse else ''}parameters of "

@@ -61,7 +61,8 @@ class Objective:
         params = self.spaces[method].suggest(trial)
         return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
                            data=self.cfg.data_for(method), train=self.cfg.train_for(method),
-                           seed=self.cfg.seed + _original_number(trial), device=self.cfg.device)
+                           seed=self.cfg.seed + _original_number(trial), device=self.cfg.device,
+                           latency=self.cfg.latency)
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
         """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``), as does a compression
