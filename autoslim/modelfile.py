@@ -3,7 +3,7 @@
 ``model.pt`` is a dict saved with :func:`torch.save`::
 
     {"format": "autoslim-model-1",
-     "spec": {"model", "model_kwargs", "in_shape", "num_classes", "method", "method_params",
+     "spec": {"model", "model_kwargs", "model_adapt" (absent in older files: []), "in_shape", "num_classes", "method", "method_params",
               "architecture": autoslim.surgery.architecture_spec(model),
               "input": {"shape", "mean", "std", "classes"}},     # what the model expects (may be absent)
      "sparse": bool,
@@ -47,7 +47,8 @@ FORMAT = "autoslim-model-1"
 def save_model(path: str | Path, model: nn.Module, *, config: TrialConfig, in_shape: Sequence[int],
                num_classes: int, sparse: bool = False) -> Path:
     """Write ``model`` (weights + architecture spec) to ``path``; sparse models keep their sparse encoding."""
-    spec = {"model": config.model, "model_kwargs": dict(config.model_kwargs), "in_shape": [int(s) for s in in_shape],
+    spec = {"model": config.model, "model_kwargs": dict(config.model_kwargs), "model_adapt": list(config.model_adapt),
+            "in_shape": [int(s) for s in in_shape],
             "num_classes": int(num_classes), "method": config.method, "method_params": dict(config.params),
             "architecture": architecture_spec(model)}
     state = sparse_state_dict(model) if sparse else {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -99,7 +100,8 @@ def load_model(path: str | Path, *, name: str | None = None) -> nn.Module:
     spec = saved["spec"]
     try:
         config, _ = check_trial_config(TrialConfig(method=spec["method"], params=spec["method_params"],
-                                                   model=spec["model"], model_kwargs=spec["model_kwargs"]))
+                                                   model=spec["model"], model_kwargs=spec["model_kwargs"],
+                                                   model_adapt=spec.get("model_adapt", [])))
     except UsageError as e:  # the spec's field of a trial config's "params" is "method_params"
         raise UsageError(f"model file: {what}: spec.{'method_' if str(e).startswith('params') else ''}{e}") from None
     model = _load_step(what, "its network cannot be built", lambda: build_model(

@@ -63,7 +63,8 @@ def make_sampler(cfg: StudyConfig, *, worker: int = 0) -> optuna.samplers.BaseSa
 def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int) -> dict[str, float]:
     """The hypervolume reference point: the study file's values, else the uncompressed network's."""
 
-    base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, **cfg.model_kwargs),
+    base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, adapt=cfg.model_adapt,
+                                **cfg.model_kwargs),
                    in_shape=in_shape)
     ref = cfg.reference_point
     point = {"accuracy": ref.accuracy, "params": ref.params or base.params, "flops": ref.flops or base.flops,
@@ -179,7 +180,7 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
             continue
         if model is None:
             model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
-                                 **cfg.model_kwargs).to(data.val.x.device)
+                                 adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.val.x.device)
         knobs = [k for k in method.check_params if not space.params[k].pinned]
         combos = [dict(zip(knobs, values))
                   for values in itertools.product(*(space.params[k].choices or (False, True) for k in knobs))]
