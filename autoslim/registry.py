@@ -181,6 +181,18 @@ class Registry(Generic[T]):
             return {}
         return {ep.name: ep for ep in importlib.metadata.entry_points(group=self.group)}
 
+    def origin(self, name: str) -> str:
+        """Where ``name`` comes from: ``built-in`` (registered in this process), ``entry point 'pkg.mod:obj'``
+        or ``import string``.
+
+        >>> Registry("colour", field="colour").origin("math:pi")
+        'import string'
+        """
+        if name in self._items:
+            return "built-in"
+        entry = self._entry_points().get(name)
+        return f"entry point {entry.value!r}" if entry is not None else "import string"
+
     def names(self) -> list[str]:
         """Every registered and installed (entry-point) name, sorted."""
         return sorted(set(self._items) | set(self._entry_points()))

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -102,8 +103,9 @@ def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
     """
     DATASETS.get(cfg.data.name)
     MODELS.get(cfg.model)
-    return {m: METHODS.get(m, field="methods").search_space().narrow(c.space, where=f"methods.{m}")
-            for m, c in cfg.methods.items()}
+    # named as the study file names the method (an import string too): the Optuna parameters are <name>.<knob>
+    return {m: dataclasses.replace(METHODS.get(m, field="methods").search_space(), method=m).narrow(
+                c.space, where=f"methods.{m}") for m, c in cfg.methods.items()}
 
 
 def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
