@@ -94,6 +94,8 @@ BAD = [
     (with_(model="toyplugin.nets:make_net", model_adapt=["in_channels"]),
      "model: 'toyplugin.nets:make_net' outputs 1000 classes (last layer '6'), the data has 10 classes; set "
      "model_adapt: [num_classes]"),
+    (with_(model="toyplugin.nets:make_net", methods={"thriftynet": {"iterations": 4}}),
+     "model: 'toyplugin.nets:make_net' takes 3 input channels"),  # unused by the trials, measured by the study
     (with_(model_adapt=["channels"]), "model_adapt[0]: unknown value 'channels'; accepted: in_channels, num_classes"),
     (with_(model_adapt="in_channels"), "model_adapt: expected a list, got 'in_channels'"),
     (with_(data__name="toyplugin.data:wrong"), "data.name: 'toyplugin.data:wrong' returned int; accepted: a RawData"),
