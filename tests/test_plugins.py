@@ -251,6 +251,7 @@ def test_a_study_of_import_strings_runs_with_the_names_as_written(imported_study
     assert config["method"] == METHOD and config["model_adapt"] == ["in_channels", "num_classes"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_a_study_of_import_strings_is_shown_reported_exported_and_retrained(imported_study, tmp_path, capsys):
     capsys.readouterr()
     assert main(["show", str(imported_study)]) == 0
