@@ -93,8 +93,9 @@ def paper_defaults(spaces) -> list[dict]:
 
 
 def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
-    """Check the names ``cfg`` gives against the registries (data set, model, methods) and narrow each method's
-    search space by its study-file overrides; return the narrowed spaces, by method. A UsageError line names
+    """Check the names ``cfg`` gives against the registries (data set, model, methods: registered, installed
+    entry points or import strings) and narrow each method's search space by its study-file overrides; return
+    the narrowed spaces, by method as the study file names it. A UsageError line names
     the first field that is wrong; nothing has been written anywhere yet.
 
     >>> spaces = check_study(StudyConfig.from_dict({"methods": {"trimming": {"rounds": 2}}}))

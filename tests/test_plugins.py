@@ -20,7 +20,7 @@ from toyplugin.data import blob_datasets
 from toyplugin.method import Magnitude
 from toyplugin.nets import make_net
 
-from autoslim import Method, load_model
+from autoslim import load_model
 from autoslim.cli import main
 from autoslim.config import DataConfig, StudyConfig, TrainConfig, TrialConfig
 from autoslim.data import as_raw_data, load_data
@@ -290,5 +290,7 @@ def test_a_study_of_entry_point_names_runs(tmp_path):
     assert trial.user_attrs["nonzeros"] < trial.user_attrs["baseline_params"]
 
 
-def test_a_user_method_is_a_method():
-    assert issubclass(Magnitude, Method) and METHODS.origin("toy_magnitude") == "entry point 'toyplugin.method:Magnitude'"
+def test_autoslim_methods_says_where_each_method_comes_from():
+    assert METHODS.origin("toy_magnitude") == "entry point 'toyplugin.method:Magnitude'"
+    assert METHODS.origin("trimming") == "built-in" and METHODS.origin(METHOD) == "import string"
+    assert describe_method(METHOD)["knobs"] == describe_method("toy_magnitude")["knobs"]
