@@ -94,8 +94,9 @@ def paper_defaults(spaces) -> list[dict]:
 
 
 def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
-    """Check the names ``cfg`` gives against the registries (data set, model, methods) and narrow each method's
-    search space by its study-file overrides; return the narrowed spaces, by method. A UsageError line names
+    """Check the names ``cfg`` gives against the registries (data set, model, methods: registered, installed
+    entry points or import strings) and narrow each method's search space by its study-file overrides; return
+    the narrowed spaces, by method as the study file names it. A UsageError line names
     the first field that is wrong; nothing has been written anywhere yet.
 
     >>> spaces = check_study(StudyConfig.from_dict({"methods": {"trimming": {"rounds": 2}}}))
@@ -164,7 +165,8 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
 
 
 def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Data) -> None:
-    """Each method checks the study's untrained model once (:meth:`autoslim.methods.Method.check`).
+    """Each method checks the study's untrained model once (:meth:`autoslim.methods.Method.check`), built as
+    the trials build it (a model that does not fit the data is refused here: :func:`autoslim.models.create_model`).
 
     A method that cannot compress it is refused in one UsageError line naming the layer or op; so is a
     searched choice of a knob the check reads (``Method.check_params``) that cannot act on it, naming the
@@ -176,14 +178,13 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
     ...
     autoslim.errors.UsageError: methods.sss.level: 'block', 'both' cannot act on model lenet5 (sss: no structure to scale at level 'block': LeNet5 has no residual branch x + f(x) (in a submodule, f ending in a conv, linear or norm layer)); narrow it to: channel
     """
-    model = None
+    # built even when every method builds its own: the reference point measures it once the study is stored
+    model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
+                         adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.val.x.device)
     for name, space in spaces.items():
         method = get_method(name)
         if method.builds_model:
             continue
-        if model is None:
-            model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
-                                 adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.val.x.device)
         knobs = [k for k in method.check_params if not space.params[k].pinned]
         combos = [dict(zip(knobs, values))
                   for values in itertools.product(*(space.params[k].choices or (False, True) for k in knobs))]

@@ -42,6 +42,12 @@ def data():
     return load_data(DataConfig(name="synthetic", num_samples=160, image_shape=[1, 12, 12], num_classes=4))
 
 
+def test_the_registry_wide_tests_cover_a_method_installed_from_outside_the_tree():
+    """tests/plugins/toyplugin is on sys.path (tests/conftest.py) with an entry point, as ``pip install`` leaves
+    a user's package: every test below runs on its method as on the built-in ones."""
+    assert "toy_magnitude" in list_methods() and {"iht", "l1l2", "sss", "thriftynet", "trimming"} <= set(list_methods())
+
+
 @pytest.mark.parametrize("name", list_methods())
 def test_search_space_and_paper_default_are_valid(name):
     space = get_method(name).search_space()

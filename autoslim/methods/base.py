@@ -122,7 +122,11 @@ class Method(ABC):
         if isinstance(cls.space, Mapping):
             space = SearchSpace.from_dict(dict(cls.space), where=f"{cls.__module__}.{cls.__qualname__}.space")
         else:
-            path = Path(inspect.getfile(cls)).parent / (cls.space or f"{cls.name}.yaml")
+            try:
+                path = Path(inspect.getfile(cls)).parent / (cls.space or f"{cls.name}.yaml")
+            except (TypeError, OSError):  # a class defined in a notebook or an interactive session
+                raise UsageError(f"method {cls.name!r} declares no search space and its module has no file; "
+                                 "accepted: a class attribute space (a mapping of its knobs)") from None
             if cls.space is None and not path.is_file() and cls.__module__.startswith("autoslim.methods."):
                 path = spaces_dir() / f"{cls.name}.yaml"
             if not path.is_file():
