@@ -85,6 +85,9 @@ class TrainConfig:
     gamma: float = field(default=0.1, metadata=meta(min_exclusive=0.0, max=1.0))
     label_smoothing: float = field(default=0.0, metadata=meta(min=0.0, max=1.0))
     deterministic: bool = False  # CUDA: deterministic kernels, so a rerun on the same GPU model is bit-identical (slower)
+    # The user's training function and metric, as import strings 'package.module:name' (autoslim.fit); None: autoslim's
+    fit: str | None = None
+    evaluate: str | None = None
 
 
 @dataclass

@@ -26,6 +26,7 @@ from autoslim.config import StudyConfig, check_study_name, load_study
 from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
+from autoslim.fit import resolve_loop
 from autoslim.measure import measure
 from autoslim.methods import METHODS, get_method
 from autoslim.models import MODELS, create_model
@@ -101,6 +102,9 @@ def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
     """
     DATASETS.get(cfg.data.name)
     MODELS.get(cfg.model)
+    for m in cfg.methods:
+        own = {"fit", "evaluate"} & set(cfg.methods[m].train)
+        resolve_loop(cfg.train_for(m), where=f"methods.{m}.train" if own else "train")
     return {m: METHODS.get(m, field="methods").search_space().narrow(c.space, where=f"methods.{m}")
             for m, c in cfg.methods.items()}
 

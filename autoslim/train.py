@@ -144,8 +144,8 @@ def evaluate(model: nn.Module, split: Split, *, batch_size: int = 1000) -> float
 def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | None = None, seed: int = 0,
           lr_scale: float = 1.0, callbacks: Sequence[Callback] = (), param_groups: Iterable | None = None,
           extra_optimizers: Sequence[torch.optim.Optimizer] = (), epoch_offset: int = 0, phase: str | None = None,
-          resume: Mapping[str, Any] | None = None,
-          on_state: Callable[[list[dict], dict], None] | None = None) -> list[dict]:
+          resume: Mapping[str, Any] | None = None, on_state: Callable[[list[dict], dict], None] | None = None,
+          score: Callable[[nn.Module], float] | None = None) -> list[dict]:
     """Train ``model`` in place for ``epochs`` (default ``config.epochs``); return one record per epoch.
 
     ``param_groups`` replaces the model's parameters in the main optimizer
@@ -154,7 +154,8 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
     ``epoch_offset`` numbers the records when a method trains in phases.
     Each record holds ``epoch``, ``loss`` (mean training loss), ``val_accuracy``,
     ``lr``, ``seconds`` and, given one, the ``phase`` name. A NaN or infinite
-    loss raises :class:`Diverged`.
+    loss raises :class:`Diverged`. ``score(model)`` replaces top-1 accuracy on
+    ``data.val`` as ``val_accuracy`` (a user's metric, :mod:`autoslim.fit`).
 
     ``on_state(records, state)`` is called after every epoch with this call's
     records so far and the loop state (``epoch`` done, ``step``, optimizer and
@@ -208,7 +209,8 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
             mean_loss = total.item() / len(data.train)
             if not math.isfinite(mean_loss):
                 raise Diverged(f"training loss is {mean_loss} at epoch {epoch_offset + epoch + 1} (lr {lr:g})")
-            record = {"epoch": epoch_offset + epoch + 1, "loss": mean_loss, "val_accuracy": evaluate(model, data.val),
+            val = score(model) if score is not None else evaluate(model, data.val)
+            record = {"epoch": epoch_offset + epoch + 1, "loss": mean_loss, "val_accuracy": val,
                       "lr": lr, "seconds": time.perf_counter() - start, **({"phase": phase} if phase else {})}
             history.append(record)
             if on_state is not None:

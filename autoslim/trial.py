@@ -29,10 +29,11 @@ from autoslim.checkpoint import Checkpointer
 from autoslim.config import TrialConfig, load_yaml
 from autoslim.data import DATASETS, Data
 from autoslim.errors import UsageError
+from autoslim.fit import resolve_loop
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
 from autoslim.methods import TrialContext, get_method
 from autoslim.models import MODELS, create_model
-from autoslim.train import Callback, evaluate, seed_everything
+from autoslim.train import Callback, seed_everything
 
 # What a trial's config.yaml must hold (autoslim export writes every field); params left out are filled in.
 TRIAL_KEYS = ["method", "model", "data", "train", "seed"]
@@ -42,11 +43,13 @@ def check_trial_config(config: TrialConfig) -> tuple[TrialConfig, dict]:
     """``config`` as a study checks a trial's, with the method's parameters it leaves out filled in from the
     method's search space; and the parameters so filled (empty for a trial a study sampled).
 
-    The method, model and data names must be registered; every parameter must be one of the method's and in
+    The method, model and data names must be registered, the user ``train.fit``/``train.evaluate`` importable
+    and of the right signature (:func:`autoslim.fit.resolve_loop`); every parameter must be one of the method's and in
     its range (``params.<name>``: the UsageError line of a study file's override)."""
     method = get_method(config.method)
     DATASETS.get(config.data.name)
     MODELS.get(config.model)
+    resolve_loop(config.train)
     if not isinstance(config.params, dict):
         raise UsageError(f"params: expected a mapping of {config.method}'s parameters, got {config.params!r}")
     params = method.search_space().complete(config.params, where="params")
@@ -130,7 +133,9 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     compress is refused (UsageError) before any epoch. A method that compresses the study's model but left
     as many parameters (non-zeros for a sparse result) as it started with is marked: ``nothing_removed``
     holds the reason, which is also logged.
-    ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes."""
+    ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes.
+    ``config.train.fit``/``evaluate`` (import strings) train every phase with the user's loop and score with the
+    user's metric (:mod:`autoslim.fit`)."""
     start = time.perf_counter()
     config, filled = check_trial_config(config)
     if filled:
@@ -138,12 +143,13 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
             + " ".join(f"{k}={short(v)}" for k, v in filled.items()))
     seed_everything(config.seed)
     method = get_method(config.method)
+    fit, evaluator = resolve_loop(config.train)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
-    method.check(model, example_input=data.val.x[:CHECK_EXAMPLES], params=config.params)
+    ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
+                       checkpointer=checkpointer, fit=fit, evaluator=evaluator)
+    method.check(model, example_input=ctx.examples(CHECK_EXAMPLES), params=config.params)
     widths_before = layer_widths(model)
     baseline = count_params(model)
-    ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
-                       checkpointer=checkpointer)
     result = method.compress(model, ctx, config.params)
     compressed = result.model
     measurements = measure(compressed, in_shape=data.in_shape, size_bytes=result.size_bytes)
@@ -155,7 +161,7 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
         log(unchanged)
     return TrialResult(
         config=config, model=compressed,
-        val_accuracy=evaluate(compressed, data.val), test_accuracy=evaluate(compressed, data.test),
+        val_accuracy=ctx.evaluate(compressed, "val"), test_accuracy=ctx.evaluate(compressed, "test"),
         measurements=measurements, baseline_params=baseline, sparse=result.sparse,
         widths_before=widths_before,
         widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),

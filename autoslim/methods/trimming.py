@@ -121,7 +121,7 @@ class NetworkTrimming(Method):
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         ctx.train(model, phase="train")
-        example = ctx.data.val.x[:2]
+        example = ctx.examples(2)
         stats_split = Split(ctx.data.val.x[: params["apoz_examples"]], ctx.data.val.y[: params["apoz_examples"]])
         rounds = []
         for r in range(params["rounds"]):
