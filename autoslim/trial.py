@@ -89,6 +89,8 @@ class TrialResult:
     info: dict = field(default_factory=dict)
     seconds: float = 0.0
     nothing_removed: str | None = None  # why the trial counts as "removed nothing" (None: it compressed)
+    in_shape: tuple = ()  # of one input, and the classes (outputs): what the model file records
+    num_classes: int = 0
 
     @property
     def params(self) -> int:
@@ -147,26 +149,38 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
     ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
                        checkpointer=checkpointer, fit=fit, evaluator=evaluator)
+    result = compress_model(model, config=config, ctx=ctx, in_shape=data.in_shape)
+    result.info.update({"filled_params": filled} if filled else {})
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def compress_model(model: nn.Module, *, config: TrialConfig, ctx: TrialContext, in_shape) -> TrialResult:
+    """Check ``model`` for ``config``'s method (before any training), compress it with ``ctx``, measure the
+    result and score it with ``ctx.evaluate`` on the validation and test splits; mark a result that removed
+    nothing (``nothing_removed``, also logged). ``config.params`` is complete."""
+    start = time.perf_counter()
+    method = get_method(config.method)
     method.check(model, example_input=ctx.examples(CHECK_EXAMPLES), params=config.params)
     widths_before = layer_widths(model)
     baseline = count_params(model)
     result = method.compress(model, ctx, config.params)
     compressed = result.model
-    measurements = measure(compressed, in_shape=data.in_shape, size_bytes=result.size_bytes)
+    measurements = measure(compressed, in_shape=in_shape, size_bytes=result.size_bytes)
     params = measurements.nonzeros if result.sparse else measurements.params
     unchanged = None if method.builds_model or params < baseline else (
         f"removed nothing: {config.method} left {params:,} {'non-zero ' if result.sparse else ''}parameters of "
         f"the {baseline:,} it started with")
     if unchanged:
-        log(unchanged)
+        ctx.log(unchanged)
     return TrialResult(
         config=config, model=compressed,
         val_accuracy=ctx.evaluate(compressed, "val"), test_accuracy=ctx.evaluate(compressed, "test"),
         measurements=measurements, baseline_params=baseline, sparse=result.sparse,
         widths_before=widths_before,
         widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),
-        history=ctx.history, info={**result.info, **({"filled_params": filled} if filled else {})},
-        seconds=time.perf_counter() - start, nothing_removed=unchanged)
+        history=ctx.history, info=dict(result.info), seconds=time.perf_counter() - start, nothing_removed=unchanged,
+        in_shape=tuple(in_shape), num_classes=ctx.data.num_classes)
 
 
 class EpochPrinter(Callback):
