@@ -146,7 +146,7 @@ class Checkpointer:
             done = done + records
         self._phases.append(self._snapshot(index, name, model, extra, done))
         if saved is None and not resumable:
-            self._save({"format": FORMAT, "phases": self._phases, "current": None})
+            self._save({"format": FORMAT, "phases": list(self._phases), "current": None})
         return done
 
     @staticmethod

@@ -146,6 +146,9 @@ class UserEvaluate:
         self.fn, self.where = fn, where
 
     def __call__(self, model: nn.Module, split: str = "val") -> float:
+        """The score of ``model`` on ``split``; NaN for ``"test"`` from an ``evaluate(model)`` (validation only)."""
+        if not self.splits and split != "val":
+            return math.nan
         was_training = model.training
         model.eval()
         try:
@@ -317,7 +320,7 @@ class UserFit:
     def _check(self, returned: Any, hooks: Hooks, *, epochs: int, phase: str) -> None:
         where = f"{self.where}: {_describe(self.fn)}"
         if returned is not None:
-            raise UsageError(f"{where} returned {type(returned).__name__} {returned!r:.60}; expected None "
+            raise UsageError(f"{where} returned a {type(returned).__name__}; expected None "
                              "(report each epoch through hooks.on_epoch_end(model, record))")
         if len(hooks.records) != epochs:
             raise UsageError(f"{where} reported {len(hooks.records)} epochs of phase {phase!r} through "
