@@ -183,14 +183,14 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
             continue
         if model is None:
             model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
-                                 **cfg.model_kwargs).to(data.val.x.device)
+                                 **cfg.model_kwargs).to(data.device)
         knobs = [k for k in method.check_params if not space.params[k].pinned]
         combos = [dict(zip(knobs, values))
                   for values in itertools.product(*(space.params[k].choices or (False, True) for k in knobs))]
         refused = {}
         for combo in combos:
             try:
-                method.check(model, example_input=data.val.x[:CHECK_EXAMPLES], params={**space.defaults(), **combo})
+                method.check(model, example_input=data.examples(CHECK_EXAMPLES), params={**space.defaults(), **combo})
             except UsageError as e:
                 refused[", ".join(map(str, combo.values()))] = e
         if len(refused) == len(combos):

@@ -146,7 +146,7 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     seed_everything(config.seed)
     method = get_method(config.method)
     fit, evaluator = resolve_loop(config.train)
-    model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
+    model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.device)
     ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
                        checkpointer=checkpointer, fit=fit, evaluator=evaluator)
     result = compress_model(model, config=config, ctx=ctx, in_shape=data.in_shape)

@@ -95,7 +95,7 @@ class TrialContext:
 
     def examples(self, n: int) -> torch.Tensor:
         """The first ``n`` validation inputs (surgery traces the model with them; methods measure changes on them)."""
-        return self.data.val.x[:n]
+        return self.data.examples(n)
 
 
 @dataclass
