@@ -1,10 +1,17 @@
-"""Whole datasets as tensors in memory, and batching/augmentation on tensors.
+"""Whole datasets as tensors in memory, and batching/augmentation on tensors; or streamed through a DataLoader.
 
 A dataset is loaded once per process into three :class:`Split` objects
 (train / validation / test) of normalised float images ``(N, C, H, W)`` and
 integer labels. Shuffling, batching, random crops and flips are tensor
 operations on whole batches: there is no per-sample ``DataLoader`` on the hot
-path, and on a GPU the data lives on the GPU.
+path, and on a GPU the data lives on the GPU. This is the default.
+
+Data that does not fit in memory is streamed instead: :class:`StreamSplit`
+reads a ``torch.utils.data.Dataset`` through ``DataLoader`` workers
+(``data.workers``), with the same interface. ``imagefolder`` streams with
+``data.stream: true`` (unset: above :data:`STREAM_ABOVE` images), with
+torchvision transforms; a source that returns torch datasets hands them to
+:func:`streamed_data`, which splits them as in-memory data is split.
 
 Sources are a name-keyed registry (:func:`register_dataset`):
 

@@ -70,7 +70,7 @@ import optuna
 import torch
 from torch import nn
 
-from autoslim.config import OBJECTIVES, ConstraintsConfig, TrainConfig, TrialConfig
+from autoslim.config import OBJECTIVES, ConstraintsConfig, DataConfig, TrainConfig, TrialConfig
 from autoslim.data import Data, Split
 from autoslim.errors import UsageError
 from autoslim.fit import UserEvaluate, UserFit
@@ -79,6 +79,9 @@ from autoslim.schema import build
 from autoslim.search.objective import store_result
 from autoslim.train import Callback
 from autoslim.trial import TrialResult, compress_model
+
+
+USER_DATA = "user"  # the data name a trial's config records: the user's fit and evaluate bring the data
 
 
 def suggest(trial: optuna.Trial, *, methods: Sequence[str] | Mapping[str, Mapping[str, Any] | None]) -> "Plan":
@@ -123,7 +126,7 @@ class Plan:
                            fit=UserFit(fit, where="fit"),
                            evaluator=UserEvaluate(evaluate, where="evaluate", need_split=False))
         trial_config = TrialConfig(method=self.method, params=dict(self.params), model=_name(model), train=config,
-                                   seed=self.seed)
+                                   seed=self.seed, data=DataConfig(name=USER_DATA))
         result = compress_model(model, config=trial_config, ctx=ctx, in_shape=data.in_shape)
         result.seconds = time.perf_counter() - start
         return result
@@ -163,8 +166,8 @@ def objectives(trial: optuna.Trial, result: TrialResult, *, accuracy: float | No
     among accuracy, params (non-zeros for a sparse result), flops, latency (your study's directions: maximize
     accuracy, minimize the others); ``constraints`` (``max_params``, ``max_flops``, ``min_accuracy``) are set
     with ``trial.set_constraint`` (feasible when <= 0), as a study file's ``constraints`` are; with an Optuna
-    ``artifact_store`` the model file, charts and note are uploaded. A result that removed nothing raises ``optuna.TrialPruned`` (user attr ``pruned_reason``)
-    unless ``nothing_removed="keep"``.
+    ``artifact_store`` the model file, charts and note are uploaded. A result that removed nothing raises
+    ``optuna.TrialPruned`` (user attr ``pruned_reason``) unless ``nothing_removed="keep"``.
     """
     unknown = [o for o in objectives if o not in OBJECTIVES]
     if unknown or not objectives:

@@ -8,14 +8,13 @@ import math
 import optuna
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import autoslim
 import user_loops
 from autoslim.checkpoint import Checkpointer
 from autoslim.config import DataConfig, StudyConfig, TrainConfig, TrialConfig
-from autoslim.data import batches, load_data
+from autoslim.data import load_data
 from autoslim.errors import UsageError
 from autoslim.fit import ExtraSteps, OptimizerFactory
 from autoslim.methods.sss import APG
@@ -136,12 +135,7 @@ def make_fit(data, rung_trial=None):
     def fit(model, *, epochs, hooks, optimizer_factory):
         optimizer = optimizer_factory(cls=torch.optim.SGD, lr=0.05, momentum=0.9)
         for _ in range(epochs):
-            for step, (x, y) in enumerate(batches(data.train, batch_size=64, shuffle=True)):
-                loss = F.cross_entropy(model(x), y) + hooks.extra_loss(model)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                hooks.on_step_end(model, step)
+            loss, _ = user_loops.one_epoch(model, data, hooks, optimizer)
             hooks.on_epoch_end(model, {"loss": loss.item()})
             if rung_trial is not None:
                 autoslim.report_rung(rung_trial, epoch=hooks.epochs_done, accuracy=top1(model, data.val),

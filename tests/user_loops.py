@@ -9,30 +9,32 @@ from autoslim.data import batches
 CALLS: list[str] = []  # the phases each fit was called for, in order
 
 
+def one_epoch(model, data, hooks, optimizer, *, step_hooks=True):
+    """One epoch of SGD on ``data.train`` through the hooks; the last loss and the number of steps."""
+    for step, (x, y) in enumerate(batches(data.train, batch_size=64, shuffle=True)):
+        loss = F.cross_entropy(model(x), y) + hooks.extra_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step_hooks:
+            hooks.on_step_end(model, step)
+    return loss, step + 1
+
+
 def simple_fit(model, *, epochs, hooks, optimizer_factory, data, phase):
     """Plain SGD through the factory, every hook called."""
     CALLS.append(phase)
     optimizer = optimizer_factory()
     for _ in range(epochs):
-        for step, (x, y) in enumerate(batches(data.train, batch_size=64, shuffle=True)):
-            loss = F.cross_entropy(model(x), y) + hooks.extra_loss(model)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            hooks.on_step_end(model, step)
-        hooks.on_epoch_end(model, {"loss": loss, "train_batches": step + 1})
+        loss, steps = one_epoch(model, data, hooks, optimizer)
+        hooks.on_epoch_end(model, {"loss": loss, "train_batches": steps})
 
 
 def own_optimizer_fit(model, *, epochs, hooks, optimizer_factory, data):
     """Builds its optimizer itself, not through the factory."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(epochs):
-        for step, (x, y) in enumerate(batches(data.train, batch_size=64)):
-            loss = F.cross_entropy(model(x), y) + hooks.extra_loss(model)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            hooks.on_step_end(model, step)
+        loss, _ = one_epoch(model, data, hooks, optimizer)
         hooks.on_epoch_end(model, {"loss": loss.item()})
 
 
@@ -40,11 +42,7 @@ def no_step_hook_fit(model, *, epochs, hooks, optimizer_factory, data):
     """Never calls hooks.on_step_end (IHT's masks would not hold)."""
     optimizer = optimizer_factory()
     for _ in range(epochs):
-        for x, y in batches(data.train, batch_size=64):
-            loss = F.cross_entropy(model(x), y) + hooks.extra_loss(model)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        loss, _ = one_epoch(model, data, hooks, optimizer, step_hooks=False)
         hooks.on_epoch_end(model, {"loss": loss.item()})
 
 
