@@ -523,12 +523,14 @@ def streamed_data(name: str, train, *, config, num_classes: int, test=None, plai
     """:class:`Data` streamed from torch datasets: the seam for sources that return ``torch.utils.data``
     datasets too large for memory.
 
-    ``train`` yields ``(input tensor, label)`` with training augmentation; ``plain`` is the same examples
+    ``train`` yields ``(input tensor, label)`` with training augmentation (a ``DataLoader`` stands for its
+    dataset: batches are made with the study's ``train.batch_size`` and ``data.workers``); ``plain`` is the same examples
     without it (default ``train``): the validation split (``config.val_fraction``) and, without a ``test``
     set, the test split (``config.test_fraction``) are taken from it, as :func:`load_data` splits in-memory
     data. ``train_subset`` keeps the first training examples; ``config.test_subset`` a fixed random part of
     the test split. ``mean``/``std`` are the normalisation the transforms apply (recorded in model files).
     """
+    train, test, plain = (_dataset(d) for d in (train, test, plain))
     plain = train if plain is None else plain
     train_idx, val_idx, test_idx = split_indices(len(train), config=config, has_test=test is not None)
     train_idx = train_idx[:train_count(train_subset, len(train_idx))]
@@ -543,6 +545,10 @@ def streamed_data(name: str, train, *, config, num_classes: int, test=None, plai
 
     return Data(name, split(train, train_idx), split(plain, val_idx), split(test), num_classes, mean=tuple(mean),
                 std=tuple(std), classes=tuple(map(str, classes or range(num_classes))))
+
+
+def _dataset(obj):
+    return obj.dataset if isinstance(obj, torch.utils.data.DataLoader) else obj
 
 
 def _streams(config) -> bool:

@@ -46,11 +46,12 @@ and a metric::
 ...             opt.zero_grad(); loss.backward(); opt.step(); hooks.on_step_end(model, step)
 ...         hooks.on_epoch_end(model, {"loss": loss.item()})
 >>> def objective(trial):
-...     plan = suggest(trial, methods={"trimming": {"rounds": 1, "retrain_epochs": 1}})
+...     plan = suggest(trial, methods={"trimming": {"rounds": 1, "retrain_epochs": 1, "rule": "fraction"}})
 ...     model = create_model("lenet300_100", in_shape=(1, 8, 8), num_classes=10)
 ...     small = plan.compress(model, fit=fit, evaluate=lambda m: top1(m, data.val), example_inputs=data.val.x,
 ...                           train={"epochs": 1})
 ...     return objectives(trial, small)
+>>> _ = torch.manual_seed(0)  # the initial weights
 >>> study = optuna.create_study(directions=["maximize", "minimize"])
 >>> study.optimize(objective, n_trials=1)
 >>> t = study.trials[0]

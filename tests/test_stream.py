@@ -72,11 +72,13 @@ def test_a_streamed_epoch_resumes_with_the_same_data_order(folder):
 
 
 def test_torch_datasets_handed_to_streamed_data_split_as_in_memory_data():
+    """A DataLoader stands for its dataset; the splits are disjoint and of the in-memory sizes."""
     cfg = DataConfig(name="synthetic", num_samples=120, image_shape=[1, 6, 6], num_classes=3, workers=0)
     memory = load_data(cfg)
     x = torch.arange(120.0).view(120, 1, 1, 1).expand(120, 1, 6, 6)
     dataset = torch.utils.data.TensorDataset(x, torch.arange(120) % 3)
-    data = streamed_data("mine", dataset, config=cfg, num_classes=3, train_subset=50)
+    data = streamed_data("mine", torch.utils.data.DataLoader(dataset, batch_size=7), config=cfg, num_classes=3,
+                         train_subset=50)
     assert (len(data.train), len(data.val), len(data.test)) == (50, len(memory.val), len(memory.test))
     ids = [set(getattr(data, s).head(200).x[:, 0, 0, 0].long().tolist()) for s in ("train", "val", "test")]
     assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
