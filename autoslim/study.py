@@ -27,6 +27,7 @@ from autoslim.config import StudyConfig, check_study_name, load_study
 from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
+from autoslim.fit import resolve_loop
 from autoslim.measure import measure
 from autoslim.methods import METHODS, get_method
 from autoslim.models import MODELS, create_model
@@ -105,6 +106,9 @@ def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
     """
     DATASETS.get(cfg.data.name)
     MODELS.get(cfg.model)
+    for m in cfg.methods:
+        own = {"fit", "evaluate"} & set(cfg.methods[m].train)
+        resolve_loop(cfg.train_for(m), where=f"methods.{m}.train" if own else "train")
     # named as the study file names the method (an import string too): the Optuna parameters are <name>.<knob>
     return {m: dataclasses.replace(METHODS.get(m, field="methods").search_space(), method=m).narrow(
                 c.space, where=f"methods.{m}") for m, c in cfg.methods.items()}
@@ -180,7 +184,7 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
     """
     # built even when every method builds its own: the reference point measures it once the study is stored
     model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
-                         adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.val.x.device)
+                         adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.device)
     for name, space in spaces.items():
         method = get_method(name)
         if method.builds_model:
@@ -191,7 +195,7 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
         refused = {}
         for combo in combos:
             try:
-                method.check(model, example_input=data.val.x[:CHECK_EXAMPLES], params={**space.defaults(), **combo})
+                method.check(model, example_input=data.examples(CHECK_EXAMPLES), params={**space.defaults(), **combo})
             except UsageError as e:
                 refused[", ".join(map(str, combo.values()))] = e
         if len(refused) == len(combos):
