@@ -33,7 +33,7 @@ from autoslim.methods import METHODS, get_method
 from autoslim.models import MODELS, create_model
 from autoslim.search.objective import Objective
 from autoslim.trial import CHECK_EXAMPLES
-from autoslim.search.space import SearchSpace
+from autoslim.space import SearchSpace
 from autoslim.storage import get_storage, open_artifact_store, redact, storage_file, study_lock
 from autoslim.train import resolve_device
 

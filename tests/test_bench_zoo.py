@@ -13,7 +13,7 @@ from torch import nn
 
 from autoslim.errors import UsageError
 from autoslim.methods import CompressionResult, Method, get_method
-from autoslim.search.space import SearchSpace
+from autoslim.space import SearchSpace
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_zoo.py"
 _SPEC = importlib.util.spec_from_file_location("bench_zoo", _PATH)

@@ -1,6 +1,7 @@
 """The package's import graph has no circles: modules import downward only (function-level imports included)."""
 
 import ast
+import tomllib
 from pathlib import Path
 
 import autoslim
@@ -66,3 +67,11 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_subpackage_is_in_the_distribution():
+    """pyproject.toml lists packages by hand: a subpackage left out installs without it (pip install .)."""
+    root = Path(autoslim.__file__).parent
+    listed = set(tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root.parent).parts) for p in root.rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"

@@ -29,7 +29,7 @@ from autoslim.methods import METHODS, describe_method
 from autoslim.models import MODELS, create_model
 from autoslim.models.adapt import adapt_model
 from autoslim.registry import import_callable
-from autoslim.search.space import SearchSpace
+from autoslim.space import SearchSpace
 from autoslim.study import optimize
 from autoslim.trial import run_trial
 

@@ -14,7 +14,7 @@ from autoslim.errors import UsageError
 from autoslim.methods import get_method, list_methods
 from autoslim.search.halving import nondominated_ranks, rungs_for, should_stop
 from autoslim.search.pareto import hypervolume, pareto_front, pareto_mask
-from autoslim.search.space import SearchSpace
+from autoslim.space import SearchSpace
 from autoslim.trial import run_trial
 from autoslim.study import load_method_data, optimize
 

@@ -34,7 +34,7 @@ from autoslim.data import Data
 from autoslim.errors import UsageError
 from autoslim.fit import UserEvaluate, UserFit
 from autoslim.registry import Registry
-from autoslim.search.space import SearchSpace, spaces_dir
+from autoslim.space import SearchSpace, spaces_dir
 from autoslim.train import Callback, evaluate, train
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ def list_methods() -> list[str]:
 
 def describe_method(name: str) -> dict:
     """Method ``name`` (registered, installed or an import string) as plain data: its summary, where it comes
-    from, and its knobs (:meth:`autoslim.search.space.SearchSpace.describe`); for ``autoslim methods``.
+    from, and its knobs (:meth:`autoslim.space.SearchSpace.describe`); for ``autoslim methods``.
 
     >>> info = describe_method("trimming")
     >>> info["origin"], info["knobs"][0]["name"], info["builds_model"]

@@ -22,7 +22,7 @@ from autoslim.config import ConstraintsConfig, StudyConfig, TrialConfig
 from autoslim.data import Data
 from autoslim.heartbeat import Heartbeat, TrialLost, claim, retry_of, still_running
 from autoslim.search.halving import SuccessiveHalving, rungs_for, stop_trial
-from autoslim.search.space import SearchSpace
+from autoslim.space import SearchSpace
 from autoslim.train import Callback, Diverged
 from autoslim.trial import EpochPrinter, TrialResult, run_trial, short
 

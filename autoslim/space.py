@@ -51,7 +51,7 @@ _TYPES = ("int", "float", "categorical", "bool")
 
 def spaces_dir() -> Path:
     """The folder of search-space files (``search_spaces/`` of the repository or the installed package)."""
-    repo = Path(__file__).resolve().parents[2] / "search_spaces"
+    repo = Path(__file__).resolve().parents[1] / "search_spaces"
     if repo.is_dir():
         return repo
     return Path(str(resources.files("autoslim.search_spaces")))
