@@ -103,6 +103,36 @@ OBJECTIVES = ["accuracy", "params", "flops", "latency"]
 
 
 @dataclass
+class PruningConfig:
+    """What every structured method (trimming, l1l2, sss) may remove, whatever its own rule says
+    (:mod:`autoslim.selection`).
+
+    ``ignore``: layers never pruned, as qualified module names or glob patterns
+    (``classifier.*``); a name also covers the layers inside it (``layer4``).
+    An ignored layer keeps its output channels, and so does every layer tied
+    to it (a residual stream); its inputs follow the layer before it.
+    ``round_to``: the width of every pruned group is rounded up to a multiple
+    of it (1: off), never above the group's width; a group narrower than the
+    multiple keeps all its channels.
+
+    >>> PruningConfig(ignore=["classifier.*"], round_to=8).round_to
+    8
+    """
+
+    ignore: list[str] = field(default_factory=list)
+    round_to: int = field(default=1, metadata=meta(min=1))
+
+    def __post_init__(self):
+        if any(not isinstance(p, str) or not p for p in self.ignore):
+            bad = next(p for p in self.ignore if not isinstance(p, str) or not p)
+            raise UsageError(f"pruning.ignore: expected module names or glob patterns, got {bad!r}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.ignore) or self.round_to > 1
+
+
+@dataclass
 class ConstraintsConfig:
     """Budgets, as Optuna constraints: a trial that breaks one stays in the study, marked infeasible."""
 
@@ -253,6 +283,7 @@ class StudyConfig:
     device: str = field(default="auto", metadata=meta(choices=["auto", "cpu", "cuda", "mps"]))
     third_objective: str | None = field(default=None, metadata=meta(choices=["flops", "latency"]))
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)  # for the structured methods
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     warm_start: bool = True
     # A trial of a method that compresses the study's model but removed nothing: pruned (its sampled knobs rank
@@ -371,6 +402,7 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     device: str = "auto"
+    pruning: PruningConfig = field(default_factory=PruningConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,11 +26,11 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from autoslim.checkpoint import Checkpointer
-from autoslim.config import TrialConfig, load_yaml
+from autoslim.config import PruningConfig, TrialConfig, load_yaml
 from autoslim.data import DATASETS, Data
 from autoslim.errors import UsageError
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
-from autoslim.methods import TrialContext, get_method
+from autoslim.methods import Method, TrialContext, get_method, list_methods
 from autoslim.models import MODELS, create_model
 from autoslim.train import Callback, evaluate, seed_everything
 
@@ -43,8 +43,12 @@ def check_trial_config(config: TrialConfig) -> tuple[TrialConfig, dict]:
     method's search space; and the parameters so filled (empty for a trial a study sampled).
 
     The method, model and data names must be registered; every parameter must be one of the method's and in
-    its range (``params.<name>``: the UsageError line of a study file's override)."""
+    its range (``params.<name>``: the UsageError line of a study file's override); ``pruning`` rules are
+    refused for a method that does not remove channels (it would ignore them)."""
     method = get_method(config.method)
+    if config.pruning.active and not method.structured:
+        raise UsageError(f"pruning: method {config.method!r} does not remove channels, so ignore and round_to do not "
+                         f"apply to it; accepted: a method that does ({', '.join(structured_methods())})")
     DATASETS.get(config.data.name)
     MODELS.get(config.model)
     if not isinstance(config.params, dict):
@@ -67,6 +71,18 @@ def load_trial_config(path: str | Path) -> TrialConfig:
 
 
 CHECK_EXAMPLES = 8  # validation images a method's check runs the untrained model on
+
+
+def structured_methods() -> list[str]:
+    """The registered methods that remove channels (and so honour the study's ``pruning:`` rules)."""
+    return [m for m in list_methods() if get_method(m).structured]
+
+
+def check_method(method: Method, model: nn.Module, *, example_input, params, pruning: PruningConfig) -> None:
+    """``method.check``, handed the ``pruning`` rules if it is structured (a method that is not may not take
+    them)."""
+    method.check(model, example_input=example_input, params=params,
+                 **({"pruning": pruning} if method.structured else {}))
 
 
 @dataclass
@@ -139,11 +155,12 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     seed_everything(config.seed)
     method = get_method(config.method)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
-    method.check(model, example_input=data.val.x[:CHECK_EXAMPLES], params=config.params)
+    check_method(method, model, example_input=data.val.x[:CHECK_EXAMPLES], params=config.params,
+                 pruning=config.pruning)
     widths_before = layer_widths(model)
     baseline = count_params(model)
     ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
-                       checkpointer=checkpointer)
+                       checkpointer=checkpointer, pruning=config.pruning)
     result = method.compress(model, ctx, config.params)
     compressed = result.model
     measurements = measure(compressed, in_shape=data.in_shape, size_bytes=result.size_bytes)

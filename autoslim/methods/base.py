@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from autoslim.config import TrainConfig
+from autoslim.config import PruningConfig, TrainConfig
 from autoslim.data import Data
 from autoslim.errors import UsageError
 from autoslim.registry import Registry
@@ -51,6 +51,8 @@ class TrialContext:
     log: Callable[[str], None] = lambda msg: None
     history: list[dict] = field(default_factory=list)
     checkpointer: Checkpointer | None = None
+    #: The study's rules for what a structured method may remove (:mod:`autoslim.selection`).
+    pruning: PruningConfig = field(default_factory=PruningConfig)
 
     @property
     def epochs_done(self) -> int:
@@ -95,11 +97,16 @@ class Method(ABC):
     """A compression method. Subclasses set :attr:`name` and implement :meth:`compress` (and :meth:`check`).
 
     A method that *is* an architecture (ThriftyNet) sets ``builds_model = True``
-    and implements :meth:`build_model`; the study's model is then ignored.
+    and implements :meth:`build_model`; the study's model is then ignored. A
+    method that removes channels sets ``structured = True``: it decides what
+    survives through :func:`autoslim.selection.select`, so it honours the
+    study's ``pruning:`` rules (``ignore``, ``round_to``), which its
+    :meth:`check` receives and :attr:`TrialContext.pruning` holds.
     """
 
     name: ClassVar[str]
     builds_model: ClassVar[bool] = False
+    structured: ClassVar[bool] = False
     #: The knobs :meth:`check` reads: at study start each of their searched choices is checked on its own.
     check_params: ClassVar[tuple[str, ...]] = ()
 
@@ -111,7 +118,8 @@ class Method(ABC):
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} compresses a given model; it does not build one")
 
-    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
+              pruning: PruningConfig | None = None) -> None:
         """Refuse, before any training, a model this method cannot compress with ``params``.
 
         Raises :class:`~autoslim.errors.UsageError`, one line naming the layer
@@ -120,7 +128,9 @@ class Method(ABC):
         once per method before anything is stored, with the knobs the study
         file pins (and each choice of the searched knobs in
         :attr:`check_params`), the others at their defaults. ``params`` is
-        complete, as in :meth:`compress`. The default accepts every model.
+        complete, as in :meth:`compress`. A ``structured`` method is also given
+        the study's ``pruning`` rules (an ``ignore`` pattern that matches no
+        layer is refused). The default accepts every model.
         """
 
     @abstractmethod

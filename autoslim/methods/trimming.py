@@ -25,7 +25,11 @@ surviving weights. ``layers: highest`` trims only the channel group (a layer,
 or the layers a residual stream ties) of highest mean APoZ per round, the
 paper's order; ``all`` trims every group. A group always keeps at least one
 channel. Channels that reach a GroupNorm go in whole GroupNorm groups
-(``granularity``): the rule then reads the mean APoZ of each block. Statistics
+(``granularity``): the rule then reads the mean APoZ of each block. The
+study's ``pruning:`` rules apply (:mod:`autoslim.selection`): ignored layers'
+groups are neither measured nor trimmed, and with ``round_to`` a group keeps
+the count the rule leaves rounded up to the multiple, the extra channels
+those of lowest APoZ among the ones the rule removes. Statistics
 are collected on the validation images (labels are not used), never on a
 single batch.
 """
@@ -37,9 +41,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from autoslim.config import PruningConfig
 from autoslim.data import Split, batches
 from autoslim.errors import UsageError
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
+from autoslim.selection import check_ignore, prunable, refuse_if_all_ignored, select
 from autoslim.surgery import ChannelGroup, channel_groups, check_removal, probe, remove_channels
 
 
@@ -111,13 +117,34 @@ def channels_to_keep(scores: torch.Tensor, *, rule: str, alpha: float = 1.0, fra
     return torch.nonzero(~prune).flatten()
 
 
+def trimmed_groups(model: nn.Module, *, example_input: torch.Tensor, pruning: PruningConfig) -> list[ChannelGroup]:
+    """The measurable groups that ``pruning.ignore`` leaves to trim (a UsageError if it leaves none)."""
+    found = measurable_groups(model, example_input=example_input)
+    groups = prunable(found, pruning)
+    refuse_if_all_ignored("trimming", model, found, groups, pruning)
+    return groups
+
+
+def _mask_out(kept: torch.Tensor, size: int) -> torch.Tensor:
+    """The mask of the channels of ``size`` not in ``kept``."""
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[kept] = False
+    return mask
+
+
 @register_method
 class NetworkTrimming(Method):
     name = "trimming"
+    structured = True
 
-    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
-        """Refuse a model with no measurable group, or whose channels cannot be removed."""
-        check_removal(model, example_input=example_input, groups=measurable_groups(model, example_input=example_input))
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
+              pruning: PruningConfig | None = None) -> None:
+        """Refuse a model with no measurable group (none left by ``pruning.ignore``), or whose channels cannot be
+        removed."""
+        pruning = pruning or PruningConfig()
+        check_ignore(model, pruning)
+        check_removal(model, example_input=example_input,
+                      groups=trimmed_groups(model, example_input=example_input, pruning=pruning))
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         ctx.train(model, phase="train")
@@ -125,14 +152,16 @@ class NetworkTrimming(Method):
         stats_split = Split(ctx.data.val.x[: params["apoz_examples"]], ctx.data.val.y[: params["apoz_examples"]])
         rounds = []
         for r in range(params["rounds"]):
-            groups = {g.name: g for g in measurable_groups(model, example_input=example)}
+            groups = {g.name: g for g in trimmed_groups(model, example_input=example, pruning=ctx.pruning)}
             scores = apoz(model, stats_split, list(groups.values()))
             if params["layers"] == "highest":
                 top = max(scores, key=lambda g: scores[g].mean().item())
                 scores = {top: scores[top]}
-            keep = {g: channels_to_keep(s, rule=params["rule"], alpha=params["alpha"], fraction=params["fraction"],
-                                        granularity=groups[g].granularity)
-                    for g, s in scores.items()}
+            by_rule = {g: channels_to_keep(s, rule=params["rule"], alpha=params["alpha"], fraction=params["fraction"],
+                                           granularity=groups[g].granularity)
+                       for g, s in scores.items()}
+            keep = select(groups.values(), {g: -s for g, s in scores.items()}, ctx.pruning,
+                          remove={g: _mask_out(k, len(scores[g])) for g, k in by_rule.items()}).keep
             removed = {g: len(scores[g]) - len(k) for g, k in keep.items()}
             ctx.log(f"trimming round {r + 1}: removed {sum(removed.values())} channels "
                     f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})")

@@ -17,9 +17,10 @@ from typing import Callable, Mapping, Sequence
 import optuna
 
 from autoslim.checkpoint import TrialCheckpoints, run_resumable
-from autoslim.config import ConstraintsConfig, StudyConfig, TrialConfig
+from autoslim.config import ConstraintsConfig, PruningConfig, StudyConfig, TrialConfig
 from autoslim.data import Data
 from autoslim.heartbeat import Heartbeat, TrialLost, claim, retry_of, still_running
+from autoslim.methods import get_method
 from autoslim.search.halving import SuccessiveHalving, rungs_for, stop_trial
 from autoslim.search.space import SearchSpace
 from autoslim.train import Callback, Diverged
@@ -60,7 +61,8 @@ class Objective:
         params = self.spaces[method].suggest(trial)
         return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
                            data=self.cfg.data_for(method), train=self.cfg.train_for(method),
-                           seed=self.cfg.seed + _original_number(trial), device=self.cfg.device)
+                           seed=self.cfg.seed + _original_number(trial), device=self.cfg.device,
+                           pruning=self.cfg.pruning if get_method(method).structured else PruningConfig())
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
         """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``), as does a compression
