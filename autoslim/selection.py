@@ -162,6 +162,18 @@ def select(groups: Iterable[ChannelGroup], scores: Mapping[str, torch.Tensor], r
     return Selection(keep)
 
 
+def target_info(selection: Selection) -> dict:
+    """What a method records of a target selection (``info["target"]``)."""
+    return {"params": selection.target, "selected": selection.params, "over": selection.over,
+            "reached": selection.reached}
+
+
+def target_line(method: str, info: Mapping) -> str:
+    """The line a method logs for a target selection (its :func:`target_info`)."""
+    return (f"{method}: target {info['params']:,} parameters: selected {info['selected']:,}"
+            + ("" if info["reached"] else " (the narrowest network the rules allow; the target is not reached)"))
+
+
 def _channels(blocks: Iterable[int], granularity: int) -> list[int]:
     return sorted(b * granularity + i for b in blocks for i in range(granularity))
 

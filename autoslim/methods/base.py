@@ -53,6 +53,9 @@ class TrialContext:
     checkpointer: Checkpointer | None = None
     #: The study's rules for what a structured method may remove (:mod:`autoslim.selection`).
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    #: A parameter count a structured method removes channels down to, in its own importance order, instead of
+    #: its threshold rule (:func:`autoslim.selection.select`); None: the method's own rule.
+    target_params: int | None = None
 
     @property
     def epochs_done(self) -> int:

@@ -22,7 +22,10 @@ The study's ``pruning:`` rules apply (:mod:`autoslim.selection`): the groups of
 ignored layers, and the residual branches that are or hold one, get no factor;
 with ``round_to`` a group keeps the channels of largest factor that rounding
 its width up to the multiple needs (those of factor 0 then stay as channels
-that output a constant).
+that output a constant). Given a parameter target
+(:attr:`autoslim.methods.TrialContext.target_params`) the channels go in
+order of |factor|, over all groups, down to the target, instead of by
+``threshold``.
 
 The weights train with SGD + Nesterov momentum and weight decay; the factors
 train with :class:`APG` only (no weight decay), which applies the penalty
@@ -64,8 +67,9 @@ from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import check_ignore, prunable, prunable_block, refuse_if_all_ignored, select
-from autoslim.surgery import (channel_groups, check_removal, constant_inputs, remove_blocks, remove_channels,
+from autoslim.selection import (check_ignore, prunable, prunable_block, refuse_if_all_ignored, select, target_info,
+                                target_line)
+from autoslim.surgery import (ParamCount, channel_groups, check_removal, constant_inputs, remove_blocks, remove_channels,
                               residual_branches, scale_output_channels, scales_exactly)
 
 FINETUNE_LR_SCALE = 0.1
@@ -221,13 +225,16 @@ def _multiplier(scale: Scale):
 
 
 def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float,
-                           example_input: torch.Tensor, pruning: PruningConfig | None = None) -> tuple[nn.Module, dict]:
+                           example_input: torch.Tensor, pruning: PruningConfig | None = None,
+                           target_params: int | None = None) -> tuple[nn.Module, dict]:
     """Set every factor ``<= threshold`` to 0, fold ``scales`` into ``model``, then remove those structures.
 
     What a consumer reads from a removed channel (its activation of 0) is folded into the consumer; a channel
     (a GroupNorm block) that is not one constant there is kept. ``pruning``'s ``round_to`` keeps the largest of the
     small factors that rounding a group's width up needs (:mod:`autoslim.selection`; a group keeps at least its
-    largest channel). Returns the new model and what was removed (``channels``: {group: count}, ``blocks``: names).
+    largest channel). With ``target_params`` the channels go in order of |factor|, over all groups, down to that
+    parameter count (``info["target"]``), instead of by ``threshold`` (branches still go by ``threshold``). Returns
+    the new model and what was removed (``channels``: {group: count}, ``blocks``: names).
     """
     pruning = pruning or PruningConfig()
     drop, removed = {}, {}
@@ -235,8 +242,11 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
     groups = [g for g in channel_groups(model, example_input=example_input)
               if g.name in {s.structure for s in channel_scales}] if channel_scales else []
     importance = {s.structure: s.per_channel().detach().abs() for s in channel_scales}
-    survive = select(groups, importance, pruning,
-                     remove={s.structure: s.per_channel().detach() <= threshold for s in channel_scales}).keep
+    target = None if target_params is None or not groups else select(
+        groups, importance, pruning, target_params=target_params, counter=ParamCount(model, example_input=example_input))
+    survive = target.keep if target else select(
+        groups, importance, pruning, remove={s.structure: s.per_channel().detach() <= threshold
+                                             for s in channel_scales}).keep
     with torch.no_grad():
         for s in scales:  # a factor <= threshold is taken as 0: the structure is removed exactly
             kept = s.factor > threshold
@@ -265,7 +275,7 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
         model = remove_channels(model, keep, example_input=example_input, consumer_constants=constants)
     if blocks:
         model = remove_blocks(model, blocks)
-    return model, {"channels": removed, "blocks": blocks}
+    return model, {"channels": removed, "blocks": blocks, **({"target": target_info(target)} if target else {})}
 
 
 @register_method
@@ -295,7 +305,9 @@ class SparseStructureSelection(Method):
         images = ctx.data.val.x[:CHANGE_IMAGES]
         scaled = outputs(model, images)
         model, removed = remove_zero_structures(model, scales, threshold=params["threshold"], example_input=example,
-                                                pruning=ctx.pruning)
+                                                pruning=ctx.pruning, target_params=ctx.target_params)
+        if "target" in removed:
+            ctx.log(target_line("sss", removed["target"]))
         change = relative_change(outputs(model, images), scaled)
         ctx.log(f"sss: removed {sum(removed['channels'].values())} channels and {len(removed['blocks'])} blocks"
                 + (f" ({', '.join(removed['blocks'])})" if removed["blocks"] else "")

@@ -29,7 +29,12 @@ channel. Channels that reach a GroupNorm go in whole GroupNorm groups
 study's ``pruning:`` rules apply (:mod:`autoslim.selection`): ignored layers'
 groups are neither measured nor trimmed, and with ``round_to`` a group keeps
 the count the rule leaves rounded up to the multiple, the extra channels
-those of lowest APoZ among the ones the rule removes. Statistics
+those of lowest APoZ among the ones the rule removes. Given a parameter
+target (:attr:`autoslim.methods.TrialContext.target_params`) each round
+instead removes channels of every measurable group (whatever ``layers``
+says) in APoZ order, highest first, down to the same ratio per round, the
+last round down to the target (within one channel, or one unit of
+``round_to``, of it). Statistics
 are collected on the validation images (labels are not used), never on a
 single batch.
 """
@@ -45,8 +50,8 @@ from autoslim.config import PruningConfig
 from autoslim.data import Split, batches
 from autoslim.errors import UsageError
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
-from autoslim.selection import check_ignore, prunable, refuse_if_all_ignored, select
-from autoslim.surgery import ChannelGroup, channel_groups, check_removal, probe, remove_channels
+from autoslim.selection import check_ignore, prunable, refuse_if_all_ignored, select, target_info, target_line
+from autoslim.surgery import ChannelGroup, ParamCount, channel_groups, check_removal, probe, remove_channels
 
 
 @torch.no_grad()
@@ -125,6 +130,31 @@ def trimmed_groups(model: nn.Module, *, example_input: torch.Tensor, pruning: Pr
     return groups
 
 
+def keep_by_rule(groups: Mapping[str, ChannelGroup], scores: dict[str, torch.Tensor], params: Mapping[str, Any],
+                 pruning: PruningConfig) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """One round of the method's own rule (``layers``, ``rule``, ``alpha``, ``fraction``) under ``pruning``:
+    the APoZ of the groups it trims and the channels they keep."""
+    if params["layers"] == "highest":
+        top = max(scores, key=lambda g: scores[g].mean().item())
+        scores = {top: scores[top]}
+    by_rule = {g: channels_to_keep(s, rule=params["rule"], alpha=params["alpha"], fraction=params["fraction"],
+                                   granularity=groups[g].granularity) for g, s in scores.items()}
+    return scores, select(groups.values(), {g: -s for g, s in scores.items()}, pruning,
+                          remove={g: _mask_out(k, len(scores[g])) for g, k in by_rule.items()}).keep
+
+
+def round_goal(current: int, target: int, rounds_left: int) -> int:
+    """The parameter count one of ``rounds_left`` rounds removes down to: the same ratio each round, the target
+    at the last.
+
+    >>> round_goal(1000, 10, 2), round_goal(100, 10, 1), round_goal(5, 10, 3)
+    (100, 10, 10)
+    """
+    if current <= target or rounds_left <= 1:
+        return target
+    return round(current * (target / current) ** (1 / rounds_left))
+
+
 def _mask_out(kept: torch.Tensor, size: int) -> torch.Tensor:
     """The mask of the channels of ``size`` not in ``kept``."""
     mask = torch.ones(size, dtype=torch.bool)
@@ -150,22 +180,26 @@ class NetworkTrimming(Method):
         ctx.train(model, phase="train")
         example = ctx.data.val.x[:2]
         stats_split = Split(ctx.data.val.x[: params["apoz_examples"]], ctx.data.val.y[: params["apoz_examples"]])
-        rounds = []
+        rounds, info = [], {}
         for r in range(params["rounds"]):
             groups = {g.name: g for g in trimmed_groups(model, example_input=example, pruning=ctx.pruning)}
             scores = apoz(model, stats_split, list(groups.values()))
-            if params["layers"] == "highest":
-                top = max(scores, key=lambda g: scores[g].mean().item())
-                scores = {top: scores[top]}
-            by_rule = {g: channels_to_keep(s, rule=params["rule"], alpha=params["alpha"], fraction=params["fraction"],
-                                           granularity=groups[g].granularity)
-                       for g, s in scores.items()}
-            keep = select(groups.values(), {g: -s for g, s in scores.items()}, ctx.pruning,
-                          remove={g: _mask_out(k, len(scores[g])) for g, k in by_rule.items()}).keep
+            if ctx.target_params is None:
+                scores, keep = keep_by_rule(groups, scores, params, ctx.pruning)
+            else:
+                counter = ParamCount(model, example_input=example)
+                chosen = select(groups.values(), {g: -s for g, s in scores.items()}, ctx.pruning, counter=counter,
+                                target_params=round_goal(counter.count({}), ctx.target_params, params["rounds"] - r))
+                keep = chosen.keep
+                if chosen.last is not None or not info:  # the last round that removed something
+                    info["target"] = {**target_info(chosen), "params": ctx.target_params,
+                                      "reached": chosen.params <= ctx.target_params}
             removed = {g: len(scores[g]) - len(k) for g, k in keep.items()}
             ctx.log(f"trimming round {r + 1}: removed {sum(removed.values())} channels "
                     f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})")
             rounds.append({"mean_apoz": {g: round(float(s.mean()), 4) for g, s in scores.items()}, "removed": removed})
             model = remove_channels(model, keep, example_input=example)
             ctx.train(model, epochs=params["retrain_epochs"], phase=f"retrain{r + 1}", lr_scale=params["lr_scale"])
-        return CompressionResult(model, info={"rounds": rounds})
+        if info:
+            ctx.log(target_line("trimming", info["target"]))
+        return CompressionResult(model, info={"rounds": rounds, **info})
