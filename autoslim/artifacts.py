@@ -57,7 +57,7 @@ def upload_trial_artifacts(trial: optuna.Trial, result: TrialResult, *, artifact
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         save_model(folder / "model.pt", result.model, config=result.config, in_shape=in_shape,
-                   num_classes=num_classes, sparse=result.sparse)
+                   num_classes=num_classes, sparse=result.sparse, input_spec=result.input_spec)
         plot_widths(result, folder / "widths.png", title=f"trial {trial.number}: {result.config.method}")
         plot_training(result.history, folder / "training.png", title=f"trial {trial.number}: {result.config.method}")
         (folder / "note.md").write_text(note)
@@ -104,13 +104,34 @@ def trial_note(number: int, result: TrialResult) -> str:
         f"| parameters | {params} |",
         f"| compression | {a['compression']:.1f}x vs the uncompressed {result.baseline_params:,} |",
         f"| FLOPs | {m.flops:,} |",
-        f"| latency (batch 1, CPU, one thread) | {m.latency_ms:.3f} ms (IQR {m.latency_iqr_ms:.3f} ms) |",
+        f"| latency ({_latency_setting(result.config.latency)}) | {m.latency_ms:.3f} ms "
+        f"(IQR {m.latency_iqr_ms:.3f} ms) |",
         f"| saved size | {m.size_bytes / 1024:.1f} KiB |",
         f"| training | {len(result.history)} epochs ({phases}), {result.seconds:.1f} s |",
+        *_input_rows(result.input_spec),
         "",
         "Artifacts: `model.pt` (`autoslim.load_model`), `widths.png`, `training.png`.",
         "",
     ])
+
+
+def _latency_setting(lat) -> str:
+    """How the latency was measured, in words: ``batch 1, CPU, 1 thread``."""
+    threads = "default threads" if lat.threads is None else f"{lat.threads} thread{'s' * (lat.threads > 1)}"
+    where = "the training device" if lat.device == "study" else "CPU"
+    return ", ".join([f"batch {lat.batch_size}", where, threads] + (["ONNX Runtime"] * (lat.runtime == "onnxruntime")))
+
+
+def _input_rows(spec: dict) -> list[str]:
+    """The note's rows on what the model expects: input shape, normalisation, classes."""
+    if not spec:
+        return []
+    numbers = lambda xs: ", ".join(f"{x:.4g}" for x in xs)  # noqa: E731
+    classes = spec.get("classes", [])
+    shown = ", ".join(f"`{c}`" for c in classes[:10]) + (f" … ({len(classes)} in all)" if len(classes) > 10 else "")
+    return [f"| input | shape {tuple(spec['shape'])}, normalised per channel: mean ({numbers(spec['mean'])}), "
+            f"std ({numbers(spec['std'])}) |",
+            f"| classes (output order) | {shown} |"]
 
 
 def _pyplot():

@@ -191,6 +191,28 @@ class ReferencePointConfig:
 
 
 @dataclass
+class LatencyConfig:
+    """How a trial's latency is measured (:func:`autoslim.measure.latency`): a forward pass of ``batch_size``
+    inputs on ``device`` (``cpu``, or ``study``: the device the trial trained on), in PyTorch or in ONNX Runtime
+    (``runtime: onnxruntime``, on the CPU), with ``threads`` threads (null: the runtime's default), timed in
+    blocks that take ``time`` seconds in all after warm-up calls.
+
+    >>> LatencyConfig()
+    LatencyConfig(batch_size=1, device='cpu', runtime='torch', threads=1, time=0.05)
+    """
+
+    batch_size: int = field(default=1, metadata=meta(min=1))
+    device: str = field(default="cpu", metadata=meta(choices=["cpu", "study"]))
+    runtime: str = field(default="torch", metadata=meta(choices=["torch", "onnxruntime"]))
+    threads: int | None = field(default=1, metadata=meta(min=1))
+    time: float = field(default=0.05, metadata=meta(min_exclusive=0.0))
+
+    def __post_init__(self) -> None:
+        if self.runtime == "onnxruntime" and self.device != "cpu":
+            raise UsageError("latency.device: onnxruntime is measured on the CPU; accepted with it: cpu")
+
+
+@dataclass
 class RecoveryConfig:
     """Surviving dead workers: heartbeats, retries, and per-epoch trial checkpoints.
 
@@ -282,6 +304,7 @@ class StudyConfig:
     artifact_dir: str | None = None
     device: str = field(default="auto", metadata=meta(choices=["auto", "cpu", "cuda", "mps"]))
     third_objective: str | None = field(default=None, metadata=meta(choices=["flops", "latency"]))
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)  # for the structured methods
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -402,6 +425,7 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     device: str = "auto"
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
 
     def to_dict(self) -> dict:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import optuna
 import torch
+import yaml
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -30,11 +31,11 @@ from autoslim.config import TrialConfig
 from autoslim.data import Data, load_data
 from autoslim.artifacts import trial_artifacts
 from autoslim.errors import UsageError
+from autoslim.measure import write_onnx
 from autoslim.modelfile import load_model, read_model_file, save_model
-from autoslim.trial import EpochPrinter, TrialResult, run_trial
 from autoslim.search.pareto import is_feasible, pareto_front
 from autoslim.train import resolve_device
-from autoslim.trial import load_trial_config
+from autoslim.trial import EpochPrinter, TrialResult, load_trial_config, run_trial
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -56,10 +57,8 @@ def to_onnx(model: nn.Module, path: str | Path, *, in_shape: Sequence[int]) -> P
     import onnxruntime
 
     x = torch.randn(3, *in_shape)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x[:1],), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    write_onnx(model, path, example=x[:1])
+    with torch.no_grad():
         expected = model(x).numpy()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"input": x.numpy()})
@@ -71,10 +70,13 @@ def to_onnx(model: nn.Module, path: str | Path, *, in_shape: Sequence[int]) -> P
 
 def write_model_formats(model_file: Path, *, config: TrialConfig, name: str | None = None) -> list[Path]:
     """Beside ``model_file`` (a :func:`save_model` file; ``name`` names it in errors), write config.yaml,
-    model.ts and model.onnx."""
+    model.ts and model.onnx. config.yaml is the trial's config; where the model file says what the model
+    expects, an ``input:`` section follows (shape, mean, std, classes), which ``autoslim train`` reads as
+    information (the data section decides)."""
     model, spec = load_model(model_file, name=name), read_model_file(model_file, name=name)["spec"]
     folder = model_file.parent
-    (folder / "config.yaml").write_text(config.to_yaml())
+    expects = yaml.safe_dump({"input": spec["input"]}, sort_keys=False, default_flow_style=None) if "input" in spec else ""
+    (folder / "config.yaml").write_text(config.to_yaml() + expects)
     return [folder / "config.yaml", model_file, to_torchscript(model, folder / "model.ts", in_shape=spec["in_shape"]),
             to_onnx(model, folder / "model.onnx", in_shape=spec["in_shape"])]
 
@@ -156,7 +158,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, *, out: str | Path, ar
             log(f"[trial {trial.number}] {why}: retraining it from its config (seed {config.seed})")
             result, data = retrain_config(config, log=log)
             save_model(model_file, result.model, config=config, in_shape=data.in_shape,
-                       num_classes=data.num_classes, sparse=result.sparse)
+                       num_classes=data.num_classes, sparse=result.sparse, input_spec=result.input_spec)
             stored = trial.user_attrs.get("nonzeros" if result.sparse else "params")
             if result.params != stored:
                 log(f"[trial {trial.number}] note: the retrained model has {result.params:,} parameters, "
@@ -197,6 +199,7 @@ def train_config_file(path: str | Path, *, out: str | Path | None = None,
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         model_file = save_model(Path(out) / "model.pt", result.model, config=result.config, in_shape=data.in_shape,
-                                num_classes=data.num_classes, sparse=result.sparse)
+                                num_classes=data.num_classes, sparse=result.sparse,
+                                input_spec=result.input_spec)
         write_model_formats(model_file, config=result.config)  # with the parameters the file left out
     return result

@@ -7,12 +7,15 @@ Measurement does not know which method produced a model.
 - ``flops``: torch's own count (:class:`torch.utils.flop_counter.FlopCounterMode`) of one
   forward pass on one input; it counts 2 FLOPs per multiply-accumulate of
   convolutions and matrix products (element-wise ops are not counted).
-- ``latency_ms``: wall time of a batch-1 forward on the CPU, in eval mode, on one
-  thread, timed with :class:`torch.utils.benchmark.Timer` after warm-up calls: the
-  median of 9 blocks of calls that take ``latency_time`` seconds (0.05) in all, so a
-  slow first call or a moment of contention elsewhere is not the number.
-  ``latency_iqr_ms`` is the spread (interquartile range) of the blocks. Unstructured
-  sparsity does not lower it: there are no sparse kernels.
+- ``latency_ms``: wall time of a forward pass in eval mode, timed with
+  :class:`torch.utils.benchmark.Timer` (which synchronises CUDA) after warm-up calls:
+  the median of 9 blocks of calls that take ``time`` seconds in all, so a slow first
+  call or a moment of contention elsewhere is not the number. By default a batch of
+  one on the CPU, on one thread, in PyTorch; :class:`autoslim.config.LatencyConfig`
+  (a study file's ``latency:``) sets the batch size, the device, the thread count and
+  the runtime (PyTorch, or ONNX Runtime on the model exported as ``autoslim export``
+  exports it). ``latency_iqr_ms`` is the spread (interquartile range) of the blocks.
+  Unstructured sparsity does not lower it: there are no sparse kernels.
 - ``size_bytes``: bytes of ``torch.save(model.state_dict())``.
 
 >>> from autoslim.models import create_model
@@ -26,14 +29,19 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import tempfile
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-# Seconds of timed calls per latency measurement, and in how many blocks (the median block is the latency).
-LATENCY_TIME = 0.05
+from autoslim.config import LatencyConfig
+
+# In how many blocks the timed calls of a latency measurement run (the median block is the latency).
 LATENCY_BLOCKS = 9
 
 
@@ -68,33 +76,63 @@ def count_flops(model: nn.Module, *, in_shape) -> int:
 
 
 @torch.no_grad()
-def latency(model: nn.Module, *, in_shape, min_run_time: float = LATENCY_TIME,
+def latency(model: nn.Module, *, in_shape, config: LatencyConfig | None = None, device: str | torch.device = "cpu",
             blocks: int = LATENCY_BLOCKS) -> tuple[float, float]:
-    """Median and interquartile range, in ms, of a batch-1 forward of ``model`` on the CPU (one thread).
+    """Median and interquartile range, in ms, of a forward pass of ``model`` as ``config`` says (default: a
+    batch of one on the CPU, one thread, PyTorch); ``device`` is the study's, used where ``config.device`` is
+    ``study``.
 
     With :class:`torch.utils.benchmark.Timer`: after its warm-up calls and a few calls that size the
-    blocks, ``blocks`` blocks of equal size take about ``min_run_time`` seconds in all (at least one
+    blocks, ``blocks`` blocks of equal size take about ``config.time`` seconds in all (at least one
     call each, at least 3 blocks); each block is timed after a warm-up of its own, and the statistics
-    are those of :meth:`torch.utils.benchmark.Measurement.merge` of the blocks.
+    are those of :meth:`torch.utils.benchmark.Measurement.merge` of the blocks. With ``runtime:
+    onnxruntime`` the model is exported to ONNX (as ``autoslim export`` does) and an ONNX Runtime CPU
+    session is timed the same way.
 
     >>> median, iqr = latency(nn.Linear(8, 4), in_shape=(8,))
     >>> 0 < median < 10 and 0 <= iqr
     True
+    >>> median, iqr = latency(nn.Linear(8, 4), in_shape=(8,), config=LatencyConfig(batch_size=32))
+    >>> 0 < median < 10
+    True
     """
     from torch.utils.benchmark import Measurement
 
-    model = _cpu_eval(model)
-    timer = _timer()("model(x)", globals={"model": model, "x": torch.randn(1, *in_shape)}, num_threads=1)
-    per_call = timer.timeit(number=3).mean
-    blocks = max(3, min(blocks, int(min_run_time / per_call)))
-    number = max(1, int(min_run_time / blocks / per_call))
-    (merged,) = Measurement.merge([timer.timeit(number=number) for _ in range(blocks)])
+    config = config or LatencyConfig()
+    where = torch.device(device if config.device == "study" else "cpu")
+    x = torch.randn(config.batch_size, *in_shape, device=where)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = (_onnxruntime_call(model, x, Path(tmp) / "model.onnx", threads=config.threads)
+               if config.runtime == "onnxruntime" else copy.deepcopy(model).to(where).eval())
+        timer = _timer()("run(x)", globals={"run": run, "x": x},
+                         num_threads=config.threads or torch.get_num_threads())
+        per_call = timer.timeit(number=3).mean
+        blocks = max(3, min(blocks, int(config.time / per_call)))
+        number = max(1, int(config.time / blocks / per_call))
+        (merged,) = Measurement.merge([timer.timeit(number=number) for _ in range(blocks)])
     return 1000 * merged.median, 1000 * merged.iqr
 
 
-def latency_ms(model: nn.Module, *, in_shape, min_run_time: float = LATENCY_TIME) -> float:
-    """The median of :func:`latency`."""
-    return latency(model, in_shape=in_shape, min_run_time=min_run_time)[0]
+def write_onnx(model: nn.Module, path: str | Path, *, example: torch.Tensor) -> Path:
+    """Export ``model`` (in eval mode) to ONNX at ``path``: input ``input``, output ``logits``, any batch size."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return Path(path)
+
+
+def _onnxruntime_call(model: nn.Module, x: torch.Tensor, path: Path, *, threads: int | None) -> Callable:
+    """``model`` exported to ONNX at ``path`` (input ``input``, any batch size) as a function of a CPU
+    tensor that runs it in an ONNX Runtime session with ``threads`` intra-op threads."""
+    import onnxruntime
+
+    write_onnx(_cpu_eval(model), path, example=x[:1].cpu())
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x.numpy()})
 
 
 def _timer() -> type:
@@ -116,14 +154,13 @@ def saved_size(model: nn.Module) -> int:
     return buf.tell()
 
 
-def measure(model: nn.Module, *, in_shape, latency_time: float = LATENCY_TIME,
-            size_bytes: int | None = None) -> Measurements:
+def measure(model: nn.Module, *, in_shape, latency_config: LatencyConfig | None = None,
+            device: str | torch.device = "cpu", size_bytes: int | None = None) -> Measurements:
     """All measurements of ``model`` for inputs of shape ``in_shape``.
 
-    ``latency_time`` is the seconds of timed blocks of the latency measurement
-    (:func:`latency`). ``size_bytes`` overrides the dense ``state_dict`` size
-    where a method saves its model in another encoding (a sparse one)."""
-    median, iqr = latency(model, in_shape=in_shape, min_run_time=latency_time)
+    ``latency_config`` and ``device`` say how latency is measured (:func:`latency`). ``size_bytes``
+    overrides the dense ``state_dict`` size where a method saves its model in another encoding (a sparse one)."""
+    median, iqr = latency(model, in_shape=in_shape, config=latency_config, device=device)
     return Measurements(params=count_params(model), nonzeros=count_nonzeros(model),
                         flops=count_flops(model, in_shape=in_shape), latency_ms=median, latency_iqr_ms=iqr,
                         size_bytes=saved_size(model) if size_bytes is None else size_bytes)

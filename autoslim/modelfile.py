@@ -29,27 +29,29 @@ True
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from autoslim.config import TrialConfig
 from autoslim.errors import UsageError, load_error
-from autoslim.trial import build_model
 from autoslim.sparse import load_sparse_state_dict, sparse_state_dict
 from autoslim.surgery import apply_architecture_spec, architecture_spec
-from autoslim.trial import check_trial_config
+from autoslim.trial import build_model, check_trial_config
 
 FORMAT = "autoslim-model-1"
 
 
 def save_model(path: str | Path, model: nn.Module, *, config: TrialConfig, in_shape: Sequence[int],
-               num_classes: int, sparse: bool = False) -> Path:
-    """Write ``model`` (weights + architecture spec) to ``path``; sparse models keep their sparse encoding."""
+               num_classes: int, sparse: bool = False, input_spec: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` (weights + architecture spec) to ``path``; sparse models keep their sparse encoding.
+
+    ``input_spec`` (:meth:`autoslim.data.Data.input_spec`: shape, mean, std, classes) says what the model
+    expects; it is kept as ``spec["input"]``."""
     spec = {"model": config.model, "model_kwargs": dict(config.model_kwargs), "in_shape": [int(s) for s in in_shape],
             "num_classes": int(num_classes), "method": config.method, "method_params": dict(config.params),
-            "architecture": architecture_spec(model)}
+            "architecture": architecture_spec(model), **({"input": dict(input_spec)} if input_spec else {})}
     state = sparse_state_dict(model) if sparse else {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"format": FORMAT, "spec": spec, "sparse": sparse, "state_dict": state}, path)
     return Path(path)
@@ -75,6 +77,8 @@ def read_model_file(path: str | Path, *, name: str | None = None) -> dict[str, A
         raise UsageError(f"model file: {what} is not an autoslim model file (expected format {FORMAT!r})")
     _check_fields(saved, FIELDS, what=what)
     _check_fields(saved["spec"], SPEC_FIELDS, what=what, prefix="spec.")
+    if not isinstance(saved["spec"].get("input", {}), dict):
+        raise UsageError(f"model file: {what}: spec.input is not a dict; accepted: shape, mean, std, classes")
     return saved
 
 

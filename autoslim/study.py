@@ -60,11 +60,12 @@ def make_sampler(cfg: StudyConfig, *, worker: int = 0) -> optuna.samplers.BaseSa
         raise UsageError(f"sampler.options: {' '.join(str(e).split())}") from None
 
 
-def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int) -> dict[str, float]:
-    """The hypervolume reference point: the study file's values, else the uncompressed network's."""
+def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int, device="cpu") -> dict[str, float]:
+    """The hypervolume reference point: the study file's values, else the uncompressed network's (its latency
+    measured as the trials' is, on ``device`` where ``latency.device`` is ``study``)."""
 
     base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, **cfg.model_kwargs),
-                   in_shape=in_shape)
+                   in_shape=in_shape, latency_config=cfg.latency, device=device)
     ref = cfg.reference_point
     point = {"accuracy": ref.accuracy, "params": ref.params or base.params, "flops": ref.flops or base.flops,
              "latency": ref.latency or base.latency_ms}
@@ -235,7 +236,8 @@ def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data) -> None:
             study.set_metric_names(cfg.objectives)
         study.set_user_attr("autoslim_config", json.loads(json.dumps(cfg.to_dict(), default=str)))
         study.set_user_attr("reference_point", make_reference_point(cfg, in_shape=data.in_shape,
-                                                                    num_classes=data.num_classes))
+                                                                    num_classes=data.num_classes,
+                                                                    device=data.train.x.device))
         if cfg.warm_start:
             for params in paper_defaults(spaces):
                 study.enqueue_trial(params, user_attrs={"warm_start": "paper default"})

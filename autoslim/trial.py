@@ -61,10 +61,13 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     """A trial's ``config.yaml`` (``autoslim export`` writes it), refused in one line if it lacks a section of a
     trial (:data:`TRIAL_KEYS`) or if the study would refuse it (:func:`check_trial_config`)."""
     raw = load_yaml(path, "config file")
+    if not isinstance(raw.pop("input", {}), dict):  # what the model expects: information for users, not a setting
+        raise UsageError(f"config file: {path}: input must be a mapping (shape, mean, std, classes), as autoslim "
+                         "export writes it")
     missing = [key for key in TRIAL_KEYS if key not in raw]
     if missing:
         raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
-                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, device), as autoslim export writes it")
+                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, device, input), as autoslim export writes it")
     config = TrialConfig.from_dict(raw)
     check_trial_config(config)
     return config
@@ -102,6 +105,7 @@ class TrialResult:
     info: dict = field(default_factory=dict)
     seconds: float = 0.0
     nothing_removed: str | None = None  # why the trial counts as "removed nothing" (None: it compressed)
+    input_spec: dict = field(default_factory=dict)  # what the model expects: Data.input_spec()
 
     @property
     def params(self) -> int:
@@ -163,7 +167,8 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
                        checkpointer=checkpointer, pruning=config.pruning)
     result = method.compress(model, ctx, config.params)
     compressed = result.model
-    measurements = measure(compressed, in_shape=data.in_shape, size_bytes=result.size_bytes)
+    measurements = measure(compressed, in_shape=data.in_shape, latency_config=config.latency,
+                           device=data.train.x.device, size_bytes=result.size_bytes)
     params = measurements.nonzeros if result.sparse else measurements.params
     unchanged = None if method.builds_model or params < baseline else (
         f"removed nothing: {config.method} left {params:,} {'non-zero ' if result.sparse else ''}parameters of "
@@ -177,7 +182,7 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
         widths_before=widths_before,
         widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),
         history=ctx.history, info={**result.info, **({"filled_params": filled} if filled else {})},
-        seconds=time.perf_counter() - start, nothing_removed=unchanged)
+        seconds=time.perf_counter() - start, nothing_removed=unchanged, input_spec=data.input_spec())
 
 
 class EpochPrinter(Callback):

@@ -46,6 +46,19 @@ def test_completed_trial_uploads_model_charts_and_note(study_dir):
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_the_model_file_and_the_note_say_what_the_model_expects(study_dir, digits):
+    """Input shape, per-channel normalisation and class names travel with the model (issue 18 item 5)."""
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir / 'tiny.db'}")
+    files = {name: study_dir / "tiny-artifacts" / m.artifact_id
+             for name, m in trial_artifacts(study, study.trials[0]).items()}
+    expects = torch.load(files["model.pt"], weights_only=True)["spec"]["input"]
+    assert expects == digits.input_spec() and expects["shape"] == [1, 8, 8] and len(expects["mean"]) == 1
+    assert expects["classes"] == [str(c) for c in range(10)]
+    note = files["note.md"].read_text()
+    assert f"| input | shape (1, 8, 8), normalised per channel: mean ({expects['mean'][0]:.4g}), " in note
+    assert "| classes (output order) | `0`, `1`," in note
+
+
 def test_artifact_folder_sits_beside_file_storages(tmp_path):
     assert default_artifact_dir(f"sqlite:///{tmp_path}/runs/x.db") == tmp_path / "runs" / "x-artifacts"
     assert default_artifact_dir(str(tmp_path / "x.journal")) == tmp_path / "x-artifacts"

@@ -22,7 +22,7 @@ from autoslim.export import FILES, select_trials
 from autoslim.modelfile import load_model, save_model
 from autoslim.methods import get_method
 from autoslim.models import create_model
-from autoslim.trial import run_trial
+from autoslim.trial import load_trial_config, run_trial
 from autoslim.study import optimize
 
 TINY = tiny_study(name="tiny", n_trials=1)
@@ -130,6 +130,18 @@ def test_a_structurally_wrong_model_file_is_one_line_naming_it(tmp_path, spoil, 
     text = str(e.value)
     assert text.startswith(f"model file: {tmp_path / 'bad.pt'}") and message in text, text
     assert "\n" not in text and "weights_only" not in text and "False" not in text
+
+
+def test_the_exported_config_says_what_the_model_expects(exported, digits):
+    written = yaml.safe_load((exported / "config.yaml").read_text())
+    assert written["input"] == digits.input_spec() == torch.load(exported / "model.pt", weights_only=True)["spec"]["input"]
+
+
+def test_an_input_section_that_is_not_a_mapping_is_refused(exported, tmp_path):
+    config = yaml.safe_load((exported / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**config, "input": [1, 8, 8]}))
+    with pytest.raises(UsageError, match=r"config.yaml: input must be a mapping \(shape, mean, std, classes\)"):
+        load_trial_config(tmp_path / "config.yaml")
 
 
 def test_train_rebuilds_the_exported_architecture(exported, tmp_path, capsys):

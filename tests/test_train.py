@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from autoslim.config import TrainConfig
+from autoslim.methods import TrialContext
 from autoslim.models import create_model
 from autoslim.train import Callback, Diverged, evaluate, lr_factor, seed_everything, train
 
@@ -87,3 +88,11 @@ def test_deterministic_is_a_train_setting_of_the_study_file():
     cfg = StudyConfig.from_dict({"name": "d", "train": {"deterministic": True}})
     assert cfg.train.deterministic is True
     assert TrainConfig().deterministic is False
+
+
+def test_a_phase_trained_with_its_own_config_runs_that_configs_epochs(digits):
+    """TrialContext.train(config=...) takes the epochs from the config it is given (a fine-tune's), not the study's."""
+    ctx = TrialContext(data=digits, train_config=TrainConfig(epochs=3, batch_size=64))
+    records = ctx.train(fresh(digits), phase="finetune", config=TrainConfig(epochs=1, batch_size=64))
+    assert [r["phase"] for r in records] == ["finetune"] and len(ctx.history) == 1
+    assert len(ctx.train(fresh(digits))) == 3 and ctx.epochs_done == 4

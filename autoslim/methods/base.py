@@ -65,10 +65,11 @@ class TrialContext:
               callbacks: Sequence[Callback] = (), param_groups=None,
               extra_optimizers: Sequence[torch.optim.Optimizer] = (), config: TrainConfig | None = None) -> list[dict]:
         """Train ``model`` for one phase; records are tagged with ``phase`` and appended to :attr:`history`."""
-        epochs = self.train_config.epochs if epochs is None else epochs
+        config = config or self.train_config
+        epochs = config.epochs if epochs is None else epochs
         if epochs <= 0:
             return []
-        run = functools.partial(train, model, self.data, config=config or self.train_config, epochs=epochs,
+        run = functools.partial(train, model, self.data, config=config, epochs=epochs,
                                 seed=self.seed + self.epochs_done, lr_scale=lr_scale,
                                 callbacks=[*callbacks, *self.callbacks], param_groups=param_groups,
                                 extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done, phase=phase)

@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Sequence
 
 import optuna
 
+from autoslim.artifacts import upload_trial_artifacts
 from autoslim.checkpoint import TrialCheckpoints, run_resumable
 from autoslim.config import ConstraintsConfig, PruningConfig, StudyConfig, TrialConfig
 from autoslim.data import Data
@@ -62,6 +63,7 @@ class Objective:
         return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
                            data=self.cfg.data_for(method), train=self.cfg.train_for(method),
                            seed=self.cfg.seed + _original_number(trial), device=self.cfg.device,
+                           latency=self.cfg.latency,
                            pruning=self.cfg.pruning if get_method(method).structured else PruningConfig())
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
@@ -149,7 +151,6 @@ class Objective:
         for name, value in constraint_values(self.cfg.constraints, result).items():
             trial.set_constraint(name, value)
         if self.artifact_store is not None:
-            from autoslim.artifacts import upload_trial_artifacts
             upload_trial_artifacts(trial, result, artifact_store=self.artifact_store,
                                    in_shape=self.data.in_shape, num_classes=self.data.num_classes)
         return [result.objective(o) for o in self.cfg.objectives]
