@@ -130,10 +130,6 @@ class Selection:
     over: int | None = None
     last: tuple[str, list[int]] | None = None
 
-    def removed(self, groups: Iterable[ChannelGroup]) -> dict[str, int]:
-        """{group: channels removed}."""
-        return {g.name: g.size - len(self.keep[g.name]) for g in groups if g.name in self.keep}
-
 
 def select(groups: Iterable[ChannelGroup], scores: Mapping[str, torch.Tensor], rules: PruningConfig, *,
            remove: Mapping[str, torch.Tensor] | None = None, target_params: int | None = None,
@@ -210,6 +206,9 @@ def _select_target(groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor
     for _, _, _, g, blocks in steps[:taken]:
         removed[g.name].update(_channels(blocks, g.granularity))
     keep = {g.name: [j for j in range(g.size) if j not in removed[g.name]] for g in groups}
-    last = (steps[taken - 1][3].name, _channels(steps[taken - 1][4], steps[taken - 1][3].granularity)) if taken else None
+    last = None
+    if taken:
+        *_, group, blocks = steps[taken - 1]
+        last = (group.name, _channels(blocks, group.granularity))
     return Selection(keep, params=int(round(counts[taken].item())), target=target, reached=bool(len(fits)),
                      over=int(round(counts[taken - 1].item())) if taken else None, last=last)

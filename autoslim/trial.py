@@ -67,7 +67,8 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     missing = [key for key in TRIAL_KEYS if key not in raw]
     if missing:
         raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
-                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, device, input), as autoslim export writes it")
+                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, device, input, pruning), as autoslim "
+                         "export writes it")
     config = TrialConfig.from_dict(raw)
     check_trial_config(config)
     return config

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import one_thread  # noqa: F401 (autouse fixture)
+from helpers import one_thread, tiny_study  # noqa: F401 (autouse fixture)
 from test_structured import (GroupNormCNN, SmallCNN, build, dead_channels, kill, synthetic, trial)
 
 from autoslim import trial as trial_module
@@ -23,9 +23,9 @@ from autoslim.methods import TrialContext, get_method, sss
 from autoslim.methods.l1l2 import filter_importance
 from autoslim.methods.trimming import apoz, measurable_groups
 from autoslim.models import create_model
-from autoslim.selection import ParamCount, rounded, select
-from autoslim.study import check_methods, check_study, load_method_data
-from autoslim.surgery import ChannelGroup, channel_groups, remove_channels
+from autoslim.selection import rounded, select
+from autoslim.study import check_methods, check_study, load_method_data, optimize
+from autoslim.surgery import ChannelGroup, ParamCount, channel_groups, remove_channels
 
 STRUCTURED = ["trimming", "l1l2", "sss"]
 # Settings under which each method removes the channels a test killed, without training first
@@ -259,7 +259,8 @@ def test_a_method_given_a_target_lands_within_one_step_of_it(method, arch, round
     """Each method removes channels by its own importance (APoZ, relative filter norm, |factor|) down to the target:
     the count it predicts fits, the step it stopped after would not; the removed model has that count (l1l2 and
     SSS may add a bias where a removed channel's constant is folded into a consumer that had none)."""
-    model = {"cnn": lambda: SmallCNN("modules", num_classes=4), "groupnorm": lambda: GroupNormCNN(num_classes=4)}[arch]()
+    model = {"cnn": lambda: SmallCNN("modules", num_classes=4),
+             "groupnorm": lambda: GroupNormCNN(num_classes=4)}[arch]()
     full = count_params(model)
     target = int(0.75 * full)
     params = {**get_method(method).search_space().defaults(), **PARAMS[method], "rounds": 2}
@@ -272,3 +273,16 @@ def test_a_method_given_a_target_lands_within_one_step_of_it(method, arch, round
     achieved = count_params(result.model)
     assert info["selected"] <= achieved < info["over"] and achieved < full
     assert all(w % round_to == 0 for w in _group_widths(result.model).values())  # every full width is a multiple
+
+
+def test_a_studys_trials_honour_and_record_its_pruning_rules():
+    methods = {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100, "rule": "fraction",
+                            "fraction": 0.3, "layers": "all"}}
+    cfg = StudyConfig.from_dict(tiny_study(methods=methods, n_trials=1, warm_start=False,
+                                           pruning={"ignore": ["classifier.fc2"], "round_to": 8}))
+    study = optimize(cfg, storage="sqlite:///:memory:", log=lambda line: None)
+    (t,) = study.trials
+    assert t.user_attrs["config"]["pruning"] == {"ignore": ["classifier.fc2"], "round_to": 8}
+    before, after = t.user_attrs["widths_before"], t.user_attrs["widths_after"]
+    assert after["classifier.fc2"] == before["classifier.fc2"] == 100  # ignored
+    assert after["classifier.fc1"] == 216  # 300 - int(0.3 * 300) = 210, rounded up to a multiple of 8

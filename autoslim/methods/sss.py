@@ -69,8 +69,8 @@ from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, Tri
                                    register_method, relative_change)
 from autoslim.selection import (check_ignore, prunable, prunable_block, refuse_if_all_ignored, select, target_info,
                                 target_line)
-from autoslim.surgery import (ParamCount, channel_groups, check_removal, constant_inputs, remove_blocks, remove_channels,
-                              residual_branches, scale_output_channels, scales_exactly)
+from autoslim.surgery import (ParamCount, channel_groups, check_removal, constant_inputs, remove_blocks,
+                              remove_channels, residual_branches, scale_output_channels, scales_exactly)
 
 FINETUNE_LR_SCALE = 0.1
 LEVELS = ("channel", "block", "both")
@@ -224,6 +224,22 @@ def _multiplier(scale: Scale):
     return hook
 
 
+def _surviving_channels(model: nn.Module, scales: Scales, *, threshold: float, pruning: PruningConfig,
+                        target_params: int | None, example_input: torch.Tensor):
+    """The scaled channel groups, their importance (|factor|), the channels that survive (by ``threshold`` or
+    ``target_params``, under ``pruning``) and the target's :class:`~autoslim.selection.Selection` (or None)."""
+    channel_scales = [s for s in scales if s.kind == "channel"]
+    groups = [g for g in channel_groups(model, example_input=example_input)
+              if g.name in {s.structure for s in channel_scales}] if channel_scales else []
+    importance = {s.structure: s.per_channel().detach().abs() for s in channel_scales}
+    if target_params is not None and groups:
+        target = select(groups, importance, pruning, target_params=target_params,
+                        counter=ParamCount(model, example_input=example_input))
+        return groups, importance, target.keep, target
+    small = {s.structure: s.per_channel().detach() <= threshold for s in channel_scales}
+    return groups, importance, select(groups, importance, pruning, remove=small).keep, None
+
+
 def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float,
                            example_input: torch.Tensor, pruning: PruningConfig | None = None,
                            target_params: int | None = None) -> tuple[nn.Module, dict]:
@@ -238,15 +254,8 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
     """
     pruning = pruning or PruningConfig()
     drop, removed = {}, {}
-    channel_scales = [s for s in scales if s.kind == "channel"]
-    groups = [g for g in channel_groups(model, example_input=example_input)
-              if g.name in {s.structure for s in channel_scales}] if channel_scales else []
-    importance = {s.structure: s.per_channel().detach().abs() for s in channel_scales}
-    target = None if target_params is None or not groups else select(
-        groups, importance, pruning, target_params=target_params, counter=ParamCount(model, example_input=example_input))
-    survive = target.keep if target else select(
-        groups, importance, pruning, remove={s.structure: s.per_channel().detach() <= threshold
-                                             for s in channel_scales}).keep
+    groups, importance, survive, target = _surviving_channels(model, scales, threshold=threshold, pruning=pruning,
+                                                              target_params=target_params, example_input=example_input)
     with torch.no_grad():
         for s in scales:  # a factor <= threshold is taken as 0: the structure is removed exactly
             kept = s.factor > threshold
@@ -266,9 +275,8 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
             gone = {j for j in drop[s.structure] if j // g not in blocks}
             keep[s.structure] = [j for j in range(len(s.factor) * g) if j not in gone]
     if keep:  # a channel kept as not constant at a consumer: the widths are rounded again
-        keep = select(groups, importance, pruning,
-                      remove={n: ~torch.isin(torch.arange(len(importance[n])), torch.tensor(k)) for n, k in keep.items()}
-                      ).keep
+        keep = select(groups, importance, pruning, remove={
+            n: ~torch.isin(torch.arange(len(importance[n])), torch.tensor(k)) for n, k in keep.items()}).keep
         removed = {n: len(importance[n]) - len(k) for n, k in keep.items()}
     blocks = [s.structure for s in scales if s.kind == "block" and s.factor.item() == 0.0]
     if keep:
