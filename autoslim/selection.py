@@ -19,10 +19,11 @@ structured method (:class:`~autoslim.config.PruningConfig`, the study file's
 
 Two ways to say how many: :func:`select` with ``remove`` (the method's own
 rule, a mask per group: trimming's APoZ threshold, l1/l2's and SSS's small
-filters and factors), or with ``target_params``: the channels of all groups
-are ranked together by importance and removed, a unit at a time per group,
-lowest first, until the network has at most ``target_params`` parameters
-(counted exactly, :class:`autoslim.surgery.ParamCount`). The result then lies
+filters and factors), or with ``target_params`` (``target_flops``): the
+channels of all groups are ranked together by importance and removed, a unit
+at a time per group, lowest first, until the network has at most that many
+parameters (FLOPs), counted exactly (:class:`autoslim.surgery.SizeCount`).
+The result then lies
 within one step (one unit of one group) of the target: it fits, and putting
 back the last step would not.
 
@@ -48,7 +49,7 @@ from torch import nn
 
 from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
-from autoslim.surgery import ChannelGroup, ParamCount
+from autoslim.surgery import ChannelGroup, SizeCount
 
 IGNORE_RULE = "qualified module names ('classifier.fc1') or glob patterns ('classifier.*')"
 
@@ -118,7 +119,7 @@ def block_scores(scores: torch.Tensor, granularity: int) -> torch.Tensor:
 @dataclass
 class Selection:
     """What survives: ``keep`` {group: kept channels, sorted} of every selected group (ignored ones left out);
-    with a target, ``params`` the predicted parameter count, ``target`` the target, ``reached`` whether the
+    with a target, ``params`` the predicted count (parameters; FLOPs for a FLOPs target), ``target`` the target, ``reached`` whether the
     network fits it (else every group is at its narrowest), ``last`` the last removal step (group, channels: one
     unit of one group, or what lies above the group's first multiple) and ``over`` the count with it put back
     (above the target: the selection lies within one step of it); both None when nothing was removed."""
@@ -133,19 +134,20 @@ class Selection:
 
 def select(groups: Iterable[ChannelGroup], scores: Mapping[str, torch.Tensor], rules: PruningConfig, *,
            remove: Mapping[str, torch.Tensor] | None = None, target_params: int | None = None,
-           counter: ParamCount | None = None) -> Selection:
+           target_flops: int | None = None, counter: SizeCount | None = None) -> Selection:
     """The channels that survive in each of ``groups`` present in ``scores`` (per-channel importance, higher =
     kept first), ignored groups left whole: by the method's rule ``remove`` ({group: bool mask of the channels
-    it removes}, whole GroupNorm blocks), or by ``target_params`` (with ``counter``, a
-    :class:`~autoslim.surgery.ParamCount` of the same model): see the module docstring. Scores of a target are
+    it removes}, whole GroupNorm blocks), or by ``target_params`` or ``target_flops`` (with ``counter``, a
+    :class:`~autoslim.surgery.SizeCount` of the same model and measure): see the module docstring. Scores of a target are
     compared across groups as given (the method makes them comparable)."""
     chosen = [g for g in prunable(groups, rules) if g.name in scores]
-    if target_params is not None:
-        if counter is None:
-            raise ValueError("select: a target needs the model's ParamCount (counter=...)")
-        return _select_target(chosen, scores, rules, target_params, counter)
+    for measure, target in (("params", target_params), ("flops", target_flops)):
+        if target is not None:
+            if counter is None or counter.measure != measure:
+                raise ValueError(f"select: target_{measure} needs the model's SizeCount(..., measure={measure!r})")
+            return _select_target(chosen, scores, rules, target, counter)
     if remove is None:
-        raise ValueError("select: give the method's rule (remove=...) or a target (target_params=...)")
+        raise ValueError("select: give the method's rule (remove=...) or a target (target_params/target_flops=...)")
     keep = {}
     for g in chosen:
         gran = g.granularity
@@ -190,7 +192,7 @@ def _steps(g: ChannelGroup, scores: torch.Tensor, rules: PruningConfig) -> list[
 
 
 def _select_target(groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor], rules: PruningConfig,
-                   target: int, counter: ParamCount) -> Selection:
+                   target: int, counter: SizeCount) -> Selection:
     """Remove steps of all ``groups`` in order of importance until ``counter`` says the model fits ``target``."""
     steps = sorted(((score, i, k, g, blocks) for i, g in enumerate(groups)
                     for k, (score, blocks) in enumerate(_steps(g, scores[g.name], rules))),

@@ -1,6 +1,6 @@
 """The selection step every structured method goes through (autoslim.selection): ``pruning.ignore``,
 ``pruning.round_to``, GroupNorm blocks, and selecting channels globally by importance down to a parameter target
-(counted exactly: autoslim.surgery.ParamCount)."""
+(counted exactly: autoslim.surgery.SizeCount)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from autoslim import trial as trial_module
 from autoslim.config import PruningConfig, StudyConfig, TrainConfig, TrialConfig
 from autoslim.data import Split
 from autoslim.errors import UsageError
-from autoslim.measure import count_params
+from autoslim.measure import count_flops, count_params
 from autoslim.methods import TrialContext, get_method, sss
 from autoslim.methods.l1l2 import filter_importance
 from autoslim.methods.trimming import apoz, measurable_groups
 from autoslim.models import create_model
 from autoslim.selection import rounded, select
 from autoslim.study import check_methods, check_study, load_method_data, optimize
-from autoslim.surgery import ChannelGroup, ParamCount, channel_groups, remove_channels
+from autoslim.surgery import ChannelGroup, SizeCount, channel_groups, remove_channels
 
 STRUCTURED = ["trimming", "l1l2", "sss"]
 # Settings under which each method removes the channels a test killed, without training first
@@ -194,25 +194,27 @@ TARGET_MODELS = {
 }
 
 
-@pytest.mark.parametrize("criterion", ["filter_norm", "apoz", "random"])
+@pytest.mark.parametrize("criterion,measure", [("filter_norm", "params"), ("apoz", "params"), ("random", "params"),
+                                               ("filter_norm", "flops")])
 @pytest.mark.parametrize("arch", list(TARGET_MODELS))
-def test_a_target_is_met_within_one_step_and_the_count_is_exact(arch, criterion):
+def test_a_target_is_met_within_one_step_and_the_count_is_exact(arch, criterion, measure):
     torch.manual_seed(0)
     model, x = TARGET_MODELS[arch]()
     model.eval()
-    counter = ParamCount(model, example_input=x)
+    counter = SizeCount(model, example_input=x, measure=measure)
+    size = count_params if measure == "params" else lambda m: count_flops(m, in_shape=tuple(x.shape[1:]))
     groups = counter.groups
     scores = _importance(model, x, criterion)
-    full = count_params(model)
+    full = size(model)
     for fraction, round_to in [(0.8, 1), (0.5, 1), (0.3, 4), (0.5, 8)]:
         rules = PruningConfig(round_to=round_to)
-        floor = select(groups, scores, rules, target_params=0, counter=counter)  # every group at one unit
-        assert not floor.reached and floor.params == count_params(remove_channels(model, floor.keep, example_input=x))
+        floor = select(groups, scores, rules, counter=counter, **{f"target_{measure}": 0})  # each group at one unit
+        assert not floor.reached and floor.params == size(remove_channels(model, floor.keep, example_input=x))
         target = int(floor.params + fraction * (full - floor.params))
-        sel = select(groups, scores, rules, target_params=target, counter=counter)
+        sel = select(groups, scores, rules, counter=counter, **{f"target_{measure}": target})
         assert sel.reached
         small = remove_channels(model, sel.keep, example_input=x)
-        assert count_params(small) == sel.params <= target < sel.over, (fraction, round_to)
+        assert size(small) == sel.params <= target < sel.over, (fraction, round_to)
         units = {g.name: math.lcm(round_to, g.granularity) for g in groups}
         sizes = {g.name: g.size for g in groups}
         assert all(len(k) == sizes[n] or len(k) % units[n] == 0 for n, k in sel.keep.items())
@@ -221,12 +223,12 @@ def test_a_target_is_met_within_one_step_and_the_count_is_exact(arch, criterion)
         name, channels = sel.last
         assert len(channels) == units[name] or len(channels) == sizes[name] - sizes[name] // units[name] * units[name]
         back = {**sel.keep, name: sorted(sel.keep[name] + channels)}
-        assert count_params(remove_channels(model, back, example_input=x)) == sel.over
+        assert size(remove_channels(model, back, example_input=x)) == sel.over
 
 
 def test_a_target_removes_the_least_important_channels_first_and_reports_an_unreachable_one():
     model, x = TARGET_MODELS["lenet5"]()
-    counter = ParamCount(model, example_input=x)
+    counter = SizeCount(model, example_input=x)
     scores = {g.name: torch.arange(float(g.size)) for g in counter.groups}
     scores["features.conv2"] += 1000.0  # conv2's channels all rank above the others
     sel = select(counter.groups, scores, PruningConfig(), target_params=count_params(model) - 10_000,
@@ -239,17 +241,19 @@ def test_a_target_removes_the_least_important_channels_first_and_reports_an_unre
     assert count_params(remove_channels(model, floor.keep, example_input=x)) == floor.params > 10
 
 
+@pytest.mark.parametrize("measure", ["params", "flops"])
 @pytest.mark.parametrize("arch", ["functional", "groupnorm", "channel_last", "tv_mobilenet_v2"])
-def test_the_count_of_any_keep_equals_the_removed_models(arch):
+def test_the_count_of_any_keep_equals_the_removed_models(arch, measure):
     model, x = build(arch)
-    counter = ParamCount(model, example_input=x)
+    counter = SizeCount(model, example_input=x, measure=measure)
+    size = count_params if measure == "params" else lambda m: count_flops(m, in_shape=tuple(x.shape[1:]))
     rnd = random.Random(0)
     for _ in range(3):
         keep = {}
         for g in counter.groups:
             blocks = sorted(rnd.sample(range(g.size // g.granularity), rnd.randint(1, g.size // g.granularity)))
             keep[g.name] = [b * g.granularity + i for b in blocks for i in range(g.granularity)]
-        assert counter.count(keep) == count_params(remove_channels(model, keep, example_input=x))
+        assert counter.count(keep) == size(remove_channels(model, keep, example_input=x))
 
 
 @pytest.mark.parametrize("method", STRUCTURED)

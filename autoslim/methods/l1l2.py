@@ -65,7 +65,7 @@ from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, Tri
                                    register_method, relative_change)
 from autoslim.selection import (Selection, check_ignore, prunable, refuse_if_all_ignored, select, target_info,
                                 target_line)
-from autoslim.surgery import (ChannelGroup, ParamCount, channel_groups, check_removal, constant_inputs, copy_model,
+from autoslim.surgery import (ChannelGroup, SizeCount, channel_groups, check_removal, constant_inputs, copy_model,
                               remove_channels, scale_output_channels, scales_exactly)
 from autoslim.train import Callback
 
@@ -204,7 +204,7 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
                                                      granularity=g.granularity)).flatten().tolist() for g in groups}
     else:
         target = select(groups, {g.name: filter_importance(model, g) for g in groups}, pruning,
-                        target_params=target_params, counter=ParamCount(model, example_input=example_input))
+                        target_params=target_params, counter=SizeCount(model, example_input=example_input))
         small = {g.name: [j for j in range(g.size) if j not in set(target.keep[g.name])] for g in groups}
     small = _selected(model, groups, small, pruning)
     masked = copy_model(model)

@@ -69,7 +69,7 @@ from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, Tri
                                    register_method, relative_change)
 from autoslim.selection import (check_ignore, prunable, prunable_block, refuse_if_all_ignored, select, target_info,
                                 target_line)
-from autoslim.surgery import (ParamCount, channel_groups, check_removal, constant_inputs, remove_blocks,
+from autoslim.surgery import (SizeCount, channel_groups, check_removal, constant_inputs, remove_blocks,
                               remove_channels, residual_branches, scale_output_channels, scales_exactly)
 
 FINETUNE_LR_SCALE = 0.1
@@ -234,7 +234,7 @@ def _surviving_channels(model: nn.Module, scales: Scales, *, threshold: float, p
     importance = {s.structure: s.per_channel().detach().abs() for s in channel_scales}
     if target_params is not None and groups:
         target = select(groups, importance, pruning, target_params=target_params,
-                        counter=ParamCount(model, example_input=example_input))
+                        counter=SizeCount(model, example_input=example_input))
         return groups, importance, target.keep, target
     small = {s.structure: s.per_channel().detach() <= threshold for s in channel_scales}
     return groups, importance, select(groups, importance, pruning, remove=small).keep, None

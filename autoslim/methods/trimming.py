@@ -51,7 +51,7 @@ from autoslim.data import Split, batches
 from autoslim.errors import UsageError
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
 from autoslim.selection import check_ignore, prunable, refuse_if_all_ignored, select, target_info, target_line
-from autoslim.surgery import ChannelGroup, ParamCount, channel_groups, check_removal, probe, remove_channels
+from autoslim.surgery import ChannelGroup, SizeCount, channel_groups, check_removal, probe, remove_channels
 
 
 @torch.no_grad()
@@ -187,7 +187,7 @@ class NetworkTrimming(Method):
             if ctx.target_params is None:
                 scores, keep = keep_by_rule(groups, scores, params, ctx.pruning)
             else:
-                counter = ParamCount(model, example_input=example)
+                counter = SizeCount(model, example_input=example)
                 chosen = select(groups.values(), {g: -s for g, s in scores.items()}, ctx.pruning, counter=counter,
                                 target_params=round_goal(counter.count({}), ctx.target_params, params["rounds"] - r))
                 keep = chosen.keep

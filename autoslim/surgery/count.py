@@ -1,5 +1,5 @@
-"""The parameter count of a model as a function of the channels it keeps, without removing them
-(:class:`ParamCount`): what a size target is selected against.
+"""The parameter count (or FLOPs) of a model as a function of the channels it keeps, without removing them
+(:class:`SizeCount`): what a size target is selected against.
 
 :func:`~autoslim.surgery.remove_channels` slices every parameter along the dims
 that hold channel ids, so a parameter keeps ``numel * prod_d kept_d / size_d``
@@ -9,20 +9,31 @@ always stays). The count is then a polynomial of degree two in the groups'
 widths (a conv's weight is its output width times its input width), evaluated
 here from the same channel analysis as the removal; it equals the count of the
 removed model (``tests/test_selection.py`` checks it on several models).
+
+FLOPs are torch's count (:func:`autoslim.measure.count_flops`, a batch of one):
+convolutions and Linear layers count ``2 * weight entries * output positions``
+per call, so each call adds the term of its weight times twice its output
+positions (read off the traced run); what no sliced layer computes (attention
+products, ops on fixed channels) is a constant.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from autoslim.measure import count_flops
 from autoslim.surgery.analysis import ChannelGroup, _Analysis, _analyse, _Layer
 
+MEASURES = ("params", "flops")
 
-class ParamCount:
-    """``count(keep)``: the parameters ``model`` has once ``keep`` ({group: kept channels}) is removed.
+
+class SizeCount:
+    """``count(keep)``: the parameters (``measure="params"``) or FLOPs (``"flops"``) ``model`` has once ``keep``
+    ({group: kept channels}) is removed.
 
     Channels are numbered globally: group ``groups[i]`` holds ``offsets[i]`` to
     ``offsets[i] + size - 1`` (:meth:`index`). :meth:`counts` evaluates many keep
@@ -30,14 +41,19 @@ class ParamCount:
 
     >>> from autoslim.models import create_model
     >>> model = create_model("lenet5", in_shape=(1, 28, 28), num_classes=10)
-    >>> pc = ParamCount(model, example_input=torch.zeros(1, 1, 28, 28))
+    >>> pc = SizeCount(model, example_input=torch.zeros(1, 1, 28, 28))
     >>> pc.count({}) == sum(p.numel() for p in model.parameters())
     True
     >>> pc.count({"features.conv2": range(25)})  # conv2 and fc1's inputs lose half of 50 channels
     218555
+    >>> SizeCount(model, example_input=torch.zeros(1, 1, 28, 28), measure="flops").count({"features.conv2": range(25)})
+    2586000
     """
 
-    def __init__(self, model: nn.Module, *, example_input: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, *, example_input: torch.Tensor, measure: str = "params") -> None:
+        if measure not in MEASURES:
+            raise ValueError(f"measure: unknown value {measure!r}; accepted: {', '.join(MEASURES)}")
+        self.measure = measure
         analysis = _analyse(model, example_input)
         self.groups: list[ChannelGroup] = list(analysis.groups)
         self.offsets: dict[str, int] = {}
@@ -48,10 +64,13 @@ class ParamCount:
         self.channels = len(position)
         lists: list[list[int]] = []  # every id list a parameter is sliced by
         terms: list[tuple[float, tuple[int, ...]]] = []  # coef * prod(kept of lists[i])
-        total = sum(p.numel() for p in model.parameters())
+        if measure == "params":
+            total, sliced_terms = sum(p.numel() for p in model.parameters()), _sliced_parameters(analysis, model)
+        else:
+            total = count_flops(model, in_shape=tuple(example_input.shape[1:]))
+            sliced_terms = _sliced_flops(analysis, model, batch=example_input.shape[0])
         sliced = 0
-        for shape_lists in _sliced_parameters(analysis, model):
-            numel, id_lists = shape_lists
+        for numel, id_lists in sliced_terms:
             rows = []
             for ids in id_lists:
                 rows.append(len(lists))
@@ -84,7 +103,7 @@ class ParamCount:
         return mask
 
     def counts_of_kept(self, kept: torch.Tensor) -> torch.Tensor:
-        """Parameter counts from ``kept`` (rows x id lists: the entries of each id list that stay)."""
+        """Counts from ``kept`` (rows x id lists: the entries of each id list that stay)."""
         out = torch.full(kept.shape[:1], self.constant, dtype=torch.float64)
         for coef, rows in self.terms:
             out += coef * kept[:, list(rows)].prod(dim=1)
@@ -95,11 +114,11 @@ class ParamCount:
         return self.fixed + masks @ self.multiplicity.T
 
     def counts(self, masks: torch.Tensor) -> torch.Tensor:
-        """The parameter count under each keep mask (a row of ``masks``, float, 1 = kept)."""
+        """The count under each keep mask (a row of ``masks``, float, 1 = kept)."""
         return self.counts_of_kept(self.kept(masks.to(torch.float64)))
 
     def count(self, keep: Mapping[str, Sequence[int] | range]) -> int:
-        """The parameter count once ``keep`` is removed (:func:`autoslim.surgery.remove_channels`)."""
+        """The count once ``keep`` is removed (:func:`autoslim.surgery.remove_channels`)."""
         return int(round(self.counts(self.mask(keep)[None]).item()))
 
 
@@ -116,6 +135,20 @@ def _sliced_parameters(analysis: _Analysis, model: nn.Module) -> list[tuple[int,
     for name, dims in analysis.tensors.items():
         if name in params:
             out.append((params[name].numel(), [ids for _, ids in sorted(dims.items())]))
+    return out
+
+
+def _sliced_flops(analysis: _Analysis, model: nn.Module, *, batch: int) -> list[tuple[float, list[list[int]]]]:
+    """(FLOPs, the id lists they scale with) of every call of a sliced convolution or Linear layer."""
+    out = []
+    for node in analysis.module.graph.nodes:
+        layer = analysis.layers.get(node.target) if node.op == "call_module" else None
+        if layer is None or layer.out_ids is None or node not in analysis.shapes:
+            continue
+        weight = model.get_submodule(node.target).weight
+        shape = analysis.shapes[node]
+        positions = math.prod(shape) / shape[layer.dim] / batch
+        out.append((2 * positions * weight.numel(), _layer_parameter_lists(layer, weight)))
     return out
 
 
