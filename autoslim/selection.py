@@ -119,9 +119,10 @@ def block_scores(scores: torch.Tensor, granularity: int) -> torch.Tensor:
 @dataclass
 class Selection:
     """What survives: ``keep`` {group: kept channels, sorted} of every selected group (ignored ones left out);
-    with a target, ``params`` the predicted count (parameters; FLOPs for a FLOPs target), ``target`` the target, ``reached`` whether the
-    network fits it (else every group is at its narrowest), ``last`` the last removal step (group, channels: one
-    unit of one group, or what lies above the group's first multiple) and ``over`` the count with it put back
+    with a target, ``params`` the predicted count (parameters; FLOPs for a FLOPs target), ``target`` the
+    target, ``reached`` whether the network fits it (else every group is at its narrowest), ``last`` the last
+    removal step (group, channels: one unit of one group, or what lies above the group's first multiple) and
+    ``over`` the count with it put back
     (above the target: the selection lies within one step of it); both None when nothing was removed."""
 
     keep: dict[str, list[int]]
@@ -138,8 +139,8 @@ def select(groups: Iterable[ChannelGroup], scores: Mapping[str, torch.Tensor], r
     """The channels that survive in each of ``groups`` present in ``scores`` (per-channel importance, higher =
     kept first), ignored groups left whole: by the method's rule ``remove`` ({group: bool mask of the channels
     it removes}, whole GroupNorm blocks), or by ``target_params`` or ``target_flops`` (with ``counter``, a
-    :class:`~autoslim.surgery.SizeCount` of the same model and measure): see the module docstring. Scores of a target are
-    compared across groups as given (the method makes them comparable)."""
+    :class:`~autoslim.surgery.SizeCount` of the same model and measure): see the module docstring. Scores of a
+    target are compared across groups as given (the method makes them comparable)."""
     chosen = [g for g in prunable(groups, rules) if g.name in scores]
     for measure, target in (("params", target_params), ("flops", target_flops)):
         if target is not None:
