@@ -100,6 +100,18 @@ METHOD_DATA_KEYS = ["train_subset"]
 METHOD_STOPPING_KEYS = ["rungs"]
 
 OBJECTIVES = ["accuracy", "params", "flops", "latency"]
+# What ``model_adapt`` may change in a model that does not fit the data (autoslim.models.adapt).
+MODEL_ADAPT = ["in_channels", "num_classes"]
+
+
+def check_model_adapt(value: list[str]) -> list[str]:
+    """``model_adapt``: a list of :data:`MODEL_ADAPT` entries (the schema has checked it is a list of strings)."""
+    if not isinstance(value, list):
+        raise UsageError(f"model_adapt: expected a list, got {value!r}")
+    for i, item in enumerate(value):
+        if item not in MODEL_ADAPT:
+            raise UsageError(f"model_adapt[{i}]: unknown value {item!r}; accepted: {', '.join(MODEL_ADAPT)}")
+    return value
 
 
 @dataclass
@@ -294,6 +306,7 @@ class StudyConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: str = "lenet5"
     model_kwargs: dict = field(default_factory=dict)
+    model_adapt: list[str] = field(default_factory=list)  # MODEL_ADAPT: what autoslim may fit to the data
     methods: list | dict = field(default_factory=lambda: ["trimming"])  # after loading: {name: MethodConfig}
     train: TrainConfig = field(default_factory=TrainConfig)
     n_trials: int = field(default=10, metadata=meta(min=1))
@@ -318,6 +331,7 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         check_study_name(self.name)
+        check_model_adapt(self.model_adapt)
 
     @classmethod
     def from_dict(cls, raw: Any, *, path: Path | None = None) -> "StudyConfig":
@@ -421,12 +435,16 @@ class TrialConfig:
     params: dict = field(default_factory=dict)
     model: str = "lenet5"
     model_kwargs: dict = field(default_factory=dict)
+    model_adapt: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     device: str = "auto"
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+
+    def __post_init__(self) -> None:
+        check_model_adapt(self.model_adapt)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

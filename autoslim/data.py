@@ -6,7 +6,15 @@ integer labels. Shuffling, batching, random crops and flips are tensor
 operations on whole batches: there is no per-sample ``DataLoader`` on the hot
 path, and on a GPU the data lives on the GPU.
 
-Sources are a name-keyed registry (:func:`register_dataset`):
+Sources are a name-keyed registry (:func:`register_dataset`); a study file may also
+name an installed package's entry point (group ``autoslim.datasets``) or an import
+string ``package.module:function``. A source is called with those of ``data_dir``,
+``download`` and ``config`` (the :class:`~autoslim.config.DataConfig`) that its
+signature names, and returns a :class:`RawData`, tensors (``(train_x, train_y)``,
+``(train_x, train_y, test_x, test_y)`` or a dict of :class:`RawData`'s fields) or
+``torch.utils.data`` datasets / DataLoaders of ``(image, label)`` (one: training
+images; two: training and test images), which :func:`as_raw_data` reads into memory.
+The built-in sources:
 
 - ``digits``: scikit-learn's 8x8 digits (1,797 images), embedded, offline; the default.
 - ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision's classes reading ``data_dir``
@@ -28,14 +36,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from autoslim.errors import UsageError
-from autoslim.registry import Registry, check_callable
+from autoslim.registry import Registry, check_callable, named_arguments
 from autoslim.storage import FileLock
 
 
@@ -104,12 +112,13 @@ class RawData:
     classes: Sequence[str] | None = None  # names in label order; default "0", "1", ...
 
 
-Source = Callable[..., RawData]
+Source = Callable[..., Any]
 DATASETS: Registry[Source] = Registry("data set", field="data.name", group="autoslim.datasets", check=check_callable)
 
 
 def register_dataset(name: str) -> Callable[[Source], Source]:
-    """Register ``source(*, data_dir, download, config) -> RawData`` under ``name``."""
+    """Register ``source(*, data_dir, download, config) -> RawData`` under ``name`` (a source may name fewer of
+    those arguments, and return anything :func:`as_raw_data` reads)."""
     return DATASETS.register(name)
 
 
@@ -147,7 +156,7 @@ def load_data_subsets(config, train_subsets: Sequence[int | float | None], *,
     >>> len(part.train), torch.equal(part.train.x, full.train.x[:100]), torch.equal(part.val.x, full.val.x)
     (100, True, True)
     """
-    raw = DATASETS.get(config.name)(data_dir=config.data_dir, download=config.download, config=config)
+    raw = read_source(config)
     _check_classes(raw, config)
     gen = torch.Generator().manual_seed(config.seed)
     x, y = raw.train_x, raw.train_y
@@ -183,6 +192,124 @@ def load_data_subsets(config, train_subsets: Sequence[int | float | None], *,
                  flip=raw.flip if augment else False, mean=tuple(mean.flatten().tolist()),
                  std=tuple(std.flatten().tolist()), classes=classes)
             for n in counts]
+
+
+IN_MEMORY_LIMIT = 8 * 2**30  # bytes of float images a data source may hand over as a dataset to read into memory
+_RAW_KEYS = [f.name for f in dataclasses.fields(RawData)]
+
+
+def read_source(config) -> RawData:
+    """Call the source ``config.name`` names (with the arguments its signature names) and read what it returns
+    into a :class:`RawData` (:func:`as_raw_data`)."""
+    source = DATASETS.get(config.name)
+    where = f"data.name: {config.name!r}"
+    try:
+        value = source(**named_arguments(source, {"data_dir": config.data_dir, "download": config.download,
+                                                  "config": config}))
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"{where} failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    return as_raw_data(value, where=where)
+
+
+def as_raw_data(value: Any, *, where: str) -> RawData:
+    """What a data source returned, as a :class:`RawData` in memory; one UsageError line naming ``where`` if
+    it is none of: a RawData; ``(train_x, train_y[, test_x, test_y])`` tensors or arrays (images N x C x H x W
+    or N x H x W, uint8 in 0-255 or float; integer labels); a dict of RawData's fields; a ``torch.utils.data``
+    Dataset or DataLoader of ``(image, label)`` pairs (images as tensors, arrays or PIL images), or a pair of
+    them (training, test). Datasets are read whole, up to :data:`IN_MEMORY_LIMIT` bytes.
+
+    >>> raw = as_raw_data((torch.zeros(6, 8, 8, dtype=torch.uint8), [0, 1, 2, 0, 1, 2]), where="data.name: 'x:y'")
+    >>> raw.train_x.shape, raw.num_classes, raw.test_x
+    (torch.Size([6, 1, 8, 8]), 3, None)
+    >>> as_raw_data(42, where="data.name: 'x:y'")
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: data.name: 'x:y' returned int; accepted: a RawData, (train_x, train_y[, test_x, test_y]) tensors, a dict of RawData's fields, or torch.utils.data datasets (train[, test])
+    """
+    if isinstance(value, RawData):
+        return value
+    if _is_dataset(value) or (isinstance(value, (tuple, list)) and 1 <= len(value) <= 2
+                              and all(_is_dataset(v) for v in value)):
+        sets = [value] if _is_dataset(value) else list(value)
+        (train_x, train_y, classes), *test = [_read_dataset(ds, where=f"{where} dataset {i}")
+                                              for i, ds in enumerate(sets)]
+        value = {"train_x": train_x, "train_y": train_y, "classes": classes}
+        if test:
+            value |= {"test_x": test[0][0], "test_y": test[0][1]}
+    elif isinstance(value, (tuple, list)) and len(value) in (2, 4):
+        value = dict(zip(_RAW_KEYS, value))
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} returned {type(value).__name__}; accepted: a RawData, (train_x, train_y[, test_x, "
+                         "test_y]) tensors, a dict of RawData's fields, or torch.utils.data datasets (train[, test])")
+    return _raw_from_dict(value, where=where)
+
+
+def _raw_from_dict(value: dict, *, where: str) -> RawData:
+    unknown = sorted(set(value) - set(_RAW_KEYS))
+    if unknown or "train_x" not in value or "train_y" not in value:
+        what = f"key {unknown[0]!r}" if unknown else "no train_x or train_y"
+        raise UsageError(f"{where} returned a dict with {what}; accepted keys: {', '.join(_RAW_KEYS)}")
+    d = dict(value)
+    for split in ("train", "test"):
+        x, y = d.get(f"{split}_x"), d.get(f"{split}_y")
+        if (x is None) != (y is None):
+            raise UsageError(f"{where}: {split}_x and {split}_y must be given together")
+        if x is not None:
+            d[f"{split}_x"], d[f"{split}_y"] = _images_and_labels(x, y, where=f"{where} {split}")
+    labels = torch.cat([d["train_y"]] + ([d["test_y"]] if d.get("test_y") is not None else []))
+    classes = d.get("classes")
+    d.setdefault("num_classes", len(classes) if classes else int(labels.max()) + 1 if len(labels) else 0)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= d["num_classes"]):
+        raise UsageError(f"{where}: labels run from {int(labels.min())} to {int(labels.max())}; accepted: 0 to "
+                         f"num_classes - 1 = {d['num_classes'] - 1}")
+    return RawData(**{"test_x": None, "test_y": None, **d})
+
+
+def _images_and_labels(x: Any, y: Any, *, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images N x C x H x W (a grey N x H x W gets its channel; uint8 becomes [0, 1]) and int64 labels."""
+    try:
+        x, y = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x), torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{where}: images and labels must be tensors or arrays: {e}") from None
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+        raise UsageError(f"{where}: expected images N x C x H x W (or N x H x W) and N labels, got images of "
+                         f"shape {tuple(x.shape)} and labels of shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise UsageError(f"{where}: labels must be integers (class indices), got {y.dtype}")
+    return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()), y.long()
+
+
+def _is_dataset(value: Any) -> bool:
+    return isinstance(value, (torch.utils.data.Dataset, torch.utils.data.DataLoader))
+
+
+def _read_dataset(ds, *, where: str) -> tuple[torch.Tensor, torch.Tensor, list | None]:
+    """Every ``(image, label)`` of a map-style or iterable dataset, or every batch of a DataLoader, stacked."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    def tensor(img) -> torch.Tensor:
+        return pil_to_tensor(img) if hasattr(img, "getbands") else torch.as_tensor(np.asarray(img))
+
+    batched = isinstance(ds, torch.utils.data.DataLoader)
+    xs, ys = [], []
+    for i, item in enumerate(ds):
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise UsageError(f"{where}: item {i} is {type(item).__name__}; accepted: (image, label) pairs")
+        x = tensor(item[0])
+        if i == 0 and not batched and hasattr(ds, "__len__") and len(ds) * x.numel() * 4 > IN_MEMORY_LIMIT:
+            raise UsageError(f"{where}: {len(ds):,} images of shape {tuple(x.shape)} take more than "
+                             f"{IN_MEMORY_LIMIT / 2**30:.0f} GiB as floats in memory; accepted: a smaller data set")
+        xs.append(x if batched else x[None])
+        ys.append(torch.as_tensor(item[1]).reshape(-1))
+    if not xs:
+        raise UsageError(f"{where}: the dataset is empty")
+    x = torch.cat(xs)
+    classes = getattr(getattr(ds, "dataset", ds), "classes", None)  # a DataLoader's dataset's
+    return (x.float() / 255.0 if x.dtype == torch.uint8 else x), torch.cat(ys), classes
 
 
 def _check_classes(raw: RawData, config) -> None:

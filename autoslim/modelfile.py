@@ -3,7 +3,7 @@
 ``model.pt`` is a dict saved with :func:`torch.save`::
 
     {"format": "autoslim-model-1",
-     "spec": {"model", "model_kwargs", "in_shape", "num_classes", "method", "method_params",
+     "spec": {"model", "model_kwargs", "model_adapt" (absent in older files: []), "in_shape", "num_classes", "method", "method_params",
               "architecture": autoslim.surgery.architecture_spec(model),
               "input": {"shape", "mean", "std", "classes"}},     # what the model expects (may be absent)
      "sparse": bool,
@@ -49,7 +49,8 @@ def save_model(path: str | Path, model: nn.Module, *, config: TrialConfig, in_sh
 
     ``input_spec`` (:meth:`autoslim.data.Data.input_spec`: shape, mean, std, classes) says what the model
     expects; it is kept as ``spec["input"]``."""
-    spec = {"model": config.model, "model_kwargs": dict(config.model_kwargs), "in_shape": [int(s) for s in in_shape],
+    spec = {"model": config.model, "model_kwargs": dict(config.model_kwargs), "model_adapt": list(config.model_adapt),
+            "in_shape": [int(s) for s in in_shape],
             "num_classes": int(num_classes), "method": config.method, "method_params": dict(config.params),
             "architecture": architecture_spec(model), **({"input": dict(input_spec)} if input_spec else {})}
     state = sparse_state_dict(model) if sparse else {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -103,7 +104,8 @@ def load_model(path: str | Path, *, name: str | None = None) -> nn.Module:
     spec = saved["spec"]
     try:
         config, _ = check_trial_config(TrialConfig(method=spec["method"], params=spec["method_params"],
-                                                   model=spec["model"], model_kwargs=spec["model_kwargs"]))
+                                                   model=spec["model"], model_kwargs=spec["model_kwargs"],
+                                                   model_adapt=spec.get("model_adapt", [])))
     except UsageError as e:  # the spec's field of a trial config's "params" is "method_params"
         raise UsageError(f"model file: {what}: spec.{'method_' if str(e).startswith('params') else ''}{e}") from None
     model = _load_step(what, "its network cannot be built", lambda: build_model(
@@ -128,4 +130,5 @@ def _load_step(what: str, problem: str, step: Callable[[], Any]) -> Any:
     except Exception as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = "; ".join(lines[1:4] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[:3])
-        raise UsageError(f"model file: {what}: {problem}: {type(e).__name__}: {detail}".rstrip(": ")) from None
+        kind = "" if isinstance(e, UsageError) else f"{type(e).__name__}: "  # a UsageError line names its field
+        raise UsageError(f"model file: {what}: {problem}: {kind}{detail}".rstrip(": ")) from None

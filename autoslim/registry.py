@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 from typing import Any, Callable, Generic, TypeVar
 
 from autoslim.errors import UsageError
@@ -80,10 +81,38 @@ def import_object(spec: str, *, field: str) -> Any:
     return obj
 
 
+def named_arguments(fn: Callable, candidates: dict[str, Any]) -> dict[str, Any]:
+    """The ``candidates`` that ``fn``'s signature names (a ``**kwargs`` catch-all names none of them).
+
+    >>> named_arguments(lambda *, in_shape, hidden=2: None, {"in_shape": (1, 8, 8), "num_classes": 3})
+    {'in_shape': (1, 8, 8)}
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return {}
+    return {k: v for k, v in candidates.items()
+            if k in params and params[k].kind in (params[k].POSITIONAL_OR_KEYWORD, params[k].KEYWORD_ONLY)}
+
+
 def check_callable(obj: Any, where: str) -> None:
     """A registry ``check``: the object must be callable (a factory, a source)."""
     if not callable(obj):
         raise UsageError(f"{where}: expected a callable, got {type(obj).__name__} {obj!r}")
+
+
+def import_callable(spec: str, *, field: str) -> Callable:
+    """The callable an import string names, for a study-file field that takes one (``train.fit``); one
+    UsageError line naming ``field``, the string and why if it cannot be had or is not callable.
+
+    >>> import_callable("math:pi", field="train.fit")
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: train.fit: 'math:pi': expected a callable, got float 3.141592653589793
+    """
+    obj = import_object(spec, field=field)
+    check_callable(obj, f"{field}: {spec!r}")
+    return obj
 
 
 class Registry(Generic[T]):
@@ -151,6 +180,18 @@ class Registry(Generic[T]):
         if self.group is None:
             return {}
         return {ep.name: ep for ep in importlib.metadata.entry_points(group=self.group)}
+
+    def origin(self, name: str) -> str:
+        """Where ``name`` comes from: ``built-in`` (registered in this process), ``entry point 'pkg.mod:obj'``
+        or ``import string``.
+
+        >>> Registry("colour", field="colour").origin("math:pi")
+        'import string'
+        """
+        if name in self._items:
+            return "built-in"
+        entry = self._entry_points().get(name)
+        return f"entry point {entry.value!r}" if entry is not None else "import string"
 
     def names(self) -> list[str]:
         """Every registered and installed (entry-point) name, sorted."""

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -64,7 +65,8 @@ def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int, device
     """The hypervolume reference point: the study file's values, else the uncompressed network's (its latency
     measured as the trials' is, on ``device`` where ``latency.device`` is ``study``)."""
 
-    base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, **cfg.model_kwargs),
+    base = measure(create_model(cfg.model, in_shape=in_shape, num_classes=num_classes, adapt=cfg.model_adapt,
+                                **cfg.model_kwargs),
                    in_shape=in_shape, latency_config=cfg.latency, device=device)
     ref = cfg.reference_point
     point = {"accuracy": ref.accuracy, "params": ref.params or base.params, "flops": ref.flops or base.flops,
@@ -102,8 +104,9 @@ def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
     """
     DATASETS.get(cfg.data.name)
     MODELS.get(cfg.model)
-    return {m: METHODS.get(m, field="methods").search_space().narrow(c.space, where=f"methods.{m}")
-            for m, c in cfg.methods.items()}
+    # named as the study file names the method (an import string too): the Optuna parameters are <name>.<knob>
+    return {m: dataclasses.replace(METHODS.get(m, field="methods").search_space(), method=m).narrow(
+                c.space, where=f"methods.{m}") for m, c in cfg.methods.items()}
 
 
 def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
@@ -187,7 +190,7 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
             continue
         if model is None:
             model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
-                                 **cfg.model_kwargs).to(data.val.x.device)
+                                 adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.val.x.device)
         knobs = [k for k in method.check_params if not space.params[k].pinned]
         combos = [dict(zip(knobs, values))
                   for values in itertools.product(*(space.params[k].choices or (False, True) for k in knobs))]

@@ -67,8 +67,8 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     missing = [key for key in TRIAL_KEYS if key not in raw]
     if missing:
         raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
-                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, device, input, pruning), as autoslim "
-                         "export writes it")
+                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input, pruning), "
+                         "as autoslim export writes it")
     config = TrialConfig.from_dict(raw)
     check_trial_config(config)
     return config
@@ -137,7 +137,8 @@ def build_model(config: TrialConfig, *, in_shape, num_classes: int) -> nn.Module
     method = get_method(config.method)
     if method.builds_model:
         return method.build_model(config.params, in_shape=in_shape, num_classes=num_classes)
-    return create_model(config.model, in_shape=in_shape, num_classes=num_classes, **config.model_kwargs)
+    return create_model(config.model, in_shape=in_shape, num_classes=num_classes, adapt=config.model_adapt,
+                        **config.model_kwargs)
 
 
 def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] = (),

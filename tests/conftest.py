@@ -1,7 +1,14 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+# A user's package installed outside autoslim's tree (tests/plugins/toyplugin, with its entry points): every
+# registry-wide test (tests/test_methods.py) covers its method too.
+sys.path.insert(0, str(Path(__file__).parent / "plugins"))
 
 
 @pytest.fixture(autouse=True)

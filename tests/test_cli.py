@@ -223,7 +223,7 @@ TRAIN_BAD = [
     (trial_with(rule="median"), "params.rule: unknown value 'median'; accepted: std, fraction"),
     (trial_with(depth=2), "params.depth: unknown parameter of 'trimming'; accepted: alpha, apoz_examples, "),
     ({**TRIAL, "params": 5}, "params: expected a mapping, got 5"),
-    ({**TRIAL, "method": "prune"}, "method: unknown value 'prune'; accepted: iht, l1l2, sss, thriftynet, trimming"),
+    ({**TRIAL, "method": "prune"}, "method: unknown value 'prune'; accepted: iht, l1l2, sss, thriftynet, toy_magnitude, trimming"),
     ({**TRIAL, "model": "lenet7"}, "model: unknown value 'lenet7'; accepted:"),
     ({**TRIAL, "train": {"epochs": -1}}, "train.epochs: -1 is out of range; accepted: >= 0"),
     ({"method": "trimming", "params": {"rounds": 2}}, f"config file: c.yaml has no 'model'; {TRIAL_KEYS}"),

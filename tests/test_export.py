@@ -110,8 +110,9 @@ MODEL_FILE_BAD = [
     ("sparse not a bool", "sparse is missing or not a bool"),
     ("unknown model", "spec.model: unknown value 'lenet7'; accepted: "),
     ("params out of range", "spec.method_params.rounds: -7 is out of range; accepted: 1 to 6"),
-    ("negative classes", "its network cannot be built: RuntimeError: "),
-    ("a layer the model lacks", "its architecture does not fit its model: UsageError: architecture spec: layer "
+    ("negative classes", "its network cannot be built: model: 'lenet300_100' failed with model_kwargs {}: "
+                         "RuntimeError: Trying to create tensor with negative dimension"),
+    ("a layer the model lacks", "its architecture does not fit its model: architecture spec: layer "
                                 "'classifier.fc9' (Linear) not found in "),
     ("wrong shapes", "its weights do not fit its architecture: RuntimeError: size mismatch for classifier.fc2.weight"),
     ("pickle payload", "cannot be read: UnpicklingError: it holds objects other than tensors and plain data ("),

@@ -1,9 +1,13 @@
 """The compression-method extension point: one small base class and a name-keyed registry.
 
-A method is one module: a :class:`Method` subclass registered with
-:func:`register_method`, plus ``search_spaces/<name>.yaml`` declaring its
-hyperparameters. Everything else (sampling, measuring, storing, exporting, the
-CLI, the tests parametrized over the registry) finds it by name.
+A method is one module: a :class:`Method` subclass and the search space declaring
+its hyperparameters (:meth:`Method.search_space`: a YAML file beside the module,
+or the class attribute :attr:`Method.space`). It is found by name: registered
+with :func:`register_method`, an installed package's entry point in the group
+``autoslim.methods``, or an import string ``package.module:Class``, so a method in
+the user's own package is sampled, checked, exported and retrained like a built-in
+one. Everything else (sampling, measuring, storing, exporting, the CLI, the tests
+parametrized over the registry) finds it by that name.
 
 >>> from autoslim.methods import get_method, list_methods
 >>> "trimming" in list_methods()
@@ -14,9 +18,12 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
@@ -26,7 +33,7 @@ from autoslim.config import PruningConfig, TrainConfig
 from autoslim.data import Data
 from autoslim.errors import UsageError
 from autoslim.registry import Registry
-from autoslim.search.space import SearchSpace
+from autoslim.search.space import SearchSpace, spaces_dir
 from autoslim.train import Callback, evaluate, train
 
 if TYPE_CHECKING:
@@ -113,11 +120,27 @@ class Method(ABC):
     structured: ClassVar[bool] = False
     #: The knobs :meth:`check` reads: at study start each of their searched choices is checked on its own.
     check_params: ClassVar[tuple[str, ...]] = ()
+    #: The search space: None for the YAML file ``<name>.yaml`` beside the class's module (autoslim's own
+    #: ``search_spaces/<name>.yaml`` for a built-in method), a YAML path relative to the module's folder, or
+    #: the file's content as a mapping (``{"summary": ..., "params": {...}, "paper_default": {...}}``).
+    space: ClassVar[str | Mapping | None] = None
 
     @classmethod
     def search_space(cls) -> SearchSpace:
-        """The hyperparameters declared in ``search_spaces/<name>.yaml``."""
-        return SearchSpace.load(cls.name)
+        """The hyperparameters :attr:`space` declares (a file is read once per process), named after
+        :attr:`name`; a UsageError line if there are none or they are malformed."""
+        if isinstance(cls.space, Mapping):
+            space = SearchSpace.from_dict(dict(cls.space), where=f"{cls.__module__}.{cls.__qualname__}.space")
+        else:
+            path = Path(inspect.getfile(cls)).parent / (cls.space or f"{cls.name}.yaml")
+            if cls.space is None and not path.is_file() and cls.__module__.startswith("autoslim.methods."):
+                path = spaces_dir() / f"{cls.name}.yaml"
+            if not path.is_file():
+                raise UsageError(f"method {cls.name!r} declares no search space: {path} does not exist; accepted: "
+                                 f"{cls.name}.yaml beside its module, or a class attribute space (a YAML path "
+                                 "relative to its module, or a mapping)")
+            space = SearchSpace.read(path, method=cls.name)
+        return dataclasses.replace(space, method=cls.name)
 
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} compresses a given model; it does not build one")
@@ -169,8 +192,18 @@ def relative_change(after: torch.Tensor, before: torch.Tensor) -> float:
 
 
 def _check_method_class(obj: Any, where: str) -> None:
+    """A method from an entry point or an import string: a concrete Method subclass with a name and a valid
+    search space."""
     if not (isinstance(obj, type) and issubclass(obj, Method)):
         raise UsageError(f"{where}: expected a subclass of autoslim.Method, got {obj!r}")
+    if not isinstance(getattr(obj, "name", None), str) or not obj.name:
+        raise UsageError(f"{where}: {obj.__qualname__} has no name; set the class attribute name = '...'")
+    if inspect.isabstract(obj):
+        raise UsageError(f"{where}: {obj.__qualname__} does not implement {', '.join(sorted(obj.__abstractmethods__))}")
+    try:
+        obj.search_space()
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
 
 
 METHODS: Registry[type[Method]] = Registry("method", field="method", group="autoslim.methods",
@@ -188,4 +221,19 @@ def get_method(name: str) -> Method:
 
 
 def list_methods() -> list[str]:
+    """Every registered and installed (entry-point) method name, sorted."""
     return METHODS.names()
+
+
+def describe_method(name: str) -> dict:
+    """Method ``name`` (registered, installed or an import string) as plain data: its summary, where it comes
+    from, and its knobs (:meth:`autoslim.search.space.SearchSpace.describe`); for ``autoslim methods``.
+
+    >>> info = describe_method("trimming")
+    >>> info["origin"], info["knobs"][0]["name"], info["builds_model"]
+    ('built-in', 'rounds', False)
+    """
+    cls = METHODS.get(name, field="methods")
+    space = cls.search_space()
+    return {"name": name, "origin": METHODS.origin(name), "summary": space.summary,
+            "builds_model": cls.builds_model, "knobs": space.describe(), "paper_default": space.paper_default}

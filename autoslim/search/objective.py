@@ -61,6 +61,7 @@ class Objective:
         method = trial.suggest_categorical("method", list(self.spaces))
         params = self.spaces[method].suggest(trial)
         return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
+                           model_adapt=self.cfg.model_adapt,
                            data=self.cfg.data_for(method), train=self.cfg.train_for(method),
                            seed=self.cfg.seed + _original_number(trial), device=self.cfg.device,
                            latency=self.cfg.latency,

@@ -1,4 +1,6 @@
-"""Search spaces: ``search_spaces/<method>.yaml`` turned into Optuna suggest calls.
+"""Search spaces: a method's YAML file (``search_spaces/<method>.yaml`` for the built-in methods, a file beside
+its module for a method in the user's package: :meth:`autoslim.methods.Method.search_space`) turned into
+Optuna suggest calls.
 
 A search-space file declares each hyperparameter once::
 
@@ -33,6 +35,7 @@ False
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -130,10 +133,14 @@ class SearchSpace:
 
     @classmethod
     def load(cls, method: str) -> "SearchSpace":
-        path = spaces_dir() / f"{method}.yaml"
+        """The space of built-in method ``method`` (``search_spaces/<method>.yaml``)."""
+        return cls.read(spaces_dir() / f"{method}.yaml", method=method)
 
-        raw = load_yaml(path, what=f"search space of {method!r}")
-        return cls.from_dict(raw, where=str(path))
+    @classmethod
+    def read(cls, path: str | Path, *, method: str) -> "SearchSpace":
+        """The space a YAML file declares, read and checked once per file and process (the result is shared:
+        :meth:`narrow` and :func:`dataclasses.replace` make changed copies)."""
+        return _read(str(Path(path).resolve()), method)
 
     @classmethod
     def from_dict(cls, raw: dict, *, where: str) -> "SearchSpace":
@@ -185,7 +192,27 @@ class SearchSpace:
         """Sample this method's parameters (Optuna names ``<method>.<param>``); pinned ones are not sampled."""
         return {n: p.suggest(trial, f"{self.method}.{n}") for n, p in self.params.items()}
 
+    def describe(self) -> list[dict]:
+        """Each knob as plain data: name, type, range or choices, default, and whether it is searched or a
+        setting (``search: false``, or pinned by a study file); for ``autoslim methods``.
+
+        >>> SearchSpace.load("trimming").describe()[0]
+        {'name': 'rounds', 'type': 'int', 'low': 1, 'high': 6, 'log': False, 'default': 3, 'searched': True}
+        """
+        out = []
+        for p in self.params.values():
+            domain = {"choices": list(p.choices)} if p.type == "categorical" else {} if p.type == "bool" else {
+                "low": p.low, "high": p.high, "log": p.log, **({"step": p.step} if p.step is not None else {})}
+            out.append({"name": p.name, "type": p.type, **domain, "default": p.default, "searched": not p.pinned})
+        return out
+
     def optuna_params(self, values: Mapping[str, Any]) -> dict:
         """``values`` as the Optuna parameters of a trial under this method (for ``enqueue_trial``)."""
         return {"method": self.method, **{f"{self.method}.{n}": v for n, v in values.items()
                                           if not self.params[n].pinned}}
+
+
+@functools.lru_cache(maxsize=None)
+def _read(path: str, method: str) -> SearchSpace:
+    raw = load_yaml(path, what=f"search space of {method!r}")
+    return SearchSpace.from_dict(raw, where=path)
