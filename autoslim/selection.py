@@ -72,7 +72,7 @@ def check_ignore(model: nn.Module, rules: PruningConfig) -> None:
     for pattern in rules.ignore:
         if not any(ignored(n, PruningConfig(ignore=[pattern])) for n in names):
             raise UsageError(f"pruning.ignore: {pattern!r} matches no layer of {type(model).__name__}; accepted: "
-                             f"{IGNORE_RULE}, e.g. {names[-1]!r}")
+                             f"{IGNORE_RULE}{f', e.g. {names[-1]!r}' if names else ''}")
 
 
 def prunable(groups: Iterable[ChannelGroup], rules: PruningConfig) -> list[ChannelGroup]:
