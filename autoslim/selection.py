@@ -50,6 +50,7 @@ from torch import nn
 from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.surgery import ChannelGroup, SizeCount
+from autoslim.surgery.count import MEASURES
 
 IGNORE_RULE = "qualified module names ('classifier.fc1') or glob patterns ('classifier.*')"
 
@@ -161,15 +162,49 @@ def select(groups: Iterable[ChannelGroup], scores: Mapping[str, torch.Tensor], r
     return Selection(keep)
 
 
-def target_info(selection: Selection) -> dict:
+@dataclass(frozen=True)
+class SizeTarget:
+    """A size a structured method removes channels down to, in its own importance order: ``value`` parameters
+    (``measure="params"``) or FLOPs (``"flops"``)."""
+
+    value: int
+    measure: str = "params"
+
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURES or self.value < 0:
+            raise ValueError(f"SizeTarget: expected a count >= 0 of {' or '.join(MEASURES)}, got {self}")
+
+
+def round_goal(current: int, target: int, rounds_left: int) -> int:
+    """The count one of ``rounds_left`` rounds removes down to: the same ratio each round, the target at the last.
+
+    >>> round_goal(1000, 10, 2), round_goal(100, 10, 1), round_goal(5, 10, 3)
+    (100, 10, 10)
+    """
+    if current <= target or rounds_left <= 1:
+        return target
+    return round(current * (target / current) ** (1 / rounds_left))
+
+
+def select_to(target: SizeTarget, groups: Iterable[ChannelGroup], scores: Mapping[str, torch.Tensor],
+              rules: PruningConfig, *, model: nn.Module, example_input: torch.Tensor,
+              rounds_left: int = 1) -> Selection:
+    """:func:`select` down to ``target`` on ``model`` (or, with ``rounds_left`` > 1, down to this round's share of
+    the way there: :func:`round_goal`)."""
+    counter = SizeCount(model, example_input=example_input, measure=target.measure)
+    goal = round_goal(counter.count({}), target.value, rounds_left)
+    return select(groups, scores, rules, counter=counter, **{f"target_{target.measure}": goal})
+
+
+def target_info(selection: Selection, target: SizeTarget) -> dict:
     """What a method records of a target selection (``info["target"]``)."""
-    return {"params": selection.target, "selected": selection.params, "over": selection.over,
-            "reached": selection.reached}
+    return {"measure": target.measure, "value": target.value, "selected": selection.params, "over": selection.over,
+            "reached": selection.params <= target.value}
 
 
 def target_line(method: str, info: Mapping) -> str:
     """The line a method logs for a target selection (its :func:`target_info`)."""
-    return (f"{method}: target {info['params']:,} parameters: selected {info['selected']:,}"
+    return (f"{method}: target {info['value']:,} {info['measure']}: selected {info['selected']:,}"
             + ("" if info["reached"] else " (the narrowest network the rules allow; the target is not reached)"))
 
 

@@ -23,7 +23,7 @@ from autoslim.methods import TrialContext, get_method, sss
 from autoslim.methods.l1l2 import filter_importance
 from autoslim.methods.trimming import apoz, measurable_groups
 from autoslim.models import create_model
-from autoslim.selection import rounded, select
+from autoslim.selection import SizeTarget, rounded, select
 from autoslim.study import check_methods, check_study, load_method_data, optimize
 from autoslim.surgery import ChannelGroup, SizeCount, channel_groups, remove_channels
 
@@ -257,24 +257,25 @@ def test_the_count_of_any_keep_equals_the_removed_models(arch, measure):
 
 
 @pytest.mark.parametrize("method", STRUCTURED)
-@pytest.mark.parametrize("arch", ["cnn", "groupnorm"])
-@pytest.mark.parametrize("round_to", [1, 4])
-def test_a_method_given_a_target_lands_within_one_step_of_it(method, arch, round_to):
+@pytest.mark.parametrize("arch,round_to,measure", [("cnn", 1, "params"), ("cnn", 4, "params"), ("cnn", 1, "flops"),
+                                                   ("groupnorm", 1, "params"), ("groupnorm", 4, "flops")])
+def test_a_method_given_a_target_lands_within_one_step_of_it(method, arch, round_to, measure):
     """Each method removes channels by its own importance (APoZ, relative filter norm, |factor|) down to the target:
     the count it predicts fits, the step it stopped after would not; the removed model has that count (l1l2 and
     SSS may add a bias where a removed channel's constant is folded into a consumer that had none)."""
     model = {"cnn": lambda: SmallCNN("modules", num_classes=4),
              "groupnorm": lambda: GroupNormCNN(num_classes=4)}[arch]()
-    full = count_params(model)
+    size = count_params if measure == "params" else lambda m: count_flops(m, in_shape=(3, 8, 8))
+    full = size(model)
     target = int(0.75 * full)
     params = {**get_method(method).search_space().defaults(), **PARAMS[method], "rounds": 2}
     params = {k: v for k, v in params.items() if k in get_method(method).search_space().params}
     ctx = TrialContext(data=synthetic(), train_config=TrainConfig(epochs=0, batch_size=16, lr=0.1),
-                       target_params=target, pruning=PruningConfig(round_to=round_to))
+                       target=SizeTarget(target, measure), pruning=PruningConfig(round_to=round_to))
     result = get_method(method).compress(model, ctx, params)
     info = result.info["target"]
     assert info["reached"] and info["selected"] <= target < info["over"], info
-    achieved = count_params(result.model)
+    achieved = size(result.model)
     assert info["selected"] <= achieved < info["over"] and achieved < full
     assert all(w % round_to == 0 for w in _group_widths(result.model).values())  # every full width is a multiple
 

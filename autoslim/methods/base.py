@@ -33,6 +33,7 @@ from autoslim.config import PruningConfig, TrainConfig
 from autoslim.data import Data
 from autoslim.errors import UsageError
 from autoslim.registry import Registry
+from autoslim.selection import SizeTarget
 from autoslim.search.space import SearchSpace, spaces_dir
 from autoslim.train import Callback, evaluate, train
 
@@ -60,9 +61,9 @@ class TrialContext:
     checkpointer: Checkpointer | None = None
     #: The study's rules for what a structured method may remove (:mod:`autoslim.selection`).
     pruning: PruningConfig = field(default_factory=PruningConfig)
-    #: A parameter count a structured method removes channels down to, in its own importance order, instead of
-    #: its threshold rule (:func:`autoslim.selection.select`); None: the method's own rule.
-    target_params: int | None = None
+    #: A size (parameters or FLOPs) a structured method removes channels down to, in its own importance order,
+    #: instead of by its threshold rule (:func:`autoslim.selection.select_to`); None: the method's own rule.
+    target: SizeTarget | None = None
 
     @property
     def epochs_done(self) -> int:

@@ -26,7 +26,7 @@ remove, is refused before training (:meth:`L1L2.check`). The study's
 ``pruning:`` rules apply (:mod:`autoslim.selection`): ignored layers' groups are
 neither regularized nor pruned, and with ``round_to`` a group keeps the largest
 of its small filters that rounding its width up to the multiple needs. Given a
-parameter target (:attr:`autoslim.methods.TrialContext.target_params`) the
+size target (:attr:`autoslim.methods.TrialContext.target`, parameters or FLOPs) the
 filters go in order of their norm over their group's largest, over all groups,
 down to the target (:mod:`autoslim.selection`), instead of by ``threshold``.
 
@@ -63,9 +63,9 @@ from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (Selection, check_ignore, prunable, refuse_if_all_ignored, select, target_info,
-                                target_line)
-from autoslim.surgery import (ChannelGroup, SizeCount, channel_groups, check_removal, constant_inputs, copy_model,
+from autoslim.selection import (Selection, SizeTarget, check_ignore, prunable, refuse_if_all_ignored, select,
+                                select_to, target_info, target_line)
+from autoslim.surgery import (ChannelGroup, channel_groups, check_removal, constant_inputs, copy_model,
                               remove_channels, scale_output_channels, scales_exactly)
 from autoslim.train import Callback
 
@@ -189,23 +189,23 @@ def _selected(model: nn.Module, groups: Sequence[ChannelGroup], removing: Mappin
 
 def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, threshold: float,
                          example_input: torch.Tensor, pruning: PruningConfig | None = None,
-                         target_params: int | None = None) -> tuple[nn.Module, FilterRemoval]:
+                         target: SizeTarget | None = None) -> tuple[nn.Module, FilterRemoval]:
     """Remove the small filters (:func:`small_filters`) of ``groups``, folding what each consumer then reads from
     them into its bias. ``model`` keeps its shapes but its removed filters are zeroed (the masked model).
     ``pruning``'s ``round_to`` keeps the largest of the small filters that its rounding keeps (once before the
     constants are read, once after, as a filter not constant at a consumer stays); ignored groups are left out of
-    ``groups`` by the caller. With ``target_params`` the filters go in order of :func:`filter_importance`, over
-    all groups, down to that parameter count, instead of by ``threshold``."""
+    ``groups`` by the caller. With a ``target`` the filters go in order of :func:`filter_importance`, over all
+    groups, down to that size, instead of by ``threshold`` (:attr:`FilterRemoval.target` holds the selection)."""
     groups = list(groups)
     pruning = pruning or PruningConfig()
-    target = None
-    if target_params is None:
+    chosen = None
+    if target is None:
         small = {g.name: torch.nonzero(small_filters(producer_weights(model, g), threshold=threshold,
                                                      granularity=g.granularity)).flatten().tolist() for g in groups}
     else:
-        target = select(groups, {g.name: filter_importance(model, g) for g in groups}, pruning,
-                        target_params=target_params, counter=SizeCount(model, example_input=example_input))
-        small = {g.name: [j for j in range(g.size) if j not in set(target.keep[g.name])] for g in groups}
+        chosen = select_to(target, groups, {g.name: filter_importance(model, g) for g in groups}, pruning,
+                           model=model, example_input=example_input)
+        small = {g.name: [j for j in range(g.size) if j not in set(chosen.keep[g.name])] for g in groups}
     small = _selected(model, groups, small, pruning)
     masked = copy_model(model)
     zero_filters(masked, groups, small)
@@ -220,7 +220,7 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
     zero_filters(model, groups, removed)
     keep = {g.name: sorted(set(range(g.size)) - set(removed[g.name])) for g in groups}
     new = remove_channels(model, keep, example_input=example_input, consumer_constants=constants)
-    return new, FilterRemoval(removed, kept, constants, target)
+    return new, FilterRemoval(removed, kept, constants, chosen)
 
 
 def prune_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, threshold: float,
@@ -268,9 +268,10 @@ class L1L2(Method):
         images = ctx.data.val.x[:CHANGE_IMAGES]
         trained = outputs(model, images)
         small, removal = remove_small_filters(model, groups, threshold=params["threshold"], example_input=example,
-                                              pruning=ctx.pruning, target_params=ctx.target_params)
-        if removal.target is not None:
-            ctx.log(target_line("l1l2", target_info(removal.target)))
+                                              pruning=ctx.pruning, target=ctx.target)
+        info = {"target": target_info(removal.target, ctx.target)} if removal.target else {}
+        if info:
+            ctx.log(target_line("l1l2", info["target"]))
         masked = outputs(model, images)  # ``model`` now has its removed filters zeroed
         change = {"zeroing": relative_change(masked, trained),
                   "removal": relative_change(outputs(small, images), masked)}
@@ -284,5 +285,4 @@ class L1L2(Method):
                 f"removal {change['removal']:.3g}")
         ctx.train(model, epochs=params["finetune_epochs"], phase="finetune", lr_scale=FINETUNE_LR_SCALE)
         return CompressionResult(model, info={"removed": removed, "kept_not_constant": removal.kept,
-                                              "output_change": change,
-                                              **({"target": target_info(removal.target)} if removal.target else {})})
+                                              "output_change": change, **info})

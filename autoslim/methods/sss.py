@@ -22,8 +22,8 @@ The study's ``pruning:`` rules apply (:mod:`autoslim.selection`): the groups of
 ignored layers, and the residual branches that are or hold one, get no factor;
 with ``round_to`` a group keeps the channels of largest factor that rounding
 its width up to the multiple needs (those of factor 0 then stay as channels
-that output a constant). Given a parameter target
-(:attr:`autoslim.methods.TrialContext.target_params`) the channels go in
+that output a constant). Given a size target
+(:attr:`autoslim.methods.TrialContext.target`) the channels go in
 order of |factor|, over all groups, down to the target, instead of by
 ``threshold``.
 
@@ -67,9 +67,9 @@ from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (check_ignore, prunable, prunable_block, refuse_if_all_ignored, select, target_info,
-                                target_line)
-from autoslim.surgery import (SizeCount, channel_groups, check_removal, constant_inputs, remove_blocks,
+from autoslim.selection import (SizeTarget, check_ignore, prunable, prunable_block, refuse_if_all_ignored, select,
+                                select_to, target_info, target_line)
+from autoslim.surgery import (channel_groups, check_removal, constant_inputs, remove_blocks,
                               remove_channels, residual_branches, scale_output_channels, scales_exactly)
 
 FINETUNE_LR_SCALE = 0.1
@@ -225,37 +225,36 @@ def _multiplier(scale: Scale):
 
 
 def _surviving_channels(model: nn.Module, scales: Scales, *, threshold: float, pruning: PruningConfig,
-                        target_params: int | None, example_input: torch.Tensor):
+                        target: SizeTarget | None, example_input: torch.Tensor):
     """The scaled channel groups, their importance (|factor|), the channels that survive (by ``threshold`` or
-    ``target_params``, under ``pruning``) and the target's :class:`~autoslim.selection.Selection` (or None)."""
+    ``target``, under ``pruning``) and the target's :class:`~autoslim.selection.Selection` (or None)."""
     channel_scales = [s for s in scales if s.kind == "channel"]
     groups = [g for g in channel_groups(model, example_input=example_input)
               if g.name in {s.structure for s in channel_scales}] if channel_scales else []
     importance = {s.structure: s.per_channel().detach().abs() for s in channel_scales}
-    if target_params is not None and groups:
-        target = select(groups, importance, pruning, target_params=target_params,
-                        counter=SizeCount(model, example_input=example_input))
-        return groups, importance, target.keep, target
+    if target is not None and groups:
+        chosen = select_to(target, groups, importance, pruning, model=model, example_input=example_input)
+        return groups, importance, chosen.keep, chosen
     small = {s.structure: s.per_channel().detach() <= threshold for s in channel_scales}
     return groups, importance, select(groups, importance, pruning, remove=small).keep, None
 
 
 def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float,
                            example_input: torch.Tensor, pruning: PruningConfig | None = None,
-                           target_params: int | None = None) -> tuple[nn.Module, dict]:
+                           target: SizeTarget | None = None) -> tuple[nn.Module, dict]:
     """Set every factor ``<= threshold`` to 0, fold ``scales`` into ``model``, then remove those structures.
 
     What a consumer reads from a removed channel (its activation of 0) is folded into the consumer; a channel
     (a GroupNorm block) that is not one constant there is kept. ``pruning``'s ``round_to`` keeps the largest of the
     small factors that rounding a group's width up needs (:mod:`autoslim.selection`; a group keeps at least its
-    largest channel). With ``target_params`` the channels go in order of |factor|, over all groups, down to that
-    parameter count (``info["target"]``), instead of by ``threshold`` (branches still go by ``threshold``). Returns
+    largest channel). With a ``target`` the channels go in order of |factor|, over all groups, down to that size
+    (``info["target"]``), instead of by ``threshold`` (branches still go by ``threshold``). Returns
     the new model and what was removed (``channels``: {group: count}, ``blocks``: names).
     """
     pruning = pruning or PruningConfig()
     drop, removed = {}, {}
-    groups, importance, survive, target = _surviving_channels(model, scales, threshold=threshold, pruning=pruning,
-                                                              target_params=target_params, example_input=example_input)
+    groups, importance, survive, chosen = _surviving_channels(model, scales, threshold=threshold, pruning=pruning,
+                                                              target=target, example_input=example_input)
     with torch.no_grad():
         for s in scales:  # a factor <= threshold is taken as 0: the structure is removed exactly
             kept = s.factor > threshold
@@ -283,7 +282,8 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
         model = remove_channels(model, keep, example_input=example_input, consumer_constants=constants)
     if blocks:
         model = remove_blocks(model, blocks)
-    return model, {"channels": removed, "blocks": blocks, **({"target": target_info(target)} if target else {})}
+    return model, {"channels": removed, "blocks": blocks,
+                   **({"target": target_info(chosen, target)} if chosen else {})}
 
 
 @register_method
@@ -313,7 +313,7 @@ class SparseStructureSelection(Method):
         images = ctx.data.val.x[:CHANGE_IMAGES]
         scaled = outputs(model, images)
         model, removed = remove_zero_structures(model, scales, threshold=params["threshold"], example_input=example,
-                                                pruning=ctx.pruning, target_params=ctx.target_params)
+                                                pruning=ctx.pruning, target=ctx.target)
         if "target" in removed:
             ctx.log(target_line("sss", removed["target"]))
         change = relative_change(outputs(model, images), scaled)

@@ -30,7 +30,7 @@ study's ``pruning:`` rules apply (:mod:`autoslim.selection`): ignored layers'
 groups are neither measured nor trimmed, and with ``round_to`` a group keeps
 the count the rule leaves rounded up to the multiple, the extra channels
 those of lowest APoZ among the ones the rule removes. Given a parameter
-target (:attr:`autoslim.methods.TrialContext.target_params`) each round
+target (:attr:`autoslim.methods.TrialContext.target`, parameters or FLOPs) each round
 instead removes channels of every measurable group (whatever ``layers``
 says) in APoZ order, highest first, down to the same ratio per round, the
 last round down to the target (within one channel, or one unit of
@@ -50,8 +50,9 @@ from autoslim.config import PruningConfig
 from autoslim.data import Split, batches
 from autoslim.errors import UsageError
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
-from autoslim.selection import check_ignore, prunable, refuse_if_all_ignored, select, target_info, target_line
-from autoslim.surgery import ChannelGroup, SizeCount, channel_groups, check_removal, probe, remove_channels
+from autoslim.selection import (check_ignore, prunable, refuse_if_all_ignored, select, select_to, target_info,
+                                target_line)
+from autoslim.surgery import ChannelGroup, channel_groups, check_removal, probe, remove_channels
 
 
 @torch.no_grad()
@@ -143,18 +144,6 @@ def keep_by_rule(groups: Mapping[str, ChannelGroup], scores: dict[str, torch.Ten
                           remove={g: _mask_out(k, len(scores[g])) for g, k in by_rule.items()}).keep
 
 
-def round_goal(current: int, target: int, rounds_left: int) -> int:
-    """The parameter count one of ``rounds_left`` rounds removes down to: the same ratio each round, the target
-    at the last.
-
-    >>> round_goal(1000, 10, 2), round_goal(100, 10, 1), round_goal(5, 10, 3)
-    (100, 10, 10)
-    """
-    if current <= target or rounds_left <= 1:
-        return target
-    return round(current * (target / current) ** (1 / rounds_left))
-
-
 def _mask_out(kept: torch.Tensor, size: int) -> torch.Tensor:
     """The mask of the channels of ``size`` not in ``kept``."""
     mask = torch.ones(size, dtype=torch.bool)
@@ -184,16 +173,14 @@ class NetworkTrimming(Method):
         for r in range(params["rounds"]):
             groups = {g.name: g for g in trimmed_groups(model, example_input=example, pruning=ctx.pruning)}
             scores = apoz(model, stats_split, list(groups.values()))
-            if ctx.target_params is None:
+            if ctx.target is None:
                 scores, keep = keep_by_rule(groups, scores, params, ctx.pruning)
             else:
-                counter = SizeCount(model, example_input=example)
-                chosen = select(groups.values(), {g: -s for g, s in scores.items()}, ctx.pruning, counter=counter,
-                                target_params=round_goal(counter.count({}), ctx.target_params, params["rounds"] - r))
+                chosen = select_to(ctx.target, groups.values(), {g: -s for g, s in scores.items()}, ctx.pruning,
+                                   model=model, example_input=example, rounds_left=params["rounds"] - r)
                 keep = chosen.keep
                 if chosen.last is not None or not info:  # the last round that removed something
-                    info["target"] = {**target_info(chosen), "params": ctx.target_params,
-                                      "reached": chosen.params <= ctx.target_params}
+                    info["target"] = target_info(chosen, ctx.target)
             removed = {g: len(scores[g]) - len(k) for g, k in keep.items()}
             ctx.log(f"trimming round {r + 1}: removed {sum(removed.values())} channels "
                     f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})")
