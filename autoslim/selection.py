@@ -120,14 +120,14 @@ def block_scores(scores: torch.Tensor, granularity: int) -> torch.Tensor:
 @dataclass
 class Selection:
     """What survives: ``keep`` {group: kept channels, sorted} of every selected group (ignored ones left out);
-    with a target, ``params`` the predicted count (parameters; FLOPs for a FLOPs target), ``target`` the
+    with a target, ``size`` the predicted count (parameters, or FLOPs for a FLOPs target), ``target`` the
     target, ``reached`` whether the network fits it (else every group is at its narrowest), ``last`` the last
     removal step (group, channels: one unit of one group, or what lies above the group's first multiple) and
-    ``over`` the count with it put back
-    (above the target: the selection lies within one step of it); both None when nothing was removed."""
+    ``over`` the count with it put back (above the target: the selection lies within one step of it); both None
+    when nothing was removed."""
 
     keep: dict[str, list[int]]
-    params: int | None = None
+    size: int | None = None
     target: int | None = None
     reached: bool = True
     over: int | None = None
@@ -198,8 +198,8 @@ def select_to(target: SizeTarget, groups: Iterable[ChannelGroup], scores: Mappin
 
 def target_info(selection: Selection, target: SizeTarget) -> dict:
     """What a method records of a target selection (``info["target"]``)."""
-    return {"measure": target.measure, "value": target.value, "selected": selection.params, "over": selection.over,
-            "reached": selection.params <= target.value}
+    return {"measure": target.measure, "value": target.value, "selected": selection.size, "over": selection.over,
+            "reached": selection.size <= target.value}
 
 
 def target_line(method: str, info: Mapping) -> str:
@@ -248,5 +248,5 @@ def _select_target(groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor
     if taken:
         *_, group, blocks = steps[taken - 1]
         last = (group.name, _channels(blocks, group.granularity))
-    return Selection(keep, params=int(round(counts[taken].item())), target=target, reached=bool(len(fits)),
+    return Selection(keep, size=int(round(counts[taken].item())), target=target, reached=bool(len(fits)),
                      over=int(round(counts[taken - 1].item())) if taken else None, last=last)

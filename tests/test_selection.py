@@ -209,12 +209,12 @@ def test_a_target_is_met_within_one_step_and_the_count_is_exact(arch, criterion,
     for fraction, round_to in [(0.8, 1), (0.5, 1), (0.3, 4), (0.5, 8)]:
         rules = PruningConfig(round_to=round_to)
         floor = select(groups, scores, rules, counter=counter, **{f"target_{measure}": 0})  # each group at one unit
-        assert not floor.reached and floor.params == size(remove_channels(model, floor.keep, example_input=x))
-        target = int(floor.params + fraction * (full - floor.params))
+        assert not floor.reached and floor.size == size(remove_channels(model, floor.keep, example_input=x))
+        target = int(floor.size + fraction * (full - floor.size))
         sel = select(groups, scores, rules, counter=counter, **{f"target_{measure}": target})
         assert sel.reached
         small = remove_channels(model, sel.keep, example_input=x)
-        assert size(small) == sel.params <= target < sel.over, (fraction, round_to)
+        assert size(small) == sel.size <= target < sel.over, (fraction, round_to)
         units = {g.name: math.lcm(round_to, g.granularity) for g in groups}
         sizes = {g.name: g.size for g in groups}
         assert all(len(k) == sizes[n] or len(k) % units[n] == 0 for n, k in sel.keep.items())
@@ -238,7 +238,7 @@ def test_a_target_removes_the_least_important_channels_first_and_reports_an_unre
     assert select(counter.groups, scores, PruningConfig(), target_params=10**9, counter=counter).over is None
     floor = select(counter.groups, scores, PruningConfig(), target_params=10, counter=counter)
     assert not floor.reached and all(len(k) == 1 for k in floor.keep.values())
-    assert count_params(remove_channels(model, floor.keep, example_input=x)) == floor.params > 10
+    assert count_params(remove_channels(model, floor.keep, example_input=x)) == floor.size > 10
 
 
 @pytest.mark.parametrize("measure", ["params", "flops"])
