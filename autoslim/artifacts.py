@@ -129,9 +129,9 @@ def _input_rows(spec: dict) -> list[str]:
     numbers = lambda xs: ", ".join(f"{x:.4g}" for x in xs)  # noqa: E731
     classes = spec.get("classes", [])
     shown = ", ".join(f"`{c}`" for c in classes[:10]) + (f" … ({len(classes)} in all)" if len(classes) > 10 else "")
-    return [f"| input | shape {tuple(spec['shape'])}, normalised per channel: mean ({numbers(spec['mean'])}), "
-            f"std ({numbers(spec['std'])}) |",
-            f"| classes (output order) | {shown} |"]
+    norm = f", normalised per channel: mean ({numbers(spec['mean'])}), std ({numbers(spec['std'])})" if spec.get(
+        "mean") else ""
+    return [f"| input | shape {tuple(spec['shape'])}{norm} |", *([f"| classes (output order) | {shown} |"] * bool(classes))]
 
 
 def _pyplot():

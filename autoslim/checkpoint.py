@@ -16,7 +16,9 @@ checkpoint instead of starting over.
   (Python, NumPy, torch) and the phase's epoch records;
 - ``current``: the same for the phase in progress after its last epoch, plus
   the training loop's state: epochs done, step, optimizer and schedule states
-  and the shuffling generator.
+  and the shuffling generator. A phase trained by a user's ``fit``
+  (:mod:`autoslim.fit`) is checkpointed at its end only (``current`` is None):
+  its loop state is the user's; a retry redoes that phase from its start.
 
 **Resuming.** The method runs again from the start with the same parameters
 and seed. :class:`~autoslim.methods.TrialContext` hands every phase to
@@ -118,8 +120,12 @@ class Checkpointer:
         self._saved = [] if resume is None else [*resume["phases"], *([resume["current"]] if resume["current"] else [])]
 
     def phase(self, run: Callable[..., list[dict]], *, model: nn.Module, name: str,
-              extra_optimizers: Sequence[torch.optim.Optimizer] = ()) -> list[dict]:
-        """Run one training phase (``run``: :func:`autoslim.train.train` with its arguments bound)."""
+              extra_optimizers: Sequence[torch.optim.Optimizer] = (), resumable: bool = True) -> list[dict]:
+        """Run one training phase (``run``: :func:`autoslim.train.train` with its arguments bound).
+
+        A ``resumable`` run takes ``resume`` and ``on_state`` (autoslim's loop: checkpointed after every epoch);
+        another (a user's fit, :class:`autoslim.fit.UserFit`) is called bare and checkpointed at its end only:
+        a retry redoes the phase in progress from its start."""
         index = len(self._phases)
         extra = _extra_params(extra_optimizers)
         saved = self._saved[index] if index < len(self._saved) else None
@@ -127,12 +133,20 @@ class Checkpointer:
         if saved is not None:
             self._restore(saved, model=model, name=name, extra=extra)
             done = [dict(r) for r in saved["history"]]
+        if saved is not None and "loop" in saved and not resumable:
+            raise CheckpointMismatch(f"phase {index + 1} ({name!r}) of the checkpoint stopped within autoslim's "
+                                     "loop; this run trains it with a user fit")
         if saved is None or "loop" in saved:
-            records = run(resume=saved["loop"] if saved is not None else None,
-                          on_state=lambda history, loop: self._save(self._payload(
-                              index, name, model, extra, done + history, loop)))
+            if resumable:
+                records = run(resume=saved["loop"] if saved is not None else None,
+                              on_state=lambda history, loop: self._save(self._payload(
+                                  index, name, model, extra, done + history, loop)))
+            else:
+                records = run()
             done = done + records
         self._phases.append(self._snapshot(index, name, model, extra, done))
+        if saved is None and not resumable:
+            self._save({"format": FORMAT, "phases": list(self._phases), "current": None})
         return done
 
     @staticmethod
@@ -234,7 +248,8 @@ class TrialCheckpoints:
         self.store.write(artifact_id, buffer)
         self.latest = {
             "artifact_id": artifact_id, "trial": self.trial.number, "epoch": epochs_in(payload),
-            "phase": payload["current"]["phase"], "saved_at": datetime.datetime.now().isoformat(timespec="seconds")}
+            "phase": (payload["current"] or payload["phases"][-1])["phase"],
+            "saved_at": datetime.datetime.now().isoformat(timespec="seconds")}
         self.trial.set_user_attr("checkpoint", self.latest)
         self.pending.discard(artifact_id)
         self._remove_pending()

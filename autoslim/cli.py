@@ -7,6 +7,7 @@
     autoslim export studies/quickstart.yaml --trial N | --pareto | --best-under-params K [--out DIR] [--retrain]
     autoslim train exports/trial_N/config.yaml [--out DIR]
     autoslim recover studies/quickstart.yaml --older-than 10m [--storage URL] [--study-name NAME]
+    autoslim methods [NAME ...] [-f table|json]      (every method, built-in and installed, with its knobs)
 
 Bad input gives one line on stderr and exit code 2; nothing is written to storage.
 """
@@ -23,6 +24,7 @@ import pandas as pd
 from autoslim.config import load_study
 from autoslim.dashboard import serve
 from autoslim.errors import UsageError
+from autoslim.methods import describe_method, list_methods
 from autoslim.export import export_trial, select_trials, train_config_file
 from autoslim.recover import parse_age, recover
 from autoslim.report import default_report_dir, write_report
@@ -85,6 +87,32 @@ def cmd_recover(args) -> int:
     with study_lock(storage_url(args.study, storage=args.storage)):
         recover(study, older_than=older_than, log=print)
     return 0
+
+
+def cmd_methods(args) -> int:
+    infos = [describe_method(name) for name in args.names or list_methods()]
+    if args.format == "json":
+        print(json.dumps(infos, indent=2))
+        return 0
+    for info in infos:
+        print(f"{info['name']} ({info['origin']}{', builds its own model' if info['builds_model'] else ''}): "
+              f"{info['summary']}")
+        rows = [(k["name"], k["type"], _domain(k), str(k["default"]).lower() if isinstance(k["default"], bool) else str(k["default"]), "searched" if k["searched"] else "setting")
+                for k in info["knobs"]]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else []
+        for row in rows:
+            print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+def _domain(knob: dict) -> str:
+    """'1 to 6', '0.0001 to 0.1 (log)', 'std, fraction' or 'false, true'."""
+    if knob["type"] == "bool":
+        return "false, true"
+    if knob["type"] == "categorical":
+        return ", ".join(map(str, knob["choices"]))
+    step = f", step {knob['step']:g}" if knob.get("step") is not None else ""
+    return f"{knob['low']:g} to {knob['high']:g}" + (" (log)" if knob["log"] else "") + step
 
 
 def _print_front(study, fmt: str, *, history: bool = False) -> None:
@@ -179,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "stale: 90s, 10m, 2h, 1d; at least twice recovery.heartbeat_interval")
     storage_args(p)
     p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("methods", help="list every compression method (built-in and installed) with its knobs")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="only these methods (names, entry points or import strings 'package.module:Class')")
+    p.add_argument("-f", "--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_methods)
     return parser
 
 

@@ -63,6 +63,10 @@ class DataConfig:
     augment: bool | None = None
     seed: int = 0
     image_size: int | None = field(default=None, metadata=meta(min=4))
+    # imagefolder: read batches through a DataLoader instead of loading every image into memory (None: when the
+    # folder holds more than autoslim.data.STREAM_ABOVE images); its worker processes
+    stream: bool | None = None
+    workers: int = field(default=2, metadata=meta(min=0))
     # synthetic data only
     image_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
     num_classes: int = field(default=4, metadata=meta(min=2))
@@ -85,6 +89,9 @@ class TrainConfig:
     gamma: float = field(default=0.1, metadata=meta(min_exclusive=0.0, max=1.0))
     label_smoothing: float = field(default=0.0, metadata=meta(min=0.0, max=1.0))
     deterministic: bool = False  # CUDA: deterministic kernels, so a rerun on the same GPU model is bit-identical (slower)
+    # The user's training function and metric, as import strings 'package.module:name' (autoslim.fit); None: autoslim's
+    fit: str | None = None
+    evaluate: str | None = None
 
 
 @dataclass

@@ -1,10 +1,17 @@
-"""Whole datasets as tensors in memory, and batching/augmentation on tensors.
+"""Whole datasets as tensors in memory, and batching/augmentation on tensors; or streamed through a DataLoader.
 
 A dataset is loaded once per process into three :class:`Split` objects
 (train / validation / test) of normalised float images ``(N, C, H, W)`` and
 integer labels. Shuffling, batching, random crops and flips are tensor
 operations on whole batches: there is no per-sample ``DataLoader`` on the hot
-path, and on a GPU the data lives on the GPU.
+path, and on a GPU the data lives on the GPU. This is the default.
+
+Data that does not fit in memory is streamed instead: :class:`StreamSplit`
+reads a ``torch.utils.data.Dataset`` through ``DataLoader`` workers
+(``data.workers``), with the same interface. ``imagefolder`` streams with
+``data.stream: true`` (unset: above :data:`STREAM_ABOVE` images), with
+torchvision transforms; a source that returns torch datasets hands them to
+:func:`streamed_data`, which splits them as in-memory data is split.
 
 Sources are a name-keyed registry (:func:`register_dataset`); a study file may also
 name an installed package's entry point (group ``autoslim.datasets``) or an import
@@ -60,12 +67,40 @@ class Split:
     def to(self, device) -> "Split":
         return Split(self.x.to(device), self.y.to(device))
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one input."""
+        return tuple(self.x.shape[1:])
+
+    def head(self, n: int) -> "Split":
+        """The first ``n`` examples (all if fewer), in memory."""
+        return Split(self.x[:n], self.y[:n])
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator for :meth:`batches`' shuffling, on the split's device."""
+        return torch.Generator(device=self.x.device).manual_seed(seed)
+
+    def batches(self, *, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                crop_padding: int = 0, flip: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:func:`batches` of this split."""
+        return batches(self, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                       crop_padding=crop_padding, flip=flip)
+
 
 @dataclass
 class Data:
     """A dataset split three ways, with the augmentation that fits it, and what a model of it expects as input:
     images normalised per channel with ``mean`` and ``std`` (of the raw images, in [0, 1] for image files) and
-    one of ``classes`` (names, in label order) as output."""
+    one of ``classes`` (names, in label order) as output.
+
+    The splits are in-memory :class:`Split` s (the fast default), or :class:`StreamSplit` s read through a
+    ``DataLoader`` (data that does not fit in memory; their augmentation is in the dataset's transforms). Both
+    offer what the training loop, evaluation, the methods (example inputs, APoZ statistics: :meth:`Split.head`),
+    measurement (``shape``) and checkpoints (the shuffling ``generator``) use."""
 
     name: str
     train: Split
@@ -80,7 +115,20 @@ class Data:
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.x.shape[1:])
+        return self.val.shape
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches are: the device a model of this data trains on."""
+        return self.val.device
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, StreamSplit)
+
+    def examples(self, n: int) -> torch.Tensor:
+        """The first ``n`` validation inputs, in memory (surgery traces a model with them)."""
+        return self.val.head(n).x
 
     def input_spec(self) -> dict:
         """What a model trained on this data expects, for whoever runs it: input shape, normalisation, classes.
@@ -156,6 +204,11 @@ def load_data_subsets(config, train_subsets: Sequence[int | float | None], *,
     >>> len(part.train), torch.equal(part.train.x, full.train.x[:100]), torch.equal(part.val.x, full.val.x)
     (100, True, True)
     """
+    if config.stream is not None and config.stream and config.name != "imagefolder":
+        raise UsageError(f"data.stream: {config.name} is read into memory; accepted: stream with imagefolder "
+                         "(a source that returns torch datasets streams them: autoslim.data.streamed_data)")
+    if config.name == "imagefolder" and _streams(config):
+        return [stream_imagefolder(config, train_subset=n, device=device) for n in train_subsets]
     raw = read_source(config)
     _check_classes(raw, config)
     gen = torch.Generator().manual_seed(config.seed)
@@ -496,9 +549,7 @@ def _imagefolder(*, data_dir, download, config) -> RawData:
     import torchvision
     from torchvision import transforms
 
-    if not data_dir or not Path(data_dir).expanduser().is_dir():
-        raise UsageError(f"data.data_dir: imagefolder needs an existing folder of class sub-folders, got {data_dir!r}")
-    root = Path(data_dir).expanduser()
+    root = _image_root(data_dir)
     size = config.image_size or 32
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
 
@@ -526,3 +577,157 @@ def _read_image(ds, index: int):
         detail = " ".join(str(e).split())
         raise UsageError(f"data.data_dir: {ds.samples[index][0]} is not a readable image: "
                          f"{type(e).__name__}{': ' + detail if detail else ''}") from None
+
+
+# --------------------------------------------------------------------------- streamed data (DataLoader)
+
+STREAM_ABOVE = 20_000  # an imagefolder of more images streams unless data.stream says otherwise
+NORM_IMAGES = 512  # training images (a fixed random sample) whose mean and std normalise a streamed image folder
+
+
+class StreamSplit:
+    """A split read batch by batch from a ``torch.utils.data.Dataset`` of ``(input, label)`` through a
+    ``DataLoader`` with ``workers`` processes; batches are moved to ``device``. The same interface as
+    :class:`Split` (``len``, ``device``, ``shape``, :meth:`batches`, :meth:`head`, :meth:`generator`), so the
+    training loop, evaluation and methods take either. Augmentation lives in the dataset's transforms; the
+    shuffling order is drawn from the CPU ``generator`` (a checkpoint saves its state, so a resumed epoch
+    reads the same order)."""
+
+    def __init__(self, dataset, *, device: str | torch.device = "cpu", workers: int = 0) -> None:
+        self.dataset, self._device, self.workers = dataset, torch.device(device), workers
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def to(self, device) -> "StreamSplit":
+        return StreamSplit(self.dataset, device=device, workers=self.workers)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self._shape is None:
+            self._shape = tuple(torch.as_tensor(self.dataset[0][0]).shape)
+        return self._shape
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    def batches(self, *, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                crop_padding: int = 0, flip: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle,
+                                             generator=generator, num_workers=self.workers,
+                                             pin_memory=self._device.type == "cuda")
+        for x, y in loader:
+            yield x.to(self._device, non_blocking=True), torch.as_tensor(y).to(self._device, non_blocking=True)
+
+    def head(self, n: int) -> Split:
+        xs, ys = zip(*(self.dataset[i] for i in range(min(n, len(self)))))
+        return Split(torch.stack([torch.as_tensor(x) for x in xs]).to(self._device),
+                     torch.as_tensor(ys, dtype=torch.long).to(self._device))
+
+
+def split_indices(n: int, *, config, has_test: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Train, validation and (without a test set of its own) test indices of ``n`` examples: the split
+    :func:`load_data_subsets` makes of in-memory data, deterministic in ``config.seed``."""
+    gen = torch.Generator().manual_seed(config.seed)
+    rest, test = torch.arange(n), None
+    if not has_test:
+        perm = torch.randperm(n, generator=gen)
+        n_test = max(1, int(round(config.test_fraction * n)))
+        test, rest = perm[:n_test], perm[n_test:]
+    perm = torch.randperm(len(rest), generator=gen)
+    n_val = max(1, int(round(config.val_fraction * len(rest))))
+    return rest[perm[n_val:]], rest[perm[:n_val]], test
+
+
+def streamed_data(name: str, train, *, config, num_classes: int, test=None, plain=None, classes=None,
+                  mean: Sequence[float] = (), std: Sequence[float] = (),
+                  device: str | torch.device = "cpu", train_subset: int | float | None = None) -> Data:
+    """:class:`Data` streamed from torch datasets: the seam for sources that return ``torch.utils.data``
+    datasets too large for memory.
+
+    ``train`` yields ``(input tensor, label)`` with training augmentation (a ``DataLoader`` stands for its
+    dataset: batches are made with the study's ``train.batch_size`` and ``data.workers``); ``plain`` is the same examples
+    without it (default ``train``): the validation split (``config.val_fraction``) and, without a ``test``
+    set, the test split (``config.test_fraction``) are taken from it, as :func:`load_data` splits in-memory
+    data. ``train_subset`` keeps the first training examples; ``config.test_subset`` a fixed random part of
+    the test split. ``mean``/``std`` are the normalisation the transforms apply (recorded in model files).
+    """
+    train, test, plain = (_dataset(d) for d in (train, test, plain))
+    plain = train if plain is None else plain
+    train_idx, val_idx, test_idx = split_indices(len(train), config=config, has_test=test is not None)
+    train_idx = train_idx[:train_count(train_subset, len(train_idx))]
+    test = test if test is not None else torch.utils.data.Subset(plain, test_idx.tolist())
+    if config.test_subset is not None and config.test_subset < len(test):
+        keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(config.seed))[:config.test_subset]
+        test = torch.utils.data.Subset(test, keep.tolist())
+
+    def split(dataset, idx=None) -> StreamSplit:
+        part = dataset if idx is None else torch.utils.data.Subset(dataset, idx.tolist())
+        return StreamSplit(part, device=device, workers=config.workers)
+
+    return Data(name, split(train, train_idx), split(plain, val_idx), split(test), num_classes, mean=tuple(mean),
+                std=tuple(std), classes=tuple(map(str, classes or range(num_classes))))
+
+
+def _dataset(obj):
+    return obj.dataset if isinstance(obj, torch.utils.data.DataLoader) else obj
+
+
+def _streams(config) -> bool:
+    """Whether an imagefolder is streamed: ``data.stream``, else whether it holds more than STREAM_ABOVE images."""
+    if config.stream is not None:
+        return config.stream
+    root = Path(config.data_dir).expanduser() if config.data_dir else None
+    if root is None or not root.is_dir():
+        return False
+    return sum(1 for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) > STREAM_ABOVE
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+def stream_imagefolder(config, *, train_subset: int | float | None, device: str | torch.device = "cpu") -> Data:
+    """An image folder (the layouts of the ``imagefolder`` source) read through DataLoader workers: images are
+    resized to ``image_size`` (default 32), normalised with the mean and std of NORM_IMAGES training images,
+    and the training split is augmented (random crop with padding size/8, horizontal flip) unless
+    ``data.augment`` is false."""
+    import torchvision
+    from torchvision import transforms
+
+    root = _image_root(config.data_dir)
+    size = config.image_size or 32
+    resize = [transforms.Resize((size, size)), transforms.ToTensor()]
+    both = (root / "train").is_dir() and (root / "test").is_dir()
+    folder = root / "train" if both else root
+
+    def images(where: Path, tf) -> Any:
+        try:
+            return torchvision.datasets.ImageFolder(str(where), transform=transforms.Compose(tf))
+        except (FileNotFoundError, OSError) as e:
+            raise UsageError(f"data.data_dir: {where}: {e}") from None
+
+    raw = images(folder, resize)
+    if len(raw.classes) < 2:
+        raise UsageError(f"data.data_dir: {config.data_dir}: the training images are of {len(raw.classes)} class; "
+                         "accepted: at least 2 classes")
+    sample = torch.randperm(len(raw), generator=torch.Generator().manual_seed(config.seed))[:NORM_IMAGES]
+    pixels = torch.stack([_read_image(raw, int(i))[0] for i in sample])
+    mean, std = pixels.mean(dim=(0, 2, 3)).tolist(), pixels.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+    norm = transforms.Normalize(mean, std)
+    augment = [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
+    train_tf = resize[:1] + (augment if config.augment is not False else []) + resize[1:] + [norm]
+    test = images(root / "test", resize + [norm]) if both else None
+    return streamed_data("imagefolder", images(folder, train_tf), config=config, num_classes=len(raw.classes),
+                         test=test, plain=images(folder, resize + [norm]), classes=raw.classes, mean=mean, std=std,
+                         device=device, train_subset=train_subset)
+
+
+def _image_root(data_dir) -> Path:
+    if not data_dir or not Path(data_dir).expanduser().is_dir():
+        raise UsageError(f"data.data_dir: imagefolder needs an existing folder of class sub-folders, got {data_dir!r}")
+    return Path(data_dir).expanduser()

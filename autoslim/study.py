@@ -27,6 +27,7 @@ from autoslim.config import StudyConfig, check_study_name, load_study
 from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
+from autoslim.fit import resolve_loop
 from autoslim.measure import measure
 from autoslim.methods import METHODS, get_method
 from autoslim.models import MODELS, create_model
@@ -94,8 +95,9 @@ def paper_defaults(spaces) -> list[dict]:
 
 
 def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
-    """Check the names ``cfg`` gives against the registries (data set, model, methods) and narrow each method's
-    search space by its study-file overrides; return the narrowed spaces, by method. A UsageError line names
+    """Check the names ``cfg`` gives against the registries (data set, model, methods: registered, installed
+    entry points or import strings) and narrow each method's search space by its study-file overrides; return
+    the narrowed spaces, by method as the study file names it. A UsageError line names
     the first field that is wrong; nothing has been written anywhere yet.
 
     >>> spaces = check_study(StudyConfig.from_dict({"methods": {"trimming": {"rounds": 2}}}))
@@ -104,6 +106,9 @@ def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
     """
     DATASETS.get(cfg.data.name)
     MODELS.get(cfg.model)
+    for m in cfg.methods:
+        own = {"fit", "evaluate"} & set(cfg.methods[m].train)
+        resolve_loop(cfg.train_for(m), where=f"methods.{m}.train" if own else "train")
     # named as the study file names the method (an import string too): the Optuna parameters are <name>.<knob>
     return {m: dataclasses.replace(METHODS.get(m, field="methods").search_space(), method=m).narrow(
                 c.space, where=f"methods.{m}") for m, c in cfg.methods.items()}
@@ -168,7 +173,8 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
 
 
 def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Data) -> None:
-    """Each method checks the study's untrained model once (:meth:`autoslim.methods.Method.check`).
+    """Each method checks the study's untrained model once (:meth:`autoslim.methods.Method.check`), built as
+    the trials build it (a model that does not fit the data is refused here: :func:`autoslim.models.create_model`).
 
     A method that cannot compress it is refused in one UsageError line naming the layer or op; so is a
     searched choice of a knob the check reads (``Method.check_params``) that cannot act on it, naming the
@@ -183,21 +189,20 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
     if cfg.pruning.active and not any(get_method(name).structured for name in spaces):
         raise UsageError(f"pruning: none of the study's methods ({', '.join(spaces)}) removes channels, so ignore "
                          f"and round_to would do nothing; accepted with: {', '.join(structured_methods())}")
-    model = None
+    # built even when every method builds its own: the reference point measures it once the study is stored
+    model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
+                         adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.device)
     for name, space in spaces.items():
         method = get_method(name)
         if method.builds_model:
             continue
-        if model is None:
-            model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
-                                 adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.val.x.device)
         knobs = [k for k in method.check_params if not space.params[k].pinned]
         combos = [dict(zip(knobs, values))
                   for values in itertools.product(*(space.params[k].choices or (False, True) for k in knobs))]
         refused = {}
         for combo in combos:
             try:
-                check_method(method, model, example_input=data.val.x[:CHECK_EXAMPLES],
+                check_method(method, model, example_input=data.examples(CHECK_EXAMPLES),
                              params={**space.defaults(), **combo}, pruning=cfg.pruning)
             except UsageError as e:
                 refused[", ".join(map(str, combo.values()))] = e

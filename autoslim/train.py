@@ -1,7 +1,7 @@
 """The training loop: one importable function with the hooks compression methods need.
 
 :func:`train` trains a model for a number of epochs on in-memory tensors
-(:mod:`autoslim.data`) with SGD/Adam/AdamW, a cosine, step or constant
+(:mod:`autoslim.data`: in memory, or streamed through a ``DataLoader``) with SGD/Adam/AdamW, a cosine, step or constant
 learning-rate schedule and weight decay, and calls its :class:`Callback` s
 after each optimizer step (masks, projections), for extra loss terms
 (regularizers) and at the end of each epoch (statistics, early stopping).
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoslim.config import TrainConfig
-from autoslim.data import Data, Split, batches
+from autoslim.data import Data, Split
 
 
 class Callback:
@@ -131,11 +131,11 @@ def lr_factor(config: TrainConfig, epochs: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, *, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` on ``split`` in eval mode."""
+    """Top-1 accuracy of ``model`` on ``split`` (in memory or streamed) in eval mode."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=split.x.device)
-    for x, y in batches(split, batch_size=batch_size):
+    correct = torch.zeros((), dtype=torch.long, device=split.device)
+    for x, y in split.batches(batch_size=batch_size):
         correct += (model(x).argmax(1) == y).sum()
     model.train(was_training)
     return correct.item() / max(1, len(split))
@@ -144,8 +144,8 @@ def evaluate(model: nn.Module, split: Split, *, batch_size: int = 1000) -> float
 def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | None = None, seed: int = 0,
           lr_scale: float = 1.0, callbacks: Sequence[Callback] = (), param_groups: Iterable | None = None,
           extra_optimizers: Sequence[torch.optim.Optimizer] = (), epoch_offset: int = 0, phase: str | None = None,
-          resume: Mapping[str, Any] | None = None,
-          on_state: Callable[[list[dict], dict], None] | None = None) -> list[dict]:
+          resume: Mapping[str, Any] | None = None, on_state: Callable[[list[dict], dict], None] | None = None,
+          score: Callable[[nn.Module], float] | None = None) -> list[dict]:
     """Train ``model`` in place for ``epochs`` (default ``config.epochs``); return one record per epoch.
 
     ``param_groups`` replaces the model's parameters in the main optimizer
@@ -154,7 +154,8 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
     ``epoch_offset`` numbers the records when a method trains in phases.
     Each record holds ``epoch``, ``loss`` (mean training loss), ``val_accuracy``,
     ``lr``, ``seconds`` and, given one, the ``phase`` name. A NaN or infinite
-    loss raises :class:`Diverged`.
+    loss raises :class:`Diverged`. ``score(model)`` replaces top-1 accuracy on
+    ``data.val`` as ``val_accuracy`` (a user's metric, :mod:`autoslim.fit`).
 
     ``on_state(records, state)`` is called after every epoch with this call's
     records so far and the loop state (``epoch`` done, ``step``, optimizer and
@@ -165,14 +166,14 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
     recorded, is already checkpointed: a worker killed right after it loses nothing.
     """
     epochs = config.epochs if epochs is None else epochs
-    device = data.train.x.device
+    device = data.device
     model.to(device).train()
     optimizer = build_optimizer(param_groups if param_groups is not None else
                                 [p for p in model.parameters() if p.requires_grad], config, lr_scale=lr_scale)
     optimizers = [optimizer, *extra_optimizers]
     factor = lr_factor(config, epochs)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = data.train.generator(seed)
     if resume is not None:
         for o, state in zip(optimizers, resume["optimizers"], strict=True):
             o.load_state_dict(state)
@@ -186,8 +187,8 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
         for epoch in range(0 if resume is None else resume["epoch"], epochs):
             start = time.perf_counter()
             total = torch.zeros((), device=device)
-            for x, y in batches(data.train, batch_size=config.batch_size, shuffle=True, generator=generator,
-                                crop_padding=data.crop_padding, flip=data.flip):
+            for x, y in data.train.batches(batch_size=config.batch_size, shuffle=True, generator=generator,
+                                           crop_padding=data.crop_padding, flip=data.flip):
                 loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
                 for c in loss_hooks:
                     extra = c.extra_loss(model)
@@ -208,7 +209,8 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
             mean_loss = total.item() / len(data.train)
             if not math.isfinite(mean_loss):
                 raise Diverged(f"training loss is {mean_loss} at epoch {epoch_offset + epoch + 1} (lr {lr:g})")
-            record = {"epoch": epoch_offset + epoch + 1, "loss": mean_loss, "val_accuracy": evaluate(model, data.val),
+            val = score(model) if score is not None else evaluate(model, data.val)
+            record = {"epoch": epoch_offset + epoch + 1, "loss": mean_loss, "val_accuracy": val,
                       "lr": lr, "seconds": time.perf_counter() - start, **({"phase": phase} if phase else {})}
             history.append(record)
             if on_state is not None:

@@ -29,10 +29,11 @@ from autoslim.checkpoint import Checkpointer
 from autoslim.config import PruningConfig, TrialConfig, load_yaml
 from autoslim.data import DATASETS, Data
 from autoslim.errors import UsageError
+from autoslim.fit import resolve_loop
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
 from autoslim.methods import Method, TrialContext, get_method, list_methods
 from autoslim.models import MODELS, create_model
-from autoslim.train import Callback, evaluate, seed_everything
+from autoslim.train import Callback, seed_everything
 
 # What a trial's config.yaml must hold (autoslim export writes every field); params left out are filled in.
 TRIAL_KEYS = ["method", "model", "data", "train", "seed"]
@@ -42,7 +43,8 @@ def check_trial_config(config: TrialConfig) -> tuple[TrialConfig, dict]:
     """``config`` as a study checks a trial's, with the method's parameters it leaves out filled in from the
     method's search space; and the parameters so filled (empty for a trial a study sampled).
 
-    The method, model and data names must be registered; every parameter must be one of the method's and in
+    The method, model and data names must be registered, the user ``train.fit``/``train.evaluate`` importable
+    and of the right signature (:func:`autoslim.fit.resolve_loop`); every parameter must be one of the method's and in
     its range (``params.<name>``: the UsageError line of a study file's override); ``pruning`` rules are
     refused for a method that does not remove channels (it would ignore them)."""
     method = get_method(config.method)
@@ -51,6 +53,7 @@ def check_trial_config(config: TrialConfig) -> tuple[TrialConfig, dict]:
                          f"apply to it; accepted: a method that does ({', '.join(structured_methods())})")
     DATASETS.get(config.data.name)
     MODELS.get(config.model)
+    resolve_loop(config.train)
     if not isinstance(config.params, dict):
         raise UsageError(f"params: expected a mapping of {config.method}'s parameters, got {config.params!r}")
     params = method.search_space().complete(config.params, where="params")
@@ -106,6 +109,8 @@ class TrialResult:
     info: dict = field(default_factory=dict)
     seconds: float = 0.0
     nothing_removed: str | None = None  # why the trial counts as "removed nothing" (None: it compressed)
+    in_shape: tuple = ()  # of one input, and the classes (outputs): what the model file records
+    num_classes: int = 0
     input_spec: dict = field(default_factory=dict)  # what the model expects: Data.input_spec()
 
     @property
@@ -152,39 +157,53 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     compress is refused (UsageError) before any epoch. A method that compresses the study's model but left
     as many parameters (non-zeros for a sparse result) as it started with is marked: ``nothing_removed``
     holds the reason, which is also logged.
-    ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes."""
+    ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes.
+    ``config.train.fit``/``evaluate`` (import strings) train every phase with the user's loop and score with the
+    user's metric (:mod:`autoslim.fit`)."""
     start = time.perf_counter()
     config, filled = check_trial_config(config)
     if filled:
         log(f"{config.method}: parameters not in the config, from its search space: "
             + " ".join(f"{k}={short(v)}" for k, v in filled.items()))
     seed_everything(config.seed)
+    fit, evaluator = resolve_loop(config.train)
+    model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.device)
+    ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
+                       checkpointer=checkpointer, fit=fit, evaluator=evaluator, pruning=config.pruning)
+    result = compress_model(model, config=config, ctx=ctx, in_shape=data.in_shape)
+    result.info.update({"filled_params": filled} if filled else {})
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def compress_model(model: nn.Module, *, config: TrialConfig, ctx: TrialContext, in_shape) -> TrialResult:
+    """Check ``model`` for ``config``'s method (before any training), compress it with ``ctx``, measure the
+    result and score it with ``ctx.evaluate`` on the validation and test splits; mark a result that removed
+    nothing (``nothing_removed``, also logged). ``config.params`` is complete."""
+    start = time.perf_counter()
     method = get_method(config.method)
-    model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.train.x.device)
-    check_method(method, model, example_input=data.val.x[:CHECK_EXAMPLES], params=config.params,
+    check_method(method, model, example_input=ctx.examples(CHECK_EXAMPLES), params=config.params,
                  pruning=config.pruning)
     widths_before = layer_widths(model)
     baseline = count_params(model)
-    ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
-                       checkpointer=checkpointer, pruning=config.pruning)
     result = method.compress(model, ctx, config.params)
     compressed = result.model
-    measurements = measure(compressed, in_shape=data.in_shape, latency_config=config.latency,
-                           device=data.train.x.device, size_bytes=result.size_bytes)
+    measurements = measure(compressed, in_shape=in_shape, latency_config=config.latency, device=ctx.data.device,
+                           size_bytes=result.size_bytes)
     params = measurements.nonzeros if result.sparse else measurements.params
     unchanged = None if method.builds_model or params < baseline else (
         f"removed nothing: {config.method} left {params:,} {'non-zero ' if result.sparse else ''}parameters of "
         f"the {baseline:,} it started with")
     if unchanged:
-        log(unchanged)
+        ctx.log(unchanged)
     return TrialResult(
         config=config, model=compressed,
-        val_accuracy=evaluate(compressed, data.val), test_accuracy=evaluate(compressed, data.test),
+        val_accuracy=ctx.evaluate(compressed, "val"), test_accuracy=ctx.evaluate(compressed, "test"),
         measurements=measurements, baseline_params=baseline, sparse=result.sparse,
         widths_before=widths_before,
         widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),
-        history=ctx.history, info={**result.info, **({"filled_params": filled} if filled else {})},
-        seconds=time.perf_counter() - start, nothing_removed=unchanged, input_spec=data.input_spec())
+        history=ctx.history, info=dict(result.info), seconds=time.perf_counter() - start, nothing_removed=unchanged,
+        in_shape=tuple(in_shape), num_classes=ctx.data.num_classes, input_spec=ctx.data.input_spec())
 
 
 class EpochPrinter(Callback):

@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from autoslim.data import batches
+from autoslim.train import lr_factor
 
 _TINY = {"data": {"name": "digits", "train_subset": 200}, "model": "lenet300_100",
          "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
@@ -81,3 +85,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def autoslim_like_fit(model, *, epochs, hooks, optimizer_factory, seed, data, config):
+    """A user ``fit`` (import string ``helpers:autoslim_like_fit``) written as a user would, through the hooks,
+    doing what autoslim's loop does: same batches, optimizer, schedule and loss, so the same seed gives the same
+    weights."""
+    optimizer = optimizer_factory()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, epochs))
+    generator = torch.Generator(device=data.train.x.device).manual_seed(seed)
+    for _ in range(epochs):
+        total = 0.0
+        for step, (x, y) in enumerate(batches(data.train, batch_size=config.batch_size, shuffle=True,
+                                              generator=generator, crop_padding=data.crop_padding, flip=data.flip)):
+            loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing) + hooks.extra_loss(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            hooks.on_step_end(model, step)
+            total += loss.item() * len(y)
+        schedule.step()
+        hooks.on_epoch_end(model, {"loss": total / len(data.train)})

@@ -82,6 +82,30 @@ BAD = [
                                  "structure to scale at level 'block'"),
     (with_(methods={"l1l2": {}}), "methods.l1l2.layers: 'conv' cannot act on model lenet300_100 (l1l2: "
                                   "LeNet300100 has no removable channel group without a Linear producer"),
+    # the user's own code by import string (tests/plugins/toyplugin): each refusal names the string and why
+    (with_(model="no_such_pkg.nets:make"), "model: 'no_such_pkg.nets:make': module 'no_such_pkg' not found"),
+    (with_(model="toyplugin.nets:nope"), "model: 'toyplugin.nets:nope': module 'toyplugin.nets' has no attribute"),
+    (with_(model="toyplugin.nets:not_a_model"), "model: 'toyplugin.nets:not_a_model' returned str, not a torch.nn.Module"),
+    (with_(model="toyplugin.nets:make_net", model_kwargs={"depth": 3}),
+     "model: 'toyplugin.nets:make_net' failed with model_kwargs {'depth': 3}: TypeError: make_net() got an "
+     "unexpected keyword argument 'depth'"),
+    (with_(model="toyplugin.nets:make_net"), "model: 'toyplugin.nets:make_net' takes 3 input channels (first layer "
+                                            "'0'), the data has 1; set model_adapt: [in_channels]"),
+    (with_(model="toyplugin.nets:make_net", model_adapt=["in_channels"]),
+     "model: 'toyplugin.nets:make_net' outputs 1000 classes (last layer '6'), the data has 10 classes; set "
+     "model_adapt: [num_classes]"),
+    (with_(model="toyplugin.nets:make_net", methods={"thriftynet": {"iterations": 4}}),
+     "model: 'toyplugin.nets:make_net' takes 3 input channels"),  # unused by the trials, measured by the study
+    (with_(model_adapt=["channels"]), "model_adapt[0]: unknown value 'channels'; accepted: in_channels, num_classes"),
+    (with_(model_adapt="in_channels"), "model_adapt: expected a list, got 'in_channels'"),
+    (with_(data__name="toyplugin.data:wrong"), "data.name: 'toyplugin.data:wrong' returned int; accepted: a RawData"),
+    (with_(data__name="toyplugin.nets:make_net"), "data.name: 'toyplugin.nets:make_net' returned Sequential; accepted:"),
+    (with_(methods={"toyplugin.nets:make_net": {}}), "methods: 'toyplugin.nets:make_net': expected a subclass of "
+                                                     "autoslim.Method"),
+    (with_(methods={"toyplugin.broken:NoSpace": {}}), "methods: 'toyplugin.broken:NoSpace': method 'no_space' "
+                                                      "declares no search space: "),
+    (with_(methods={"toyplugin.method:Magnitude": {"amount": 2}}),
+     "methods.toyplugin.method:Magnitude.amount: 2 is out of range; accepted: 0.1 to 0.95"),
 ]
 
 
@@ -225,6 +249,9 @@ TRAIN_BAD = [
     ({**TRIAL, "params": 5}, "params: expected a mapping, got 5"),
     ({**TRIAL, "method": "prune"}, "method: unknown value 'prune'; accepted: iht, l1l2, sss, thriftynet, toy_magnitude, trimming"),
     ({**TRIAL, "model": "lenet7"}, "model: unknown value 'lenet7'; accepted:"),
+    ({**TRIAL, "model": "no_such_pkg.nets:make"}, "model: 'no_such_pkg.nets:make': module 'no_such_pkg' not found"),
+    ({**TRIAL, "method": "toyplugin.broken:Unnamed"}, "method: 'toyplugin.broken:Unnamed': Unnamed has no name"),
+    ({**TRIAL, "model_adapt": ["classes"]}, "model_adapt[0]: unknown value 'classes'; accepted: in_channels, "),
     ({**TRIAL, "train": {"epochs": -1}}, "train.epochs: -1 is out of range; accepted: >= 0"),
     ({"method": "trimming", "params": {"rounds": 2}}, f"config file: c.yaml has no 'model'; {TRIAL_KEYS}"),
     (trial_with(drop=["data"]), f"config file: c.yaml has no 'data'; {TRIAL_KEYS}"),

@@ -42,6 +42,12 @@ def data():
     return load_data(DataConfig(name="synthetic", num_samples=160, image_shape=[1, 12, 12], num_classes=4))
 
 
+def test_the_registry_wide_tests_cover_a_method_installed_from_outside_the_tree():
+    """tests/plugins/toyplugin is on sys.path (tests/conftest.py) with an entry point, as ``pip install`` leaves
+    a user's package: every test below runs on its method as on the built-in ones."""
+    assert "toy_magnitude" in list_methods() and {"iht", "l1l2", "sss", "thriftynet", "trimming"} <= set(list_methods())
+
+
 @pytest.mark.parametrize("name", list_methods())
 def test_search_space_and_paper_default_are_valid(name):
     space = get_method(name).search_space()
@@ -49,12 +55,20 @@ def test_search_space_and_paper_default_are_valid(name):
     assert space.complete(space.paper_default, where="paper_default")
 
 
+# autoslim's loop, and a user's fit (tests/helpers.py) doing the same work through the hooks (autoslim.fit)
+LOOPS = {"autoslim": None, "user_fit": "helpers:autoslim_like_fit"}
+_RESULTS: dict = {}
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
 @pytest.mark.parametrize("name", list_methods())
-def test_method_runs_end_to_end_and_really_compresses_or_builds(name, data):
+def test_method_runs_end_to_end_and_really_compresses_or_builds(name, loop, data):
+    """Every method, through autoslim's loop and through a user fit: the same seed gives the same compression
+    (widths or densities, parameters) and the same epochs with the same validation accuracy."""
     method = get_method(name)
     params = for_lenet5(method, smallest_budget(method.search_space()), data.val.x[:2])
-    config = TrialConfig(method=name, params=params, model="lenet5",
-                         data=DataConfig(name="synthetic"), train=TrainConfig(epochs=1, batch_size=32))
+    config = TrialConfig(method=name, params=params, model="lenet5", data=DataConfig(name="synthetic"),
+                         train=TrainConfig(epochs=1, batch_size=32, fit=LOOPS[loop]))
     result = run_trial(config, data=data)
     assert 0 <= result.val_accuracy <= 1 and 0 <= result.test_accuracy <= 1
     assert result.model(data.val.x[:2]).shape == (2, 4)
@@ -63,6 +77,9 @@ def test_method_runs_end_to_end_and_really_compresses_or_builds(name, data):
     assert attrs["history"] and attrs["flops"] > 0
     if not method.builds_model:
         assert result.params <= result.baseline_params
+    got = (result.widths_after, result.params, [(r["epoch"], r["phase"], r["val_accuracy"]) for r in result.history])
+    other = _RESULTS.setdefault(name, got)  # the first loop's result
+    assert got == other
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")

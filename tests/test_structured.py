@@ -468,11 +468,12 @@ class Epochs(Callback):
         self.seen += 1
 
 
-def trial(monkeypatch, factory, method: str, params: dict, *, epochs: int = 1, batch_size: int = 16, data=None):
+def trial(monkeypatch, factory, method: str, params: dict, *, epochs: int = 1, batch_size: int = 16, data=None,
+          fit: str | None = None):
     """run_trial on a model the registry does not know; returns the result and the epochs trained."""
     monkeypatch.setattr(objective, "build_model", lambda config, **kw: factory())
     config = TrialConfig(method=method, params={**get_method(method).search_space().defaults(), **params},
-                         model="lenet5", train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.1))
+                         model="lenet5", train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.1, fit=fit))
     epochs_seen = Epochs()
     return run_trial(config, data=data or synthetic(), callbacks=[epochs_seen]), epochs_seen
 
@@ -496,15 +497,22 @@ def test_l1l2_compresses_functional_and_reused_relu_cnns(monkeypatch, style):
     assert sum(result.info["removed"].values()) > 0 and result.params < result.baseline_params
 
 
+_LOOP_RESULTS: dict = {}
+
+
+@pytest.mark.parametrize("fit", [None, "helpers:autoslim_like_fit"], ids=["autoslim_loop", "user_fit"])
 @pytest.mark.parametrize("method", STRUCTURED)
 @pytest.mark.parametrize("arch", ["groupnorm", "channel_last"])
-def test_trials_on_groupnorm_and_channel_last_models(monkeypatch, arch, method):
+def test_trials_on_groupnorm_and_channel_last_models(monkeypatch, arch, method, fit):
     """Each method's whole trial: GroupNorm channels leave in whole groups (a split block is refused by the
-    surgery), SSS multiplies the channels of a channel-last MLP on the last dim and folds its factors exactly."""
+    surgery), SSS multiplies the channels of a channel-last MLP on the last dim and folds its factors exactly.
+    Run with autoslim's loop and with a user fit doing the same work: the same compression on the same seed."""
     params = {"trimming": {"rounds": 1, "retrain_epochs": 1, "rule": "fraction", "fraction": 0.3, "layers": "all"},
               "l1l2": {"lambda": 1.0, "threshold": 1e-2, "finetune_epochs": 0},
               "sss": {"level": "both", "gamma": 0.05, "threshold": 1e-3}}[method]
-    result, epochs = trial(monkeypatch, lambda: MODELS[arch][0](num_classes=4), method, params, epochs=2)
+    result, epochs = trial(monkeypatch, lambda: MODELS[arch][0](num_classes=4), method, params, epochs=2, fit=fit)
+    got = (result.widths_after, result.params, result.info.get("removed"), result.info.get("channels"))
+    assert got == _LOOP_RESULTS.setdefault((arch, method), got)
     assert epochs.seen == 2 + (method == "trimming")
     norms = [m for m in result.model.modules() if isinstance(m, nn.GroupNorm)]
     assert all(m.num_channels == 2 * m.num_groups for m in norms) and len(norms) == 3 * (arch == "groupnorm")

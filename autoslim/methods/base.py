@@ -32,6 +32,7 @@ from torch import nn
 from autoslim.config import PruningConfig, TrainConfig
 from autoslim.data import Data
 from autoslim.errors import UsageError
+from autoslim.fit import UserEvaluate, UserFit
 from autoslim.registry import Registry
 from autoslim.selection import SizeTarget
 from autoslim.search.space import SearchSpace, spaces_dir
@@ -47,9 +48,14 @@ class TrialContext:
 
     :meth:`train` is how a method trains: it numbers epochs across phases, keeps
     the history, and calls ``callbacks`` (the early-stopping rung check, the
-    progress printer) after every epoch. With a ``checkpointer``
+    progress printer) after every epoch. Each phase runs autoslim's loop
+    (:func:`autoslim.train.train`), or the user's ``fit``
+    (:class:`autoslim.fit.UserFit`) where one is given; a user ``evaluate``
+    (:class:`autoslim.fit.UserEvaluate`) replaces top-1 accuracy in
+    :meth:`evaluate` and in the epoch records. With a ``checkpointer``
     (:class:`autoslim.checkpoint.Checkpointer`) every phase is checkpointed
-    after each epoch, and a resumed trial replays the phases it had finished.
+    after each epoch (at its end only under a user fit), and a resumed trial
+    replays the phases it had finished.
     """
 
     data: Data
@@ -59,6 +65,8 @@ class TrialContext:
     log: Callable[[str], None] = lambda msg: None
     history: list[dict] = field(default_factory=list)
     checkpointer: Checkpointer | None = None
+    fit: UserFit | None = None
+    evaluator: UserEvaluate | None = None
     #: The study's rules for what a structured method may remove (:mod:`autoslim.selection`).
     pruning: PruningConfig = field(default_factory=PruningConfig)
     #: A size (parameters or FLOPs) a structured method removes channels down to, in its own importance order,
@@ -77,17 +85,31 @@ class TrialContext:
         epochs = config.epochs if epochs is None else epochs
         if epochs <= 0:
             return []
-        run = functools.partial(train, model, self.data, config=config, epochs=epochs,
-                                seed=self.seed + self.epochs_done, lr_scale=lr_scale,
-                                callbacks=[*callbacks, *self.callbacks], param_groups=param_groups,
-                                extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done, phase=phase)
+        score = None if self.evaluator is None else self.evaluator
+        common = dict(config=config, epochs=epochs, seed=self.seed + self.epochs_done,
+                      lr_scale=lr_scale, callbacks=[*callbacks, *self.callbacks], param_groups=param_groups,
+                      extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done, phase=phase)
+        if self.fit is None:
+            run = functools.partial(train, model, self.data, score=score, **common)
+        else:
+            run = functools.partial(self.fit, model, data=self.data, evaluate=score or self._top1, **common)
         records = run() if self.checkpointer is None else self.checkpointer.phase(
-            run, model=model, name=phase, extra_optimizers=extra_optimizers)
+            run, model=model, name=phase, extra_optimizers=extra_optimizers, resumable=self.fit is None)
         self.history.extend(records)
         return records
 
     def evaluate(self, model: nn.Module, split: str = "val") -> float:
+        """The user's ``evaluate`` on ``split`` ("val" or "test") where given, else top-1 accuracy."""
+        if self.evaluator is not None:
+            return self.evaluator(model, split)
         return evaluate(model, getattr(self.data, split))
+
+    def _top1(self, model: nn.Module) -> float:
+        return evaluate(model, self.data.val)
+
+    def examples(self, n: int) -> torch.Tensor:
+        """The first ``n`` validation inputs (surgery traces the model with them; methods measure changes on them)."""
+        return self.data.examples(n)
 
 
 @dataclass
@@ -133,7 +155,11 @@ class Method(ABC):
         if isinstance(cls.space, Mapping):
             space = SearchSpace.from_dict(dict(cls.space), where=f"{cls.__module__}.{cls.__qualname__}.space")
         else:
-            path = Path(inspect.getfile(cls)).parent / (cls.space or f"{cls.name}.yaml")
+            try:
+                path = Path(inspect.getfile(cls)).parent / (cls.space or f"{cls.name}.yaml")
+            except (TypeError, OSError):  # a class defined in a notebook or an interactive session
+                raise UsageError(f"method {cls.name!r} declares no search space and its module has no file; "
+                                 "accepted: a class attribute space (a mapping of its knobs)") from None
             if cls.space is None and not path.is_file() and cls.__module__.startswith("autoslim.methods."):
                 path = spaces_dir() / f"{cls.name}.yaml"
             if not path.is_file():

@@ -259,13 +259,13 @@ class L1L2(Method):
         check_removal(model, example_input=example_input, groups=groups)
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
-        example = ctx.data.val.x[:8]
+        example = ctx.examples(8)
         groups = self.groups(model, example_input=example, layers=params["layers"], pruning=ctx.pruning)
         modules = dict(model.named_modules())
         penalty = L1L2Penalty([[modules[p] for p in g.producers] for g in groups], strength=params["lambda"],
                               grouping=params["grouping"], granularity=[g.granularity for g in groups])
         ctx.train(model, phase="sparse", callbacks=[penalty])
-        images = ctx.data.val.x[:CHANGE_IMAGES]
+        images = ctx.examples(CHANGE_IMAGES)
         trained = outputs(model, images)
         small, removal = remove_small_filters(model, groups, threshold=params["threshold"], example_input=example,
                                               pruning=ctx.pruning, target=ctx.target)

@@ -304,13 +304,13 @@ class SparseStructureSelection(Method):
                       blocks=[st.name for st in found if st.kind == "block"])
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
-        example = ctx.data.val.x[:8]
+        example = ctx.examples(8)
         config = dataclasses.replace(ctx.train_config, nesterov=True)
         scales = Scales(model, level=params["level"], example_input=example, pruning=ctx.pruning)
         apg = APG(scales.parameters(), lr=config.lr, gamma=params["gamma"])
         ctx.train(model, phase="sparse", config=config, extra_optimizers=[apg])
         factors = {s.structure: [round(v, 4) for v in s.factor.tolist()] for s in scales}
-        images = ctx.data.val.x[:CHANGE_IMAGES]
+        images = ctx.examples(CHANGE_IMAGES)
         scaled = outputs(model, images)
         model, removed = remove_zero_structures(model, scales, threshold=params["threshold"], example_input=example,
                                                 pruning=ctx.pruning, target=ctx.target)

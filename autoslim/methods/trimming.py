@@ -167,8 +167,8 @@ class NetworkTrimming(Method):
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         ctx.train(model, phase="train")
-        example = ctx.data.val.x[:2]
-        stats_split = Split(ctx.data.val.x[: params["apoz_examples"]], ctx.data.val.y[: params["apoz_examples"]])
+        example = ctx.examples(2)
+        stats_split = ctx.data.val.head(params["apoz_examples"])
         rounds, info = [], {}
         for r in range(params["rounds"]):
             groups = {g.name: g for g in trimmed_groups(model, example_input=example, pruning=ctx.pruning)}

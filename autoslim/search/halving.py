@@ -121,10 +121,43 @@ class SuccessiveHalving(Callback):
         if self.pending is None:
             return
         (epoch, point), self.pending = self.pending, None
-        key = f"{RUNG_PREFIX}{epoch}"
-        others = [tuple(t.user_attrs[key]) for t in self.trial.study.get_trials(deepcopy=False)
-                  if t.number != self.trial.number and key in t.user_attrs]
-        if should_stop(point, others, eta=self.eta, min_trials=self.min_trials):
-            reason = (f"stopped at rung {epoch} epochs: val {100 * point[0]:.2f}% with {point[1]:,} non-zero "
-                      f"parameters is dominated and not in the best 1/{self.eta} of {len(others) + 1} trials")
-            stop_trial(self.trial, reason, self.history, val_accuracy=point[0], nonzeros=point[1])
+        rank_at_rung(self.trial, epoch=epoch, point=point, eta=self.eta, min_trials=self.min_trials,
+                     history=self.history)
+
+
+def rank_at_rung(trial: optuna.Trial, *, epoch: int, point: tuple[float, int], eta: int, min_trials: int,
+                 history: list[dict]) -> None:
+    """Stop ``trial`` (:func:`stop_trial`) if its ``point`` at rung ``epoch`` is among the worst of the trials that
+    recorded that rung (:func:`should_stop`)."""
+    key = f"{RUNG_PREFIX}{epoch}"
+    others = [tuple(t.user_attrs[key]) for t in trial.study.get_trials(deepcopy=False)
+              if t.number != trial.number and key in t.user_attrs]
+    if should_stop(point, others, eta=eta, min_trials=min_trials):
+        reason = (f"stopped at rung {epoch} epochs: val {100 * point[0]:.2f}% with {point[1]:,} non-zero "
+                  f"parameters is dominated and not in the best 1/{eta} of {len(others) + 1} trials")
+        stop_trial(trial, reason, history, val_accuracy=point[0], nonzeros=point[1])
+
+
+def report_rung(trial: optuna.Trial, *, epoch: int, accuracy: float, model: nn.Module, eta: int = 3,
+                min_trials: int = 3) -> None:
+    """Multi-objective early stopping inside your own Optuna objective: call it after the epochs you choose as
+    rungs (the same ones in every trial of the study, counted your way).
+
+    It records ``(accuracy, non-zero parameters of model)`` as the trial's user attr ``rung_<epoch>`` (in the
+    storage: every worker sees it) and raises ``optuna.TrialPruned`` (user attr ``pruned_reason``) when at least
+    ``min_trials`` trials reached this rung, this one is dominated by one of them, and it is not among the best
+    ``ceil(n / eta)`` (front index, then accuracy). Higher ``accuracy`` is better.
+
+    >>> import optuna
+    >>> study = optuna.create_study(directions=["maximize", "minimize"])
+    >>> for acc in (0.9, 0.8, 0.3):
+    ...     trial = study.ask()
+    ...     try:
+    ...         report_rung(trial, epoch=2, accuracy=acc, model=nn.Linear(10, 10))
+    ...     except optuna.TrialPruned as e:
+    ...         print(e)
+    stopped at rung 2 epochs: val 30.00% with 110 non-zero parameters is dominated and not in the best 1/3 of 3 trials
+    """
+    point = (float(accuracy), count_nonzeros(model))
+    trial.set_user_attr(f"{RUNG_PREFIX}{epoch}", list(point))
+    rank_at_rung(trial, epoch=epoch, point=point, eta=eta, min_trials=min_trials, history=[])

@@ -141,20 +141,9 @@ class Objective:
         return TrialCheckpoints(trial, store=self.artifact_store)
 
     def _store(self, trial: optuna.Trial, result: TrialResult) -> list[float] | None:
-        """Store ``result`` as ``trial``'s (user attrs, constraints, artifacts); return its objective values, or
-        None for a trial to prune (it removed nothing and the study says ``nothing_removed: prune``: only its
-        user attrs are stored, ``pruned_reason`` among them)."""
-        for k, v in result.user_attrs().items():
-            trial.set_user_attr(k, v)
-        if result.nothing_removed and self.cfg.nothing_removed == "prune":
-            trial.set_user_attr("pruned_reason", result.nothing_removed)
-            return None
-        for name, value in constraint_values(self.cfg.constraints, result).items():
-            trial.set_constraint(name, value)
-        if self.artifact_store is not None:
-            upload_trial_artifacts(trial, result, artifact_store=self.artifact_store,
-                                   in_shape=self.data.in_shape, num_classes=self.data.num_classes)
-        return [result.objective(o) for o in self.cfg.objectives]
+        """:func:`store_result` with the study's objectives, budgets, artifact store and ``nothing_removed``."""
+        return store_result(trial, result, objectives=self.cfg.objectives, constraints=self.cfg.constraints,
+                            artifact_store=self.artifact_store, nothing_removed=self.cfg.nothing_removed)
 
     def _hand_over(self, trial: optuna.Trial, result: TrialResult | None) -> str:
         """What becomes of ``trial``, failed under this worker, and of its ``result`` if it finished: the line
@@ -185,6 +174,24 @@ class Objective:
         except optuna.exceptions.UpdateFinishedTrialError:
             return f"{lost}; {done} is discarded: its retry, trial {retry.number}, was failed too"
         return f"{lost}; {done} is stored as its retry's, trial {retry.number}"
+
+
+def store_result(trial: optuna.Trial, result: TrialResult, *, objectives: Sequence[str],
+                 constraints: ConstraintsConfig, artifact_store, nothing_removed: str) -> list[float] | None:
+    """Store ``result`` as ``trial``'s (user attrs, constraints, artifacts when ``artifact_store`` is not None);
+    return its values of ``objectives``, or None for a trial to prune (it removed nothing and
+    ``nothing_removed`` is ``"prune"``: only its user attrs are stored, ``pruned_reason`` among them)."""
+    for k, v in result.user_attrs().items():
+        trial.set_user_attr(k, v)
+    if result.nothing_removed and nothing_removed == "prune":
+        trial.set_user_attr("pruned_reason", result.nothing_removed)
+        return None
+    for name, value in constraint_values(constraints, result).items():
+        trial.set_constraint(name, value)
+    if artifact_store is not None:
+        upload_trial_artifacts(trial, result, artifact_store=artifact_store, in_shape=result.in_shape,
+                               num_classes=result.num_classes)
+    return [result.objective(o) for o in objectives]
 
 
 def constraint_values(budgets: ConstraintsConfig, result: TrialResult) -> dict[str, float]:

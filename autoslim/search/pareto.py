@@ -110,8 +110,10 @@ def trials_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
     rows = []
     for t in trials:
         a = t.user_attrs
-        # The sampled hyperparameters (pinned ones are the same in every trial), without the method prefix.
-        params = {k.split(".", 1)[1]: v for k, v in t.params.items() if "." in k}
+        # The sampled hyperparameters (pinned ones are the same in every trial), without the method prefix (which
+        # may itself hold dots: an import string 'package.module:Class').
+        method = str(t.params.get("method", a.get("method")))
+        params = {k[len(method) + 1:]: v for k, v in t.params.items() if k.startswith(f"{method}.")}
         rows.append({
             "trial": t.number, "method": a.get("method"), "accuracy": a.get("val_accuracy"),
             "test_accuracy": a.get("test_accuracy"), "params": a.get("params"), "nonzeros": a.get("nonzeros"),

@@ -1,0 +1,351 @@
+"""Your training loop: the ``fit`` protocol that every method's training phases call, and a user ``evaluate``.
+
+A method trains in phases (train, prune, retrain, ...). By default each phase
+runs autoslim's loop (:func:`autoslim.train.train`). With a user ``fit``
+(study file ``train: {fit: mypkg.train:fit}``, or ``plan.compress(model,
+fit=...)`` in your own Optuna objective) each phase calls::
+
+    fit(model, *, epochs, hooks, optimizer_factory, **optional) -> None
+
+- ``model``: train it in place, for ``epochs`` epochs (a phase's count; may be 0 for no phase).
+- ``hooks`` (:class:`Hooks`): add ``hooks.extra_loss(model)`` to your loss
+  (l1/l2's regularizer; ``0.0`` when no method adds one), call
+  ``hooks.on_step_end(model, step)`` after every optimizer step (IHT's masks,
+  SSS's proximal step on its scaling factors, the early-stopping check) and
+  ``hooks.on_epoch_end(model, record)`` after every epoch, ``record`` a dict
+  of what you measured (``loss``: the mean training loss, for the progress
+  line, the charts and divergence detection). autoslim adds ``epoch``
+  (counted across phases), ``phase``, ``val_accuracy`` (your ``evaluate`` on the
+  validation split, else top-1 accuracy), ``lr`` and ``seconds``, then runs
+  the rung check, the progress line and the heartbeat. ``hooks.epochs_done``
+  is the count of epochs trained across phases so far.
+- ``optimizer_factory(params=None, *, cls=None, **options)``
+  (:class:`OptimizerFactory`): the phase's optimizer over ``params`` (default:
+  the model's trainable parameters): the study's ``train`` optimizer, or
+  ``cls(params, **options)``; the learning rate (``options["lr"]``, default
+  ``train.lr``) is multiplied by the phase's scale (IHT's sparse phases,
+  fine-tunes at a tenth). Build the optimizer with it: SSS's scaling factors
+  follow its learning rate (your schedule included), and a phase that needs
+  them refuses a fit that built none.
+- ``optional``: keywords passed only if your ``fit`` names them (or takes
+  ``**kwargs``): ``phase`` (the phase name), ``seed`` (autoslim's loop seeds
+  its shuffling with it), ``lr_scale``, ``data`` (the study's
+  :class:`~autoslim.data.Data`) and ``config`` (the phase's
+  :class:`~autoslim.config.TrainConfig`: batch size, schedule...).
+
+Refusals, each one line naming the field: a fit that is not callable or lacks
+these keywords, that returns anything but ``None``, that reported fewer or
+more epochs than asked through ``hooks.on_epoch_end``, or that never called
+``hooks.on_step_end`` (or ``hooks.extra_loss``) where a method needs it.
+
+**Checkpoints.** With a user fit a trial is checkpointed at phase ends only:
+a retried trial replays the finished phases without training (weights, RNG
+states, records) and redoes the phase in progress from its start (autoslim's
+own loop resumes after the last finished epoch).
+
+**evaluate.** ``evaluate(model, *, split) -> float`` (``train: {evaluate:
+mypkg.train:evaluate}``), higher is better, replaces top-1 accuracy as the
+first objective, in epoch records and at the rungs: ``split`` is ``"val"``
+(records, rungs, the objective) or ``"test"`` (the trial's
+``test_accuracy``, never seen by the search). The model is in eval mode;
+its training flag is restored after.
+
+>>> import torch, torch.nn.functional as F
+>>> from autoslim.config import DataConfig, TrainConfig
+>>> from autoslim.data import batches, load_data
+>>> from autoslim.methods import TrialContext
+>>> from autoslim.models import create_model
+>>> data = load_data(DataConfig(name="digits", train_subset=300))
+>>> def fit(model, *, epochs, hooks, optimizer_factory):
+...     opt = optimizer_factory()
+...     for epoch in range(epochs):
+...         for step, (x, y) in enumerate(batches(data.train, batch_size=64, shuffle=True)):
+...             loss = F.cross_entropy(model(x), y) + hooks.extra_loss(model)
+...             opt.zero_grad(); loss.backward(); opt.step()
+...             hooks.on_step_end(model, step)
+...         hooks.on_epoch_end(model, {"loss": loss.item()})
+>>> ctx = TrialContext(data=data, train_config=TrainConfig(epochs=2), fit=UserFit(fit))
+>>> [(r["epoch"], r["phase"]) for r in ctx.train(create_model("lenet300_100", in_shape=(1, 8, 8), num_classes=10))]
+[(1, 'train'), (2, 'train')]
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from autoslim.config import TrainConfig
+from autoslim.errors import UsageError
+from autoslim.registry import import_object
+from autoslim.train import Callback, Diverged, build_optimizer
+
+FIT_KEYWORDS = ("epochs", "hooks", "optimizer_factory")
+OPTIONAL_KEYWORDS = ("phase", "seed", "lr_scale", "data", "config")
+
+
+def _describe(obj: Any) -> str:
+    return getattr(obj, "__qualname__", None) or repr(obj)
+
+
+def _keywords(fn: Callable, where: str) -> tuple[set[str], bool]:
+    """The keyword names ``fn`` accepts, and whether it takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: {_describe(fn)} has no inspectable signature") from None
+    params = sig.parameters.values()
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _takes_positional(fn: Callable) -> bool:
+    params = list(inspect.signature(fn).parameters.values())
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+
+
+def number(value: Any, where: str) -> float:
+    """``value`` (a Python/NumPy number or a one-element tensor) as a finite float; else a UsageError line."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    try:
+        ok = not isinstance(value, (bool, str)) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UsageError(f"{where} returned {value!r}; expected a finite number (higher is better)")
+    return float(value)
+
+
+class UserEvaluate:
+    """A user's ``evaluate(model, *, split) -> float`` (or ``evaluate(model)`` where ``need_split`` is False: the
+    validation score only), checked once; called in eval mode.
+
+    >>> UserEvaluate(lambda model, *, split: 0.5, where="train.evaluate")(nn.Linear(2, 2), "test")
+    0.5
+    >>> UserEvaluate(lambda model: 0.5, where="train.evaluate")
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: train.evaluate: <lambda> must be evaluate(model, *, split) with split 'val' or 'test' (validation and test stay distinct); it takes no keyword 'split'
+    """
+
+    def __init__(self, fn: Callable, *, where: str = "evaluate", need_split: bool = True) -> None:
+        if not callable(fn):
+            raise UsageError(f"{where}: expected a callable evaluate(model, *, split) -> float, got {fn!r}")
+        names, var = _keywords(fn, where)
+        self.splits = "split" in names or var
+        if need_split and not self.splits:
+            raise UsageError(f"{where}: {_describe(fn)} must be evaluate(model, *, split) with split 'val' or "
+                             "'test' (validation and test stay distinct); it takes no keyword 'split'")
+        if not _takes_positional(fn):
+            raise UsageError(f"{where}: {_describe(fn)} must take the model as its first argument")
+        self.fn, self.where = fn, where
+
+    def __call__(self, model: nn.Module, split: str = "val") -> float:
+        """The score of ``model`` on ``split``; NaN for ``"test"`` from an ``evaluate(model)`` (validation only)."""
+        if not self.splits and split != "val":
+            return math.nan
+        was_training = model.training
+        model.eval()
+        try:
+            value = self.fn(model, split=split) if self.splits else self.fn(model)
+        finally:
+            model.train(was_training)
+        return number(value, f"{self.where}: {_describe(self.fn)}(split={split!r})")
+
+
+class OptimizerFactory:
+    """``optimizer_factory(params=None, *, cls=None, **options)``: the optimizer of one phase (see the module doc).
+
+    >>> factory = OptimizerFactory([nn.Parameter(torch.ones(2))], config=TrainConfig(lr=0.1), lr_scale=0.5)
+    >>> type(factory()).__name__, factory().param_groups[0]["lr"]
+    ('SGD', 0.05)
+    >>> factory(cls=torch.optim.Adam, lr=1e-3).param_groups[0]["lr"]
+    0.0005
+    """
+
+    def __init__(self, params: Sequence, *, config: TrainConfig, lr_scale: float = 1.0) -> None:
+        self.params, self.config, self.lr_scale = list(params), config, lr_scale
+        self.built: torch.optim.Optimizer | None = None  # the last optimizer built: the phase's learning rate
+        self.base_lr = 0.0
+
+    def __call__(self, params=None, *, cls: type | None = None, **options) -> torch.optim.Optimizer:
+        params = self.params if params is None else params
+        if cls is None:
+            if options:
+                raise TypeError(f"optimizer_factory: options {sorted(options)} need cls (the study's train "
+                                f"section sets {self.config.optimizer}'s)")
+            optimizer = build_optimizer(params, self.config, lr_scale=self.lr_scale)
+        else:
+            optimizer = cls(params, **{**options, "lr": options.get("lr", self.config.lr) * self.lr_scale})
+        self.built, self.base_lr = optimizer, optimizer.param_groups[0]["lr"]
+        return optimizer
+
+    def lr_ratio(self) -> float | None:
+        """The built optimizer's learning rate now over its initial one (the user's schedule); None if none."""
+        if self.built is None:
+            return None
+        return self.built.param_groups[0]["lr"] / self.base_lr if self.base_lr else 1.0
+
+
+class ExtraSteps(Callback):
+    """Steps a method's own optimizers (SSS's APG on its scaling factors) after each step of a user fit, at their
+    learning rate times the ratio the fit's optimizer is at now (so they follow the user's schedule)."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], factory: OptimizerFactory, where: str) -> None:
+        self.optimizers, self.factory, self.where = list(optimizers), factory, where
+        self.base = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        ratio = self.factory.lr_ratio()
+        if ratio is None:
+            raise UsageError(f"{self.where}: this phase trains extra tensors ({type(self.optimizers[0]).__name__}) "
+                             "at the learning rate of the optimizer built by optimizer_factory; the fit built none")
+        for optimizer, base in zip(self.optimizers, self.base):
+            for group, lr in zip(optimizer.param_groups, base):
+                group["lr"] = lr * ratio
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def _overrides(cls: type, name: str) -> bool:
+    return getattr(cls, name) is not getattr(Callback, name)
+
+
+class Hooks:
+    """What a user ``fit`` calls (see the module doc); built by autoslim for each phase.
+
+    ``evaluate(model) -> float`` scores the validation split after each epoch.
+    """
+
+    def __init__(self, callbacks: Sequence[Callback], *, phase: str, epoch_offset: int,
+                 evaluate: Callable[[nn.Module], float], factory: OptimizerFactory | None = None) -> None:
+        self.callbacks, self.phase, self.epoch_offset = list(callbacks), phase, epoch_offset
+        self.evaluate, self.factory = evaluate, factory
+        self._loss = [c for c in self.callbacks if _overrides(type(c), "extra_loss")]
+        self._step = [c for c in self.callbacks if _overrides(type(c), "on_step_end")]
+        self.records: list[dict] = []
+        self.steps = self.loss_calls = 0
+        self._start = time.perf_counter()
+
+    @property
+    def needs_loss(self) -> bool:
+        return bool(self._loss)
+
+    @property
+    def needs_steps(self) -> bool:
+        return bool(self._step)
+
+    @property
+    def epochs_done(self) -> int:
+        """Epochs trained so far across the trial's phases."""
+        return self.epoch_offset + len(self.records)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | float:
+        """The methods' loss terms (a tensor), or ``0.0`` when none adds one: add it to your loss before backward."""
+        self.loss_calls += 1
+        total = None
+        for c in self._loss:
+            extra = c.extra_loss(model)
+            if extra is not None:
+                total = extra if total is None else total + extra
+        return 0.0 if total is None else total
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        """Call after every optimizer step."""
+        self.steps += 1
+        for c in self._step:
+            c.on_step_end(model, step)
+
+    def on_epoch_end(self, model: nn.Module, record: Mapping[str, Any] | None = None) -> None:
+        """Call after every epoch with what you measured (``loss``: mean training loss)."""
+        own = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in (record or {}).items()}
+        loss = float(own.get("loss", math.nan))
+        epoch = self.epochs_done + 1
+        if "loss" in own and not math.isfinite(loss):
+            raise Diverged(f"training loss is {loss} at epoch {epoch}")
+        now = time.perf_counter()
+        lr = self.factory.built.param_groups[0]["lr"] if self.factory and self.factory.built else None
+        full = {**own, "epoch": epoch, "loss": loss, "val_accuracy": self.evaluate(model),
+                **({"lr": lr} if lr is not None else {}), "seconds": now - self._start, "phase": self.phase}
+        self._start = now
+        self.records.append(full)
+        for c in self.callbacks:
+            c.on_epoch_end(model, full)
+
+
+class UserFit:
+    """A user's ``fit`` (the protocol of this module), checked once, run for each phase of a trial.
+
+    >>> UserFit(lambda model, *, epochs: None, where="train.fit")
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: train.fit: <lambda> must be fit(model, *, epochs, hooks, optimizer_factory, ...); it takes no keyword 'hooks'
+    """
+
+    def __init__(self, fn: Callable, *, where: str = "fit") -> None:
+        if not callable(fn):
+            raise UsageError(f"{where}: expected a callable fit(model, *, epochs, hooks, optimizer_factory), "
+                             f"got {fn!r}")
+        names, var = _keywords(fn, where)
+        missing = [k for k in FIT_KEYWORDS if k not in names and not var]
+        if missing or not _takes_positional(fn):
+            lacks = f"it takes no keyword {missing[0]!r}" if missing else "it takes no positional model"
+            raise UsageError(f"{where}: {_describe(fn)} must be fit(model, *, epochs, hooks, optimizer_factory, "
+                             f"...); {lacks}")
+        self.fn, self.where = fn, where
+        self.optional = [k for k in OPTIONAL_KEYWORDS if var or k in names]
+
+    def __call__(self, model: nn.Module, *, epochs: int, callbacks: Sequence[Callback], config: TrainConfig,
+                 evaluate: Callable[[nn.Module], float], phase: str, epoch_offset: int, seed: int,
+                 lr_scale: float = 1.0, param_groups=None, extra_optimizers: Sequence[torch.optim.Optimizer] = (),
+                 data: Any = None) -> list[dict]:
+        """Run one phase through the user's fit; return its epoch records (as :func:`autoslim.train.train`)."""
+        params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
+        factory = OptimizerFactory(params, config=config, lr_scale=lr_scale)
+        extra = [ExtraSteps(extra_optimizers, factory, self.where)] if extra_optimizers else []
+        hooks = Hooks([*extra, *callbacks], phase=phase, epoch_offset=epoch_offset, evaluate=evaluate,
+                      factory=factory)
+        optional = {"phase": phase, "seed": seed, "lr_scale": lr_scale, "data": data, "config": config}
+        model.train()
+        returned = self.fn(model, epochs=epochs, hooks=hooks, optimizer_factory=factory,
+                           **{k: optional[k] for k in self.optional})
+        self._check(returned, hooks, epochs=epochs, phase=phase)
+        return hooks.records
+
+    def _check(self, returned: Any, hooks: Hooks, *, epochs: int, phase: str) -> None:
+        where = f"{self.where}: {_describe(self.fn)}"
+        if returned is not None:
+            raise UsageError(f"{where} returned a {type(returned).__name__}; expected None "
+                             "(report each epoch through hooks.on_epoch_end(model, record))")
+        if len(hooks.records) != epochs:
+            raise UsageError(f"{where} reported {len(hooks.records)} epochs of phase {phase!r} through "
+                             f"hooks.on_epoch_end, asked for {epochs}; call it once after every epoch")
+        if epochs and hooks.needs_steps and not hooks.steps:
+            raise UsageError(f"{where} never called hooks.on_step_end(model, step) in phase {phase!r}, where a "
+                             "method acts after every optimizer step; call it after each one")
+        if epochs and hooks.needs_loss and not hooks.loss_calls:
+            raise UsageError(f"{where} never called hooks.extra_loss(model) in phase {phase!r}, where a method "
+                             "adds a loss term; add it to your loss before backward")
+
+
+def resolve_loop(config: TrainConfig, *, where: str = "train") -> tuple[UserFit | None, UserEvaluate | None]:
+    """The user ``fit`` and ``evaluate`` a study's ``train`` section names by import string (None where unset),
+    checked; a UsageError line naming ``train.fit``/``train.evaluate`` if one cannot be had or used.
+
+    >>> resolve_loop(TrainConfig(fit="os.path:join"))
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: train.fit: join must be fit(model, *, epochs, hooks, optimizer_factory, ...); it takes no keyword 'epochs'
+    """
+    fit = evaluate = None
+    if config.fit is not None:
+        fit = UserFit(import_object(config.fit, field=f"{where}.fit"), where=f"{where}.fit")
+    if config.evaluate is not None:
+        evaluate = UserEvaluate(import_object(config.evaluate, field=f"{where}.evaluate"),
+                                where=f"{where}.evaluate")
+    return fit, evaluate
