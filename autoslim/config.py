@@ -122,6 +122,36 @@ def check_model_adapt(value: list[str]) -> list[str]:
 
 
 @dataclass
+class PruningConfig:
+    """What every structured method (trimming, l1l2, sss) may remove, whatever its own rule says
+    (:mod:`autoslim.selection`).
+
+    ``ignore``: layers never pruned, as qualified module names or glob patterns
+    (``classifier.*``); a name also covers the layers inside it (``layer4``).
+    An ignored layer keeps its output channels, and so does every layer tied
+    to it (a residual stream); its inputs follow the layer before it.
+    ``round_to``: the width of every pruned group is rounded up to a multiple
+    of it (1: off), never above the group's width; a group narrower than the
+    multiple keeps all its channels.
+
+    >>> PruningConfig(ignore=["classifier.*"], round_to=8).round_to
+    8
+    """
+
+    ignore: list[str] = field(default_factory=list)
+    round_to: int = field(default=1, metadata=meta(min=1))
+
+    def __post_init__(self):
+        if any(not isinstance(p, str) or not p for p in self.ignore):
+            bad = next(p for p in self.ignore if not isinstance(p, str) or not p)
+            raise UsageError(f"pruning.ignore: expected module names or glob patterns, got {bad!r}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.ignore) or self.round_to > 1
+
+
+@dataclass
 class ConstraintsConfig:
     """Budgets, as Optuna constraints: a trial that breaks one stays in the study, marked infeasible."""
 
@@ -296,6 +326,7 @@ class StudyConfig:
     third_objective: str | None = field(default=None, metadata=meta(choices=["flops", "latency"]))
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)  # for the structured methods
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     warm_start: bool = True
     # A trial of a method that compresses the study's model but removed nothing: pruned (its sampled knobs rank
@@ -417,6 +448,7 @@ class TrialConfig:
     seed: int = 0
     device: str = "auto"
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
 
     def __post_init__(self) -> None:
         check_model_adapt(self.model_adapt)

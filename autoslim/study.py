@@ -32,8 +32,8 @@ from autoslim.measure import measure
 from autoslim.methods import METHODS, get_method
 from autoslim.models import MODELS, create_model
 from autoslim.search.objective import Objective
-from autoslim.trial import CHECK_EXAMPLES
 from autoslim.space import SearchSpace
+from autoslim.trial import CHECK_EXAMPLES, check_method, structured_methods
 from autoslim.storage import get_storage, open_artifact_store, redact, storage_file, study_lock
 from autoslim.train import resolve_device
 
@@ -154,6 +154,10 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
         f"{done} finished trial(s), running {max(0, remaining)} more on {cfg.data.name} "
         f"({_train_sizes(method_data)} / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
         f"methods {', '.join(spaces)}")
+    unruled = [m for m in spaces if not get_method(m).structured]
+    if cfg.pruning.active and unruled:
+        log(f"pruning: ignore and round_to apply to {', '.join(m for m in spaces if m not in unruled)}; "
+            f"{', '.join(unruled)} do(es) not remove channels and run(s) without them")
     if remaining > 0:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)  # the Objective logs failures, one line
@@ -182,6 +186,9 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
     ...
     autoslim.errors.UsageError: methods.sss.level: 'block', 'both' cannot act on model lenet5 (sss: no structure to scale at level 'block': LeNet5 has no residual branch x + f(x) (in a submodule, f ending in a conv, linear or norm layer)); narrow it to: channel
     """
+    if cfg.pruning.active and not any(get_method(name).structured for name in spaces):
+        raise UsageError(f"pruning: none of the study's methods ({', '.join(spaces)}) removes channels, so ignore "
+                         f"and round_to would do nothing; accepted with: {', '.join(structured_methods())}")
     # built even when every method builds its own: the reference point measures it once the study is stored
     model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
                          adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.device)
@@ -195,7 +202,8 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
         refused = {}
         for combo in combos:
             try:
-                method.check(model, example_input=data.examples(CHECK_EXAMPLES), params={**space.defaults(), **combo})
+                check_method(method, model, example_input=data.examples(CHECK_EXAMPLES),
+                             params={**space.defaults(), **combo}, pruning=cfg.pruning)
             except UsageError as e:
                 refused[", ".join(map(str, combo.values()))] = e
         if len(refused) == len(combos):

@@ -26,12 +26,12 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from autoslim.checkpoint import Checkpointer
-from autoslim.config import TrialConfig, load_yaml
+from autoslim.config import PruningConfig, TrialConfig, load_yaml
 from autoslim.data import DATASETS, Data
 from autoslim.errors import UsageError
 from autoslim.fit import resolve_loop
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
-from autoslim.methods import TrialContext, get_method
+from autoslim.methods import Method, TrialContext, get_method, list_methods
 from autoslim.models import MODELS, create_model
 from autoslim.train import Callback, seed_everything
 
@@ -45,8 +45,12 @@ def check_trial_config(config: TrialConfig) -> tuple[TrialConfig, dict]:
 
     The method, model and data names must be registered, the user ``train.fit``/``train.evaluate`` importable
     and of the right signature (:func:`autoslim.fit.resolve_loop`); every parameter must be one of the method's and in
-    its range (``params.<name>``: the UsageError line of a study file's override)."""
+    its range (``params.<name>``: the UsageError line of a study file's override); ``pruning`` rules are
+    refused for a method that does not remove channels (it would ignore them)."""
     method = get_method(config.method)
+    if config.pruning.active and not method.structured:
+        raise UsageError(f"pruning: method {config.method!r} does not remove channels, so ignore and round_to do not "
+                         f"apply to it; accepted: a method that does ({', '.join(structured_methods())})")
     DATASETS.get(config.data.name)
     MODELS.get(config.model)
     resolve_loop(config.train)
@@ -66,14 +70,26 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     missing = [key for key in TRIAL_KEYS if key not in raw]
     if missing:
         raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
-                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input), as autoslim "
-                         "export writes it")
+                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input, pruning), "
+                         "as autoslim export writes it")
     config = TrialConfig.from_dict(raw)
     check_trial_config(config)
     return config
 
 
 CHECK_EXAMPLES = 8  # validation images a method's check runs the untrained model on
+
+
+def structured_methods() -> list[str]:
+    """The registered methods that remove channels (and so honour the study's ``pruning:`` rules)."""
+    return [m for m in list_methods() if get_method(m).structured]
+
+
+def check_method(method: Method, model: nn.Module, *, example_input, params, pruning: PruningConfig) -> None:
+    """``method.check``, handed the ``pruning`` rules if it is structured (a method that is not may not take
+    them)."""
+    method.check(model, example_input=example_input, params=params,
+                 **({"pruning": pruning} if method.structured else {}))
 
 
 @dataclass
@@ -153,7 +169,7 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     fit, evaluator = resolve_loop(config.train)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.device)
     ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
-                       checkpointer=checkpointer, fit=fit, evaluator=evaluator)
+                       checkpointer=checkpointer, fit=fit, evaluator=evaluator, pruning=config.pruning)
     result = compress_model(model, config=config, ctx=ctx, in_shape=data.in_shape)
     result.info.update({"filled_params": filled} if filled else {})
     result.seconds = time.perf_counter() - start
@@ -166,7 +182,8 @@ def compress_model(model: nn.Module, *, config: TrialConfig, ctx: TrialContext, 
     nothing (``nothing_removed``, also logged). ``config.params`` is complete."""
     start = time.perf_counter()
     method = get_method(config.method)
-    method.check(model, example_input=ctx.examples(CHECK_EXAMPLES), params=config.params)
+    check_method(method, model, example_input=ctx.examples(CHECK_EXAMPLES), params=config.params,
+                 pruning=config.pruning)
     widths_before = layer_widths(model)
     baseline = count_params(model)
     result = method.compress(model, ctx, config.params)

@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from autoslim.config import TrainConfig
+from autoslim.config import PruningConfig, TrainConfig
 from autoslim.data import Data
 from autoslim.errors import UsageError
 from autoslim.fit import UserEvaluate, UserFit
 from autoslim.registry import Registry
+from autoslim.selection import SizeTarget
 from autoslim.space import SearchSpace, spaces_dir
 from autoslim.train import Callback, evaluate, train
 
@@ -66,6 +67,11 @@ class TrialContext:
     checkpointer: Checkpointer | None = None
     fit: UserFit | None = None
     evaluator: UserEvaluate | None = None
+    #: The study's rules for what a structured method may remove (:mod:`autoslim.selection`).
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    #: A size (parameters or FLOPs) a structured method removes channels down to, in its own importance order,
+    #: instead of by its threshold rule (:func:`autoslim.selection.select_to`); None: the method's own rule.
+    target: SizeTarget | None = None
 
     @property
     def epochs_done(self) -> int:
@@ -125,11 +131,16 @@ class Method(ABC):
     """A compression method. Subclasses set :attr:`name` and implement :meth:`compress` (and :meth:`check`).
 
     A method that *is* an architecture (ThriftyNet) sets ``builds_model = True``
-    and implements :meth:`build_model`; the study's model is then ignored.
+    and implements :meth:`build_model`; the study's model is then ignored. A
+    method that removes channels sets ``structured = True``: it decides what
+    survives through :func:`autoslim.selection.select`, so it honours the
+    study's ``pruning:`` rules (``ignore``, ``round_to``), which its
+    :meth:`check` receives and :attr:`TrialContext.pruning` holds.
     """
 
     name: ClassVar[str]
     builds_model: ClassVar[bool] = False
+    structured: ClassVar[bool] = False
     #: The knobs :meth:`check` reads: at study start each of their searched choices is checked on its own.
     check_params: ClassVar[tuple[str, ...]] = ()
     #: The search space: None for the YAML file ``<name>.yaml`` beside the class's module (autoslim's own
@@ -161,7 +172,8 @@ class Method(ABC):
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} compresses a given model; it does not build one")
 
-    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
+              pruning: PruningConfig | None = None) -> None:
         """Refuse, before any training, a model this method cannot compress with ``params``.
 
         Raises :class:`~autoslim.errors.UsageError`, one line naming the layer
@@ -170,7 +182,9 @@ class Method(ABC):
         once per method before anything is stored, with the knobs the study
         file pins (and each choice of the searched knobs in
         :attr:`check_params`), the others at their defaults. ``params`` is
-        complete, as in :meth:`compress`. The default accepts every model.
+        complete, as in :meth:`compress`. A ``structured`` method is also given
+        the study's ``pruning`` rules (an ``ignore`` pattern that matches no
+        layer is refused). The default accepts every model.
         """
 
     @abstractmethod

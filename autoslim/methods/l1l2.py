@@ -22,7 +22,13 @@ regularized and pruned, whatever dim its channels lie on (``layers: conv``
 leaves groups with a linear producer alone), but for groups with a
 spectral-normed producer (zeroing a filter there changes sigma and so the
 other filters); a model with none, or whose channels the surgery cannot
-remove, is refused before training (:meth:`L1L2.check`).
+remove, is refused before training (:meth:`L1L2.check`). The study's
+``pruning:`` rules apply (:mod:`autoslim.selection`): ignored layers' groups are
+neither regularized nor pruned, and with ``round_to`` a group keeps the largest
+of its small filters that rounding its width up to the multiple needs. Given a
+size target (:attr:`autoslim.methods.TrialContext.target`, parameters or FLOPs) the
+filters go in order of their norm over their group's largest, over all groups,
+down to the target (:mod:`autoslim.selection`), instead of by ``threshold``.
 
 A removed filter does not output zero: behind it a BatchNorm (or the filter's
 bias), an activation, another BatchNorm, pooling... still output a constant.
@@ -53,9 +59,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
+from autoslim.selection import (Selection, SizeTarget, check_ignore, prunable, refuse_if_all_ignored, select,
+                                select_to, target_info, target_line)
 from autoslim.surgery import (ChannelGroup, channel_groups, check_removal, constant_inputs, copy_model,
                               remove_channels, scale_output_channels, scales_exactly)
 from autoslim.train import Callback
@@ -159,15 +168,45 @@ class FilterRemoval:
     removed: dict[str, list[int]]
     kept: dict[str, list[int]]
     constants: dict[str, torch.Tensor]
+    target: Selection | None = None
+
+
+def filter_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """Each filter's norm over the group's largest (per GroupNorm block, repeated for its channels): l1/l2's
+    importance, comparable across groups, what :func:`small_filters` compares with its threshold."""
+    norms = filter_norms([w.detach() for w in producer_weights(model, group)], granularity=group.granularity)
+    return (norms / norms.max().clamp_min(torch.finfo(norms.dtype).tiny)).repeat_interleave(group.granularity)
+
+
+def _selected(model: nn.Module, groups: Sequence[ChannelGroup], removing: Mapping[str, Sequence[int]],
+              pruning: PruningConfig) -> dict[str, list[int]]:
+    """Of the filters ``removing``, those that go once the study's rules are applied (:mod:`autoslim.selection`)."""
+    masks = {g.name: torch.isin(torch.arange(g.size), torch.tensor(removing[g.name], dtype=torch.long))
+             for g in groups}
+    keep = select(groups, {g.name: filter_importance(model, g) for g in groups}, pruning, remove=masks).keep
+    return {g.name: [j for j in removing[g.name] if j not in set(keep[g.name])] for g in groups}
 
 
 def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, threshold: float,
-                         example_input: torch.Tensor) -> tuple[nn.Module, FilterRemoval]:
+                         example_input: torch.Tensor, pruning: PruningConfig | None = None,
+                         target: SizeTarget | None = None) -> tuple[nn.Module, FilterRemoval]:
     """Remove the small filters (:func:`small_filters`) of ``groups``, folding what each consumer then reads from
-    them into its bias. ``model`` keeps its shapes but its removed filters are zeroed (the masked model)."""
+    them into its bias. ``model`` keeps its shapes but its removed filters are zeroed (the masked model).
+    ``pruning``'s ``round_to`` keeps the largest of the small filters that its rounding keeps (once before the
+    constants are read, once after, as a filter not constant at a consumer stays); ignored groups are left out of
+    ``groups`` by the caller. With a ``target`` the filters go in order of :func:`filter_importance`, over all
+    groups, down to that size, instead of by ``threshold`` (:attr:`FilterRemoval.target` holds the selection)."""
     groups = list(groups)
-    small = {g.name: torch.nonzero(small_filters(producer_weights(model, g), threshold=threshold,
-                                                 granularity=g.granularity)).flatten().tolist() for g in groups}
+    pruning = pruning or PruningConfig()
+    chosen = None
+    if target is None:
+        small = {g.name: torch.nonzero(small_filters(producer_weights(model, g), threshold=threshold,
+                                                     granularity=g.granularity)).flatten().tolist() for g in groups}
+    else:
+        chosen = select_to(target, groups, {g.name: filter_importance(model, g) for g in groups}, pruning,
+                           model=model, example_input=example_input)
+        small = {g.name: [j for j in range(g.size) if j not in set(chosen.keep[g.name])] for g in groups}
+    small = _selected(model, groups, small, pruning)
     masked = copy_model(model)
     zero_filters(masked, groups, small)
     constants, varying = constant_inputs(masked, small, example_input=example_input)
@@ -177,10 +216,11 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
         removed[g.name] = [j for j in small[g.name] if j // g.granularity not in blocks]
         if blocks:
             kept[g.name] = [j for j in small[g.name] if j // g.granularity in blocks]
+    removed = _selected(model, groups, removed, pruning)
     zero_filters(model, groups, removed)
     keep = {g.name: sorted(set(range(g.size)) - set(removed[g.name])) for g in groups}
     new = remove_channels(model, keep, example_input=example_input, consumer_constants=constants)
-    return new, FilterRemoval(removed, kept, constants)
+    return new, FilterRemoval(removed, kept, constants, chosen)
 
 
 def prune_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, threshold: float,
@@ -194,10 +234,15 @@ def prune_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, thr
 class L1L2(Method):
     name = "l1l2"
     check_params = ("layers",)
+    structured = True
 
-    def groups(self, model: nn.Module, *, example_input: torch.Tensor, layers: str) -> list[ChannelGroup]:
-        """:func:`prunable_groups`, refusing a model with none."""
-        groups = prunable_groups(model, example_input=example_input, layers=layers)
+    def groups(self, model: nn.Module, *, example_input: torch.Tensor, layers: str,
+               pruning: PruningConfig | None = None) -> list[ChannelGroup]:
+        """:func:`prunable_groups` that ``pruning.ignore`` leaves, refusing a model with none."""
+        pruning = pruning or PruningConfig()
+        found = prunable_groups(model, example_input=example_input, layers=layers)
+        groups = prunable(found, pruning)
+        refuse_if_all_ignored("l1l2", model, found, groups, pruning)
         if not groups:
             raise UsageError(f"l1l2: {type(model).__name__} has no removable channel group"
                              f"{' without a Linear producer (layers: conv)' if layers == 'conv' else ''}: "
@@ -205,21 +250,28 @@ class L1L2(Method):
                              "resize")
         return groups
 
-    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
-        """Refuse a model with no prunable group, or whose channels cannot be removed."""
-        groups = self.groups(model, example_input=example_input, layers=params["layers"])
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
+              pruning: PruningConfig | None = None) -> None:
+        """Refuse a model with no prunable group (none left by ``pruning.ignore``), or whose channels cannot be
+        removed."""
+        check_ignore(model, pruning or PruningConfig())
+        groups = self.groups(model, example_input=example_input, layers=params["layers"], pruning=pruning)
         check_removal(model, example_input=example_input, groups=groups)
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         example = ctx.examples(8)
-        groups = self.groups(model, example_input=example, layers=params["layers"])
+        groups = self.groups(model, example_input=example, layers=params["layers"], pruning=ctx.pruning)
         modules = dict(model.named_modules())
         penalty = L1L2Penalty([[modules[p] for p in g.producers] for g in groups], strength=params["lambda"],
                               grouping=params["grouping"], granularity=[g.granularity for g in groups])
         ctx.train(model, phase="sparse", callbacks=[penalty])
         images = ctx.examples(CHANGE_IMAGES)
         trained = outputs(model, images)
-        small, removal = remove_small_filters(model, groups, threshold=params["threshold"], example_input=example)
+        small, removal = remove_small_filters(model, groups, threshold=params["threshold"], example_input=example,
+                                              pruning=ctx.pruning, target=ctx.target)
+        info = {"target": target_info(removal.target, ctx.target)} if removal.target else {}
+        if info:
+            ctx.log(target_line("l1l2", info["target"]))
         masked = outputs(model, images)  # ``model`` now has its removed filters zeroed
         change = {"zeroing": relative_change(masked, trained),
                   "removal": relative_change(outputs(small, images), masked)}
@@ -233,4 +285,4 @@ class L1L2(Method):
                 f"removal {change['removal']:.3g}")
         ctx.train(model, epochs=params["finetune_epochs"], phase="finetune", lr_scale=FINETUNE_LR_SCALE)
         return CompressionResult(model, info={"removed": removed, "kept_not_constant": removal.kept,
-                                              "output_change": change})
+                                              "output_change": change, **info})

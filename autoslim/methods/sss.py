@@ -18,6 +18,14 @@ A learnable factor (initialised to 1) multiplies the output of every structure:
 ``level: both`` scales channels and branches; a model without one of them is
 refused (as is ``block`` on a model without residual branches), before any
 training (:meth:`SparseStructureSelection.check`), never silently narrowed.
+The study's ``pruning:`` rules apply (:mod:`autoslim.selection`): the groups of
+ignored layers, and the residual branches that are or hold one, get no factor;
+with ``round_to`` a group keeps the channels of largest factor that rounding
+its width up to the multiple needs (those of factor 0 then stay as channels
+that output a constant). Given a size target
+(:attr:`autoslim.methods.TrialContext.target`) the channels go in
+order of |factor|, over all groups, down to the target, instead of by
+``threshold``.
 
 The weights train with SGD + Nesterov momentum and weight decay; the factors
 train with :class:`APG` only (no weight decay), which applies the penalty
@@ -55,11 +63,14 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 import torch
 from torch import nn
 
+from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.surgery import (channel_groups, check_removal, constant_inputs, remove_blocks, remove_channels,
-                              residual_branches, scale_output_channels, scales_exactly)
+from autoslim.selection import (SizeTarget, check_ignore, prunable, prunable_block, refuse_if_all_ignored, select,
+                                select_to, target_info, target_line)
+from autoslim.surgery import (channel_groups, check_removal, constant_inputs, remove_blocks,
+                              remove_channels, residual_branches, scale_output_channels, scales_exactly)
 
 FINETUNE_LR_SCALE = 0.1
 LEVELS = ("channel", "block", "both")
@@ -116,13 +127,17 @@ class Structure(NamedTuple):
     granularity: int = 1
 
 
-def structures(model: nn.Module, *, level: str, example_input: torch.Tensor) -> list[Structure]:
-    """Every structure SSS scales at ``level``; a UsageError if ``level`` finds nothing to scale in ``model``
-    (``both`` needs channels and residual branches)."""
+def structures(model: nn.Module, *, level: str, example_input: torch.Tensor,
+               pruning: PruningConfig | None = None) -> list[Structure]:
+    """Every structure SSS scales at ``level`` but those ``pruning.ignore`` leaves whole; a UsageError if ``level``
+    finds nothing to scale in ``model`` (``both`` needs channels and residual branches), or the ignore leaves
+    nothing."""
+    pruning = pruning or PruningConfig()
     if level not in LEVELS:
         raise ValueError(f"level: unknown value {level!r}; accepted: {', '.join(LEVELS)}")
     modules = dict(model.named_modules())
     found: dict[str, list[Structure]] = {"channel": [], "block": []}
+    left: set[str] = set()  # the channel structures pruning.ignore leaves
     if level in ("channel", "both"):
         for g in channel_groups(model, example_input=example_input):
             norms = g.batchnorms + g.groupnorms
@@ -130,6 +145,7 @@ def structures(model: nn.Module, *, level: str, example_input: torch.Tensor) -> 
             if len(g.producers) == 1 and len(norms) <= 1 and scales_exactly(modules[site]):
                 found["channel"].append(Structure("channel", g.name, site, g.size // g.granularity,
                                                   1 if norms else g.channel_dim, g.granularity))
+                left.update(p.name for p in prunable([g], pruning))
     if level in ("block", "both"):
         found["block"] = [Structure("block", b.name, b.scale_site, 1) for b in residual_branches(model)
                           if b.scale_site]
@@ -141,7 +157,11 @@ def structures(model: nn.Module, *, level: str, example_input: torch.Tensor) -> 
         hint = f"; use level: {'block' if missing == ['channel'] else 'channel'}" if level == "both" else ""
         raise UsageError(f"sss: no structure to scale at level {level!r}: {type(model).__name__} has no "
                          f"{what[missing[0]]}{hint}")
-    return found["channel"] + found["block"]
+    everything = found["channel"] + found["block"]
+    kept = [st for st in everything if st.name in left or (st.kind == "block"
+                                                           and prunable_block(st.name, modules, pruning))]
+    refuse_if_all_ignored("sss", model, everything, kept, pruning)
+    return kept
 
 
 @dataclasses.dataclass
@@ -170,11 +190,13 @@ class Scales:
     (9, 9)
     """
 
-    def __init__(self, model: nn.Module, *, level: str, example_input: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, *, level: str, example_input: torch.Tensor,
+                 pruning: PruningConfig | None = None) -> None:
         self.model = model
         device = example_input.device
+        found = structures(model, level=level, example_input=example_input, pruning=pruning)
         self.scales = [Scale(st.kind, st.name, st.site, nn.Parameter(torch.ones(st.size, device=device)), st.dim,
-                             st.granularity) for st in structures(model, level=level, example_input=example_input)]
+                             st.granularity) for st in found]
         modules = dict(model.named_modules())
         self._handles = [modules[s.site].register_forward_hook(_multiplier(s)) for s in self.scales]
 
@@ -202,20 +224,43 @@ def _multiplier(scale: Scale):
     return hook
 
 
+def _surviving_channels(model: nn.Module, scales: Scales, *, threshold: float, pruning: PruningConfig,
+                        target: SizeTarget | None, example_input: torch.Tensor):
+    """The scaled channel groups, their importance (|factor|), the channels that survive (by ``threshold`` or
+    ``target``, under ``pruning``) and the target's :class:`~autoslim.selection.Selection` (or None)."""
+    channel_scales = [s for s in scales if s.kind == "channel"]
+    groups = [g for g in channel_groups(model, example_input=example_input)
+              if g.name in {s.structure for s in channel_scales}] if channel_scales else []
+    importance = {s.structure: s.per_channel().detach().abs() for s in channel_scales}
+    if target is not None and groups:
+        chosen = select_to(target, groups, importance, pruning, model=model, example_input=example_input)
+        return groups, importance, chosen.keep, chosen
+    small = {s.structure: s.per_channel().detach() <= threshold for s in channel_scales}
+    return groups, importance, select(groups, importance, pruning, remove=small).keep, None
+
+
 def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float,
-                           example_input: torch.Tensor) -> tuple[nn.Module, dict]:
+                           example_input: torch.Tensor, pruning: PruningConfig | None = None,
+                           target: SizeTarget | None = None) -> tuple[nn.Module, dict]:
     """Set every factor ``<= threshold`` to 0, fold ``scales`` into ``model``, then remove those structures.
 
     What a consumer reads from a removed channel (its activation of 0) is folded into the consumer; a channel
-    (a GroupNorm block) that is not one constant there is kept. Returns the new model and what was removed
-    (``channels``: {group: count}, ``blocks``: names).
+    (a GroupNorm block) that is not one constant there is kept. ``pruning``'s ``round_to`` keeps the largest of the
+    small factors that rounding a group's width up needs (:mod:`autoslim.selection`; a group keeps at least its
+    largest channel). With a ``target`` the channels go in order of |factor|, over all groups, down to that size
+    (``info["target"]``), instead of by ``threshold`` (branches still go by ``threshold``). Returns
+    the new model and what was removed (``channels``: {group: count}, ``blocks``: names).
     """
+    pruning = pruning or PruningConfig()
     drop, removed = {}, {}
+    groups, importance, survive, chosen = _surviving_channels(model, scales, threshold=threshold, pruning=pruning,
+                                                              target=target, example_input=example_input)
     with torch.no_grad():
         for s in scales:  # a factor <= threshold is taken as 0: the structure is removed exactly
             kept = s.factor > threshold
-            if s.kind == "channel" and not kept.any():
-                kept[s.factor.argmax()] = True
+            if s.kind == "channel":
+                kept = torch.zeros_like(kept)
+                kept[[j // s.granularity for j in survive[s.structure]]] = True
             s.factor[~kept] = 0.0
             if s.kind == "channel":
                 drop[s.structure] = torch.nonzero(~kept.repeat_interleave(s.granularity)).flatten().tolist()
@@ -228,23 +273,31 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
             blocks = {j // g for j in varying.get(s.structure, [])}
             gone = {j for j in drop[s.structure] if j // g not in blocks}
             keep[s.structure] = [j for j in range(len(s.factor) * g) if j not in gone]
-            removed[s.structure] = len(gone)
+    if keep:  # a channel kept as not constant at a consumer: the widths are rounded again
+        keep = select(groups, importance, pruning, remove={
+            n: ~torch.isin(torch.arange(len(importance[n])), torch.tensor(k)) for n, k in keep.items()}).keep
+        removed = {n: len(importance[n]) - len(k) for n, k in keep.items()}
     blocks = [s.structure for s in scales if s.kind == "block" and s.factor.item() == 0.0]
     if keep:
         model = remove_channels(model, keep, example_input=example_input, consumer_constants=constants)
     if blocks:
         model = remove_blocks(model, blocks)
-    return model, {"channels": removed, "blocks": blocks}
+    return model, {"channels": removed, "blocks": blocks,
+                   **({"target": target_info(chosen, target)} if chosen else {})}
 
 
 @register_method
 class SparseStructureSelection(Method):
     name = "sss"
     check_params = ("level",)
+    structured = True
 
-    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
-        """Refuse a model without the structures of ``level``, or whose structures cannot be removed."""
-        found = structures(model, level=params["level"], example_input=example_input)
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
+              pruning: PruningConfig | None = None) -> None:
+        """Refuse a model without the structures of ``level`` (or none left by ``pruning.ignore``), or whose
+        structures cannot be removed."""
+        check_ignore(model, pruning or PruningConfig())
+        found = structures(model, level=params["level"], example_input=example_input, pruning=pruning)
         channels = {st.name for st in found if st.kind == "channel"}
         check_removal(model, example_input=example_input,
                       groups=[g for g in channel_groups(model, example_input=example_input) if g.name in channels],
@@ -253,13 +306,16 @@ class SparseStructureSelection(Method):
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         example = ctx.examples(8)
         config = dataclasses.replace(ctx.train_config, nesterov=True)
-        scales = Scales(model, level=params["level"], example_input=example)
+        scales = Scales(model, level=params["level"], example_input=example, pruning=ctx.pruning)
         apg = APG(scales.parameters(), lr=config.lr, gamma=params["gamma"])
         ctx.train(model, phase="sparse", config=config, extra_optimizers=[apg])
         factors = {s.structure: [round(v, 4) for v in s.factor.tolist()] for s in scales}
         images = ctx.examples(CHANGE_IMAGES)
         scaled = outputs(model, images)
-        model, removed = remove_zero_structures(model, scales, threshold=params["threshold"], example_input=example)
+        model, removed = remove_zero_structures(model, scales, threshold=params["threshold"], example_input=example,
+                                                pruning=ctx.pruning, target=ctx.target)
+        if "target" in removed:
+            ctx.log(target_line("sss", removed["target"]))
         change = relative_change(outputs(model, images), scaled)
         ctx.log(f"sss: removed {sum(removed['channels'].values())} channels and {len(removed['blocks'])} blocks"
                 + (f" ({', '.join(removed['blocks'])})" if removed["blocks"] else "")

@@ -25,7 +25,16 @@ surviving weights. ``layers: highest`` trims only the channel group (a layer,
 or the layers a residual stream ties) of highest mean APoZ per round, the
 paper's order; ``all`` trims every group. A group always keeps at least one
 channel. Channels that reach a GroupNorm go in whole GroupNorm groups
-(``granularity``): the rule then reads the mean APoZ of each block. Statistics
+(``granularity``): the rule then reads the mean APoZ of each block. The
+study's ``pruning:`` rules apply (:mod:`autoslim.selection`): ignored layers'
+groups are neither measured nor trimmed, and with ``round_to`` a group keeps
+the count the rule leaves rounded up to the multiple, the extra channels
+those of lowest APoZ among the ones the rule removes. Given a parameter
+target (:attr:`autoslim.methods.TrialContext.target`, parameters or FLOPs) each round
+instead removes channels of every measurable group (whatever ``layers``
+says) in APoZ order, highest first, down to the same ratio per round, the
+last round down to the target (within one channel, or one unit of
+``round_to``, of it). Statistics
 are collected on the validation images (labels are not used), never on a
 single batch.
 """
@@ -37,9 +46,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from autoslim.config import PruningConfig
 from autoslim.data import Split, batches
 from autoslim.errors import UsageError
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
+from autoslim.selection import (check_ignore, prunable, refuse_if_all_ignored, select, select_to, target_info,
+                                target_line)
 from autoslim.surgery import ChannelGroup, channel_groups, check_removal, probe, remove_channels
 
 
@@ -111,32 +123,70 @@ def channels_to_keep(scores: torch.Tensor, *, rule: str, alpha: float = 1.0, fra
     return torch.nonzero(~prune).flatten()
 
 
+def trimmed_groups(model: nn.Module, *, example_input: torch.Tensor, pruning: PruningConfig) -> list[ChannelGroup]:
+    """The measurable groups that ``pruning.ignore`` leaves to trim (a UsageError if it leaves none)."""
+    found = measurable_groups(model, example_input=example_input)
+    groups = prunable(found, pruning)
+    refuse_if_all_ignored("trimming", model, found, groups, pruning)
+    return groups
+
+
+def keep_by_rule(groups: Mapping[str, ChannelGroup], scores: dict[str, torch.Tensor], params: Mapping[str, Any],
+                 pruning: PruningConfig) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """One round of the method's own rule (``layers``, ``rule``, ``alpha``, ``fraction``) under ``pruning``:
+    the APoZ of the groups it trims and the channels they keep."""
+    if params["layers"] == "highest":
+        top = max(scores, key=lambda g: scores[g].mean().item())
+        scores = {top: scores[top]}
+    by_rule = {g: channels_to_keep(s, rule=params["rule"], alpha=params["alpha"], fraction=params["fraction"],
+                                   granularity=groups[g].granularity) for g, s in scores.items()}
+    return scores, select(groups.values(), {g: -s for g, s in scores.items()}, pruning,
+                          remove={g: _mask_out(k, len(scores[g])) for g, k in by_rule.items()}).keep
+
+
+def _mask_out(kept: torch.Tensor, size: int) -> torch.Tensor:
+    """The mask of the channels of ``size`` not in ``kept``."""
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[kept] = False
+    return mask
+
+
 @register_method
 class NetworkTrimming(Method):
     name = "trimming"
+    structured = True
 
-    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
-        """Refuse a model with no measurable group, or whose channels cannot be removed."""
-        check_removal(model, example_input=example_input, groups=measurable_groups(model, example_input=example_input))
+    def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
+              pruning: PruningConfig | None = None) -> None:
+        """Refuse a model with no measurable group (none left by ``pruning.ignore``), or whose channels cannot be
+        removed."""
+        pruning = pruning or PruningConfig()
+        check_ignore(model, pruning)
+        check_removal(model, example_input=example_input,
+                      groups=trimmed_groups(model, example_input=example_input, pruning=pruning))
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         ctx.train(model, phase="train")
         example = ctx.examples(2)
         stats_split = ctx.data.val.head(params["apoz_examples"])
-        rounds = []
+        rounds, info = [], {}
         for r in range(params["rounds"]):
-            groups = {g.name: g for g in measurable_groups(model, example_input=example)}
+            groups = {g.name: g for g in trimmed_groups(model, example_input=example, pruning=ctx.pruning)}
             scores = apoz(model, stats_split, list(groups.values()))
-            if params["layers"] == "highest":
-                top = max(scores, key=lambda g: scores[g].mean().item())
-                scores = {top: scores[top]}
-            keep = {g: channels_to_keep(s, rule=params["rule"], alpha=params["alpha"], fraction=params["fraction"],
-                                        granularity=groups[g].granularity)
-                    for g, s in scores.items()}
+            if ctx.target is None:
+                scores, keep = keep_by_rule(groups, scores, params, ctx.pruning)
+            else:
+                chosen = select_to(ctx.target, groups.values(), {g: -s for g, s in scores.items()}, ctx.pruning,
+                                   model=model, example_input=example, rounds_left=params["rounds"] - r)
+                keep = chosen.keep
+                if chosen.last is not None or not info:  # the last round that removed something
+                    info["target"] = target_info(chosen, ctx.target)
             removed = {g: len(scores[g]) - len(k) for g, k in keep.items()}
             ctx.log(f"trimming round {r + 1}: removed {sum(removed.values())} channels "
                     f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})")
             rounds.append({"mean_apoz": {g: round(float(s.mean()), 4) for g, s in scores.items()}, "removed": removed})
             model = remove_channels(model, keep, example_input=example)
             ctx.train(model, epochs=params["retrain_epochs"], phase=f"retrain{r + 1}", lr_scale=params["lr_scale"])
-        return CompressionResult(model, info={"rounds": rounds})
+        if info:
+            ctx.log(target_line("trimming", info["target"]))
+        return CompressionResult(model, info={"rounds": rounds, **info})

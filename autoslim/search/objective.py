@@ -18,9 +18,10 @@ import optuna
 
 from autoslim.artifacts import upload_trial_artifacts
 from autoslim.checkpoint import TrialCheckpoints, run_resumable
-from autoslim.config import ConstraintsConfig, StudyConfig, TrialConfig
+from autoslim.config import ConstraintsConfig, PruningConfig, StudyConfig, TrialConfig
 from autoslim.data import Data
 from autoslim.heartbeat import Heartbeat, TrialLost, claim, retry_of, still_running
+from autoslim.methods import get_method
 from autoslim.search.halving import SuccessiveHalving, rungs_for, stop_trial
 from autoslim.space import SearchSpace
 from autoslim.train import Callback, Diverged
@@ -63,7 +64,8 @@ class Objective:
                            model_adapt=self.cfg.model_adapt,
                            data=self.cfg.data_for(method), train=self.cfg.train_for(method),
                            seed=self.cfg.seed + _original_number(trial), device=self.cfg.device,
-                           latency=self.cfg.latency)
+                           latency=self.cfg.latency,
+                           pruning=self.cfg.pruning if get_method(method).structured else PruningConfig())
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
         """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``), as does a compression

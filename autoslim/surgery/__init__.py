@@ -114,12 +114,14 @@ Linear(in_features=400, out_features=500, bias=True)
 from autoslim.surgery.analysis import ActivationSite, ChannelGroup, RemovalError, channel_groups, probe
 from autoslim.surgery.blocks import (ResidualBranch, ResidualShortcut, ShortcutPath, check_removal, remove_blocks,
                                      residual_branches)
+from autoslim.surgery.count import SizeCount
 from autoslim.surgery.heads import HeadGroup, head_groups, head_magnitudes, mask_heads, remove_heads
 from autoslim.surgery.remove import (constant_inputs, copy_model, remove_channels, scale_output_channels,
                                      scales_exactly)
 from autoslim.surgery.spec import apply_architecture_spec, architecture_spec
 
-__all__ = ["ActivationSite", "ChannelGroup", "HeadGroup", "RemovalError", "ResidualBranch", "ResidualShortcut",
-           "ShortcutPath", "apply_architecture_spec", "architecture_spec", "channel_groups", "check_removal",
-           "constant_inputs", "copy_model", "head_groups", "head_magnitudes", "mask_heads", "probe", "remove_blocks",
-           "remove_channels", "remove_heads", "residual_branches", "scale_output_channels", "scales_exactly"]
+__all__ = ["ActivationSite", "ChannelGroup", "HeadGroup", "SizeCount", "RemovalError", "ResidualBranch",
+           "ResidualShortcut", "ShortcutPath", "apply_architecture_spec", "architecture_spec", "channel_groups",
+           "check_removal", "constant_inputs", "copy_model", "head_groups", "head_magnitudes", "mask_heads", "probe",
+           "remove_blocks", "remove_channels", "remove_heads", "residual_branches", "scale_output_channels",
+           "scales_exactly"]
