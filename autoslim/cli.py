@@ -1,6 +1,7 @@
 """The ``autoslim`` command line.
 
     autoslim optimize studies/quickstart.yaml [--n-trials N] [--timeout S] [--storage URL] [--study-name NAME]
+                                              [--workers N [--devices cuda:0,cuda:1|auto|cpu]] [--device DEV]
     autoslim show studies/quickstart.yaml [-f table|json|csv]      (alias: best)
     autoslim dashboard studies/quickstart.yaml [--host 127.0.0.1] [--port 8080] [--artifact-dir DIR]
     autoslim report studies/quickstart.yaml [--out DIR]
@@ -19,6 +20,7 @@ import sys
 from typing import Sequence
 
 import pandas as pd
+import torch
 
 from autoslim.config import load_study
 from autoslim.dashboard import serve
@@ -28,7 +30,8 @@ from autoslim.recover import parse_age, recover
 from autoslim.report import default_report_dir, write_report
 from autoslim.search.pareto import COLUMNS, format_table, summary
 from autoslim.storage import open_artifact_store, study_lock
-from autoslim.study import open_study, optimize, storage_url, study_locations
+from autoslim.study import check_study, open_study, optimize, storage_url, study_locations
+from autoslim.workers import Workers, check_shareable, parse_devices
 
 
 def _log(msg: str) -> None:
@@ -37,11 +40,39 @@ def _log(msg: str) -> None:
 
 def cmd_optimize(args) -> int:
     cfg = load_study(args.study)
+    if args.devices is not None and args.workers is None:
+        raise UsageError("--devices: only with --workers N (one device per worker)")
+    if args.workers is not None:
+        return _optimize_with_workers(args, cfg)
+    if args.device is not None:
+        cfg.device = args.device
     study = optimize(cfg, n_trials=args.n_trials, timeout=args.timeout, storage=args.storage,
                      study_name=args.study_name, artifact_dir=args.artifact_dir,
                      strict_timeout=args.strict_timeout, log=_log if not args.quiet else (lambda s: None))
     _print_front(study, "table", history=True)
     return 0
+
+
+def _optimize_with_workers(args, cfg) -> int:
+    """``--workers N``: N ``autoslim optimize`` processes (:mod:`autoslim.workers`), then the Pareto front."""
+    if args.workers < 1:
+        raise UsageError(f"--workers: must be at least 1, got {args.workers}")
+    if args.device is not None:
+        raise UsageError("--device: not with --workers; give each worker its device with --devices")
+    check_study(cfg)
+    url = args.storage or cfg.storage or cfg.default_storage()
+    check_shareable(url, workers=args.workers)
+    devices = parse_devices(args.devices or "auto", workers=args.workers, gpus=torch.cuda.device_count())
+    argv = [args.study, "--storage", url]
+    for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout),
+                        ("--study-name", args.study_name), ("--artifact-dir", args.artifact_dir)):
+        argv += [flag, str(value)] if value is not None else []
+    argv += ["--strict-timeout"] if args.strict_timeout else []
+    code = Workers(argv, devices=devices, n_trials=args.n_trials or cfg.n_trials,
+                   log=(lambda s: None) if args.quiet else _log).run()
+    if code == 0:
+        _print_front(open_study(args.study, study_name=args.study_name, storage=url), "table", history=True)
+    return code
 
 
 def cmd_show(args) -> int:
@@ -125,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-timeout", action="store_true",
                    help="also stop a trial still running at the timeout, at its next training step (pruned)")
     p.add_argument("--quiet", action="store_true", help="print only the Pareto front")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run N worker processes on the study's storage (a journal file or an RDB URL, not SQLite), "
+                        "their progress in one view; Ctrl-C stops them all and requeues their trials")
+    p.add_argument("--devices", metavar="LIST",
+                   help="with --workers: one device per worker, round robin: cuda:0,cuda:1,... | auto (every "
+                        "visible GPU, else the CPU; the default) | cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
+                   help="train on this device (overrides the study file's device)")
     storage_args(p)
     artifact_arg(p)
     p.set_defaults(func=cmd_optimize)
