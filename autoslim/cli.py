@@ -3,7 +3,7 @@
     autoslim optimize studies/quickstart.yaml [--n-trials N] [--timeout S] [--storage URL] [--study-name NAME]
                                               [--workers N [--devices cuda:0,cuda:1|auto|cpu]] [--device DEV]
     autoslim show studies/quickstart.yaml [-f table|json|csv]      (alias: best)
-    autoslim dashboard studies/quickstart.yaml [--host 127.0.0.1] [--port 8080] [--artifact-dir DIR]
+    autoslim dashboard studies/quickstart.yaml [--host 127.0.0.1] [--port 8080] [--artifact-store DIR|s3://B/P]
     autoslim report studies/quickstart.yaml [--out DIR]
     autoslim export studies/quickstart.yaml --trial N | --pareto | --best-under-params K [--out DIR] [--retrain]
     autoslim train exports/trial_N/config.yaml [--out DIR]

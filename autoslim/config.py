@@ -183,9 +183,10 @@ class ReferencePointConfig:
 class RecoveryConfig:
     """Surviving dead workers: heartbeats, retries, and per-epoch trial checkpoints.
 
-    ``heartbeat_interval`` paces both the heartbeat every worker writes into its running trial on
-    any storage (:mod:`autoslim.heartbeat`; ``autoslim recover`` reads it) and, on an RDB storage,
-    Optuna's own heartbeat, whose ``grace_period`` and ``max_retry`` fail and retry a dead worker's trial."""
+    ``heartbeat_interval`` paces the heartbeat every worker writes into its running trial on any
+    storage (:mod:`autoslim.heartbeat`); a trial silent for ``grace_period`` seconds (default: twice
+    the interval) is failed and retried by the other workers (:mod:`autoslim.distributed`), at most
+    ``max_retry`` times (then a fresh trial takes its place); ``autoslim recover`` reads the same signal."""
 
     heartbeat_interval: int = field(default=60, metadata=meta(min=1))
     grace_period: int | None = field(default=None, metadata=meta(min=1))

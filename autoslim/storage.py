@@ -2,8 +2,10 @@
 
 A study's storage is any Optuna storage URL: ``sqlite:///path/x.db`` (one process),
 a journal file ``path/x.journal`` (processes of one machine, through an ``fcntl``
-lock), or an RDB URL such as ``postgresql://user:pw@host/db`` (any number of
-machines). Beside a file storage lie its artifact folder (``x-artifacts/``) and
+lock), an RDB URL such as ``postgresql://user:pw@host/db`` (any number of
+machines), or ``grpc://host:port``, Optuna's gRPC proxy in front of an RDB
+(hundreds of workers: ``autoslim storage-proxy``). Its artifact store is a folder
+or an ``s3://bucket/prefix`` (:func:`open_artifact_store`). Beside a file storage lie its artifact folder (``x-artifacts/``) and
 its study lock (``x.db.autoslim-lock``). Everything here is shared by the
 modules that open studies, read data, recover trials and store artifacts.
 

@@ -267,7 +267,7 @@ def study_locations(target: str, *, storage: str | None = None,
                     artifact_store: str | None = None) -> tuple[str, str | None]:
     """The storage URL and artifact folder of a study file or storage URL ``target``.
 
-    The flags (``--storage``, ``--artifact-dir``) win over a study file's fields, as
+    The flags (``--storage``, ``--artifact-store``) win over a study file's fields, as
     :func:`autoslim.study.open_study` reads them; a None folder means the storage's
     default (:func:`autoslim.storage.default_artifact_dir`)."""
     if Path(target).suffix in (".yaml", ".yml"):

@@ -204,3 +204,12 @@ def test_an_unreachable_grpc_proxy_is_one_line(tmp_path, capsys, monkeypatch):
     assert err == ("autoslim: error: --storage: cannot open 'grpc://127.0.0.1:1': no gRPC storage proxy answered "
                    "within 1s (start one with `autoslim storage-proxy RDB_URL`)\n")
     assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("url", ["grpc://127.0.0.1:1", "x.journal", "sqlite:///:memory:"])
+def test_the_storage_proxy_refuses_what_is_not_an_rdb_url_in_one_line(tmp_path, capsys, url):
+    assert main(["storage-proxy", url]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"autoslim: error: storage-proxy: {url!r} is not an RDB URL; accepted: postgresql://..., "
+                   "mysql://... or sqlite:///path.db\n")
+    assert not any(tmp_path.iterdir())

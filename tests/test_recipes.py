@@ -6,17 +6,15 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
-from worker_helpers import WORKER_STUDY, free_port, postgres_url, wait_all, write_study
+from worker_helpers import WORKER_STUDY, free_port, postgres_url, wait_all, wait_for_proxy, write_study
 
 from autoslim.cli import build_parser, cmd_optimize, cmd_storage_proxy
-from autoslim.storage import get_storage
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "scale-out.md"
 
@@ -76,14 +74,7 @@ def test_the_slurm_array_runs_exactly_n_trials_through_the_proxy_job(tmp_path, s
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     study = write_study(tmp_path, WORKER_STUDY, n_trials=n)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                get_storage(f"grpc://127.0.0.1:{port}")
-                break
-            except Exception:
-                assert proxy.poll() is None and time.monotonic() < deadline, "the proxy job did not start"
-        env = {**shims, "AUTOSLIM_PROXY": f"grpc://127.0.0.1:{port}", "AUTOSLIM_ARTIFACTS": str(tmp_path / "art")}
+        env = {**shims, "AUTOSLIM_PROXY": wait_for_proxy(proxy, port), "AUTOSLIM_ARTIFACTS": str(tmp_path / "art")}
         logs = [tmp_path / f"task{k}.log" for k in range(3)]
         tasks = [subprocess.Popen(["bash", str(tmp_path / "workers.sbatch"), str(study)], cwd=tmp_path,
                                   env={**env, "SLURM_ARRAY_TASK_ID": str(k)}, stdout=log.open("w"),

@@ -229,7 +229,9 @@ def test_a_result_finished_after_its_trial_was_failed_goes_to_the_retry_or_is_di
 
     monkeypatch.setattr(objective, "measure", fail_then_measure)
     lines = []
-    optimize(load_study(study_file), storage=journal, log=lines.append)
+    # the worker then waits for the retry "another worker" runs (and would retry it once its heartbeat is stale):
+    # the timeout lets it go first
+    optimize(load_study(study_file), storage=journal, log=lines.append, timeout=5)
     study = journal_study(journal, study_file.stem)
     lost = "[trial 0] was failed while it ran in this worker (`autoslim recover`, or a stale heartbeat); its finished "
     (line,) = [line for line in lines if "was failed" in line]

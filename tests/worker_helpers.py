@@ -110,6 +110,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_proxy(proc: subprocess.Popen, port: int, *, log: Path | None = None) -> str:
+    """The ``grpc://`` URL of the proxy that ``proc`` starts on ``port``, once it answers (within 60 s)."""
+    from autoslim.storage import get_storage
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            get_storage(f"grpc://127.0.0.1:{port}")
+            return f"grpc://127.0.0.1:{port}"
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the storage proxy did not start: {log.read_text()[-2000:] if log else ''}")
+
+
 @contextlib.contextmanager
 def storage_proxy(url: str, *, log: Path):
     """``autoslim storage-proxy URL`` on a free port of this machine; yields its ``grpc://`` URL."""
@@ -117,16 +131,7 @@ def storage_proxy(url: str, *, log: Path):
     proc = subprocess.Popen([sys.executable, "-m", "autoslim", "storage-proxy", url, "--port", str(port)],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        from autoslim.storage import get_storage
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                get_storage(f"grpc://127.0.0.1:{port}")
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"the storage proxy did not start: {log.read_text()[-2000:]}")
-        yield f"grpc://127.0.0.1:{port}"
+        yield wait_for_proxy(proc, port, log=log)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
