@@ -305,7 +305,8 @@ def main() -> int:
     ap.add_argument("--postgres", default=os.environ.get("AUTOSLIM_TEST_POSTGRES_URL"),
                     help="a PostgreSQL URL (default: $AUTOSLIM_TEST_POSTGRES_URL)")
     ap.add_argument("--trials", type=int, default=48)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32],
+                    help="worker counts of the throughput runs (none: only the other parts)")
     ap.add_argument("--storages", nargs="+", default=["journal", "postgresql", "grpc"],
                     choices=["journal", "postgresql", "grpc"])
     ap.add_argument("--fault-workers", type=int, default=16, help="workers of the fault run (0: no fault run)")

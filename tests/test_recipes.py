@@ -4,6 +4,7 @@ the real command line and point the workers at the proxy's Service."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_the_slurm_array_runs_exactly_n_trials_through_the_proxy_job(tmp_path, s
     (tmp_path / "workers.sbatch").write_text(script("autoslim-workers.sbatch"))
     proxy = subprocess.Popen(["bash", str(tmp_path / "proxy.sbatch")], cwd=tmp_path,
                              env={**shims, "AUTOSLIM_DB": pg, "AUTOSLIM_PROXY_PORT": str(port)},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     study = write_study(tmp_path, WORKER_STUDY, n_trials=n)
     try:
         env = {**shims, "AUTOSLIM_PROXY": wait_for_proxy(proxy, port), "AUTOSLIM_ARTIFACTS": str(tmp_path / "art")}
@@ -81,7 +82,7 @@ def test_the_slurm_array_runs_exactly_n_trials_through_the_proxy_job(tmp_path, s
                                   stderr=subprocess.STDOUT) for k, log in enumerate(logs)]
         assert wait_all(tasks) == [0, 0, 0], [log.read_text()[-2000:] for log in logs]
     finally:
-        proxy.terminate()
+        os.killpg(proxy.pid, signal.SIGTERM)  # the job's shell and the proxy srun started
         proxy.wait(timeout=30)
     assert all(log.read_text().startswith(f"array task {k} on ") for k, log in enumerate(logs))
     storage = optuna.storages.RDBStorage(pg)

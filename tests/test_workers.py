@@ -39,12 +39,13 @@ def test_two_workers_finish_exactly_n_trials_in_one_view(tmp_path):
 
 
 def test_ctrl_c_stops_every_worker_and_requeues_their_trials(tmp_path):
-    study, storage = write_study(tmp_path, SLOW_STUDY, n_trials=2), str(tmp_path / "s.journal")
+    longer = {**SLOW_STUDY, "train": {**SLOW_STUDY["train"], "epochs": 6}}  # a window of 8 epochs to interrupt in
+    study, storage = write_study(tmp_path, longer, n_trials=2), str(tmp_path / "s.journal")
     parent = start_worker(study, storage, "--workers", "2", "--devices", "cpu",
                           "--artifact-dir", str(tmp_path / "a"), log=tmp_path / "parent.log")
     store = journal(storage)
     wait_for(lambda: optuna.load_study(study_name=study.stem, storage=store),
-             lambda t: checkpointed_mid_trial(t, last_epoch=3))
+             lambda t: checkpointed_mid_trial(t, last_epoch=8), timeout=300)
     parent.send_signal(signal.SIGINT)
     assert parent.wait(timeout=90) == 130
     text = (tmp_path / "parent.log").read_text()
