@@ -5,11 +5,14 @@ Every completed trial uploads ``model.pt`` (weights + architecture spec,
 ``widths.png`` (per-layer widths, or weight density for sparse results, before
 and after compression), ``training.png`` (validation accuracy and training
 loss per epoch, phases marked) and ``note.md`` (the summary, also saved as the
-trial's optuna-dashboard note). The files go to a
-:class:`~optuna.artifacts.FileSystemArtifactStore`: by default the folder
-beside a file storage (``sqlite:///path/x.db`` -> ``path/x-artifacts/``,
-``x.journal`` -> ``x-artifacts/``, :func:`autoslim.storage.default_artifact_dir`);
-other storages need ``--artifact-dir``, and without one no artifacts are kept.
+trial's optuna-dashboard note). The files go to the study's artifact store
+(:func:`autoslim.storage.open_artifact_store`): by default a
+:class:`~optuna.artifacts.FileSystemArtifactStore` in the folder beside a file
+storage (``sqlite:///path/x.db`` -> ``path/x-artifacts/``, ``x.journal`` ->
+``x-artifacts/``, :func:`autoslim.storage.default_artifact_dir`); ``artifact_store:``
+in the study file or ``--artifact-store`` names another folder or an
+``s3://bucket/prefix`` (Optuna's ``Boto3ArtifactStore``). Other storages keep no
+artifacts without one.
 """
 
 from __future__ import annotations

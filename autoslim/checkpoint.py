@@ -1,8 +1,8 @@
 """Per-epoch trial checkpoints, and resuming a trial from one.
 
 A trial whose worker died is retried as a new trial with the same parameters
-(by the heartbeat of an RDB storage, or ``autoslim recover`` for a journal
-file, :mod:`autoslim.recover`); the retry resumes from the dead trial's last
+(by another worker once its heartbeat is stale, or by ``autoslim recover``,
+:mod:`autoslim.recover`); the retry resumes from the dead trial's last
 checkpoint instead of starting over.
 
 **What is saved.** After every epoch, :class:`Checkpointer` writes one file
@@ -34,7 +34,8 @@ starts over (:func:`run_resumable`). On one machine a resumed trial ends with
 exactly the weights of an uninterrupted one.
 
 **Where.** In the study's Optuna artifact store (:mod:`autoslim.artifacts`,
-``x-artifacts/`` beside a file storage, or ``--artifact-dir``), written with
+``x-artifacts/`` beside a file storage, or ``--artifact-store``: a folder or
+``s3://bucket/prefix``), written with
 the store's own ``write``/``open_reader``/``remove``; the trial's user attr
 ``checkpoint`` names the latest (artifact id, epoch, phase, time). A new
 checkpoint gets a new id and replaces the previous one only once written, so a
@@ -60,6 +61,8 @@ import numpy as np
 import optuna
 import torch
 from torch import nn
+
+from optuna.artifacts._protocol import ArtifactStore
 
 from autoslim.errors import load_error
 from autoslim.surgery import architecture_spec
@@ -210,7 +213,7 @@ class TrialCheckpoints:
     'autoslim-checkpoint-1'
     """
 
-    def __init__(self, trial: optuna.Trial, *, store: optuna.artifacts.FileSystemArtifactStore) -> None:
+    def __init__(self, trial: optuna.Trial, *, store: ArtifactStore) -> None:
         self.trial, self.store = trial, store
         self.latest: dict | None = trial.user_attrs.get("checkpoint")
         # Files a dead predecessor may have left: being written, or replaced but not yet removed.

@@ -1,13 +1,15 @@
 """The ``autoslim`` command line.
 
     autoslim optimize studies/quickstart.yaml [--n-trials N] [--timeout S] [--storage URL] [--study-name NAME]
+                                              [--workers N [--devices cuda:0,cuda:1|auto|cpu]] [--device DEV]
     autoslim show studies/quickstart.yaml [-f table|json|csv]      (alias: best)
-    autoslim dashboard studies/quickstart.yaml [--host 127.0.0.1] [--port 8080] [--artifact-dir DIR]
+    autoslim dashboard studies/quickstart.yaml [--host 127.0.0.1] [--port 8080] [--artifact-store DIR|s3://B/P]
     autoslim report studies/quickstart.yaml [--out DIR]
     autoslim export studies/quickstart.yaml --trial N | --pareto | --best-under-params K [--out DIR] [--retrain]
     autoslim train exports/trial_N/config.yaml [--out DIR]
     autoslim recover studies/quickstart.yaml --older-than 10m [--storage URL] [--study-name NAME]
     autoslim methods [NAME ...] [-f table|json]      (every method, built-in and installed, with its knobs)
+    autoslim storage-proxy postgresql://user:pw@db/autoslim [--host 0.0.0.0] [--port 13000]
 
 Bad input gives one line on stderr and exit code 2; nothing is written to storage.
 """
@@ -20,6 +22,7 @@ import sys
 from typing import Sequence
 
 import pandas as pd
+import torch
 
 from autoslim.config import load_study
 from autoslim.dashboard import serve
@@ -29,8 +32,9 @@ from autoslim.export import export_trial, select_trials, train_config_file
 from autoslim.recover import parse_age, recover
 from autoslim.report import default_report_dir, write_report
 from autoslim.search.pareto import COLUMNS, format_table, summary
-from autoslim.storage import open_artifact_store, study_lock
-from autoslim.study import open_study, optimize, storage_url, study_locations
+from autoslim.storage import open_artifact_store, serve_storage_proxy
+from autoslim.study import check_study, open_study, optimize, study_locations
+from autoslim.workers import Workers, check_shareable, parse_devices
 
 
 def _log(msg: str) -> None:
@@ -39,11 +43,39 @@ def _log(msg: str) -> None:
 
 def cmd_optimize(args) -> int:
     cfg = load_study(args.study)
+    if args.devices is not None and args.workers is None:
+        raise UsageError("--devices: only with --workers N (one device per worker)")
+    if args.workers is not None:
+        return _optimize_with_workers(args, cfg)
+    if args.device is not None:
+        cfg.device = args.device
     study = optimize(cfg, n_trials=args.n_trials, timeout=args.timeout, storage=args.storage,
-                     study_name=args.study_name, artifact_dir=args.artifact_dir,
+                     study_name=args.study_name, artifact_store=args.artifact_store,
                      strict_timeout=args.strict_timeout, log=_log if not args.quiet else (lambda s: None))
     _print_front(study, "table", history=True)
     return 0
+
+
+def _optimize_with_workers(args, cfg) -> int:
+    """``--workers N``: N ``autoslim optimize`` processes (:mod:`autoslim.workers`), then the Pareto front."""
+    if args.workers < 1:
+        raise UsageError(f"--workers: must be at least 1, got {args.workers}")
+    if args.device is not None:
+        raise UsageError("--device: not with --workers; give each worker its device with --devices")
+    check_study(cfg)
+    url = args.storage or cfg.storage or cfg.default_storage()
+    check_shareable(url, workers=args.workers)
+    devices = parse_devices(args.devices or "auto", workers=args.workers, gpus=torch.cuda.device_count())
+    argv = [args.study, "--storage", url]
+    for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout),
+                        ("--study-name", args.study_name), ("--artifact-store", args.artifact_store)):
+        argv += [flag, str(value)] if value is not None else []
+    argv += ["--strict-timeout"] if args.strict_timeout else []
+    code = Workers(argv, devices=devices, n_trials=args.n_trials or cfg.n_trials,
+                   log=(lambda s: None) if args.quiet else _log).run()
+    if code == 0:
+        _print_front(open_study(args.study, study_name=args.study_name, storage=url), "table", history=True)
+    return code
 
 
 def cmd_show(args) -> int:
@@ -54,7 +86,7 @@ def cmd_show(args) -> int:
 
 def cmd_dashboard(args) -> int:
     serve(args.study, study_name=args.study_name, storage=args.storage, host=args.host, port=args.port,
-          artifact_dir=args.artifact_dir, log=lambda s: print(s, flush=True))
+          artifact_store=args.artifact_store, log=lambda s: print(s, flush=True))
     return 0
 
 
@@ -67,8 +99,8 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
-    url, artifact_dir = study_locations(args.study, storage=args.storage, artifact_dir=args.artifact_dir)
-    store = open_artifact_store(url, artifact_dir=artifact_dir)
+    url, location = study_locations(args.study, storage=args.storage, artifact_store=args.artifact_store)
+    store = open_artifact_store(url, location=location)
     for trial in select_trials(study, trial=args.trial, pareto=args.pareto, best_under_params=args.best_under_params):
         print(export_trial(study, trial, out=args.out, artifact_store=store, retrain=args.retrain, log=_log))
     return 0
@@ -84,8 +116,12 @@ def cmd_train(args) -> int:
 def cmd_recover(args) -> int:
     older_than = parse_age(args.older_than)
     study = open_study(args.study, study_name=args.study_name, storage=args.storage)
-    with study_lock(storage_url(args.study, storage=args.storage)):
-        recover(study, older_than=older_than, log=print)
+    recover(study, older_than=older_than, log=print)  # each failure is a check-and-set: no lock needed
+    return 0
+
+
+def cmd_storage_proxy(args) -> int:
+    serve_storage_proxy(args.url, host=args.host, port=args.port, log=lambda s: print(s, flush=True))
     return 0
 
 
@@ -139,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def artifact_arg(p):
-        p.add_argument("--artifact-dir", help="trial artifact folder (default: the study file's artifact_dir, else <db name>-artifacts "
+        p.add_argument("--artifact-store", "--artifact-dir", dest="artifact_store", metavar="DIR_OR_URL",
+                       help="trial artifacts and checkpoints: a folder or s3://BUCKET/PREFIX (endpoint and keys from "
+                            "the AWS environment variables; --artifact-dir is its older name) "
+                            "(default: the study file's artifact_store, else <db name>-artifacts "
                                               "beside a SQLite or journal file; other storages keep none without it)")
 
     def storage_args(p):
@@ -153,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-timeout", action="store_true",
                    help="also stop a trial still running at the timeout, at its next training step (pruned)")
     p.add_argument("--quiet", action="store_true", help="print only the Pareto front")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run N worker processes on the study's storage (a journal file or an RDB URL, not SQLite), "
+                        "their progress in one view; Ctrl-C stops them all and requeues their trials")
+    p.add_argument("--devices", metavar="LIST",
+                   help="with --workers: one device per worker, round robin: cuda:0,cuda:1,... | auto (every "
+                        "visible GPU, else the CPU; the default) | cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
+                   help="train on this device (overrides the study file's device)")
     storage_args(p)
     artifact_arg(p)
     p.set_defaults(func=cmd_optimize)
@@ -213,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these methods (names, entry points or import strings 'package.module:Class')")
     p.add_argument("-f", "--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("storage-proxy", help="serve an RDB storage to many workers through Optuna's gRPC proxy "
+                                             "(workers: --storage grpc://HOST:PORT)")
+    p.add_argument("url", help="the RDB storage URL, e.g. postgresql://user:pw@db/autoslim")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=13000, help="port (default: 13000)")
+    p.set_defaults(func=cmd_storage_proxy)
     return parser
 
 

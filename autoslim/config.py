@@ -49,6 +49,25 @@ def check_study_name(name: Any, field: str = "name") -> str:
     return name
 
 
+def artifact_location(location: str | None, *, base: Path, field: str = "artifact_store") -> str | None:
+    """An artifact store's location as given in a study file or flag: an ``s3://bucket[/prefix]`` URL as it is,
+    a folder resolved against ``base``; any other URL is a UsageError naming ``field``.
+
+    >>> artifact_location("s3://bucket/runs/x", base=Path("/s")), artifact_location("art", base=Path("/s"))
+    ('s3://bucket/runs/x', '/s/art')
+    """
+    if location is None:
+        return None
+    if location.startswith("s3://"):
+        if not location[len("s3://"):].split("/")[0]:
+            raise UsageError(f"{field}: {location!r} names no bucket; accepted: s3://BUCKET[/PREFIX]")
+        return location
+    if "://" in location:
+        raise UsageError(f"{field}: {location!r} is not a folder or an s3:// URL; accepted: a folder, "
+                         "s3://BUCKET[/PREFIX]")
+    return str((base / Path(location).expanduser()).resolve())
+
+
 @dataclass
 class DataConfig:
     """Which data to train on and how it is split."""
@@ -235,9 +254,10 @@ class LatencyConfig:
 class RecoveryConfig:
     """Surviving dead workers: heartbeats, retries, and per-epoch trial checkpoints.
 
-    ``heartbeat_interval`` paces both the heartbeat every worker writes into its running trial on
-    any storage (:mod:`autoslim.heartbeat`; ``autoslim recover`` reads it) and, on an RDB storage,
-    Optuna's own heartbeat, whose ``grace_period`` and ``max_retry`` fail and retry a dead worker's trial."""
+    ``heartbeat_interval`` paces the heartbeat every worker writes into its running trial on any
+    storage (:mod:`autoslim.heartbeat`); a trial silent for ``grace_period`` seconds (default: twice
+    the interval) is failed and retried by the other workers (:mod:`autoslim.distributed`), at most
+    ``max_retry`` times (then a fresh trial takes its place); ``autoslim recover`` reads the same signal."""
 
     heartbeat_interval: int = field(default=60, metadata=meta(min=1))
     grace_period: int | None = field(default=None, metadata=meta(min=1))
@@ -321,7 +341,8 @@ class StudyConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
     storage: str | None = None
-    artifact_dir: str | None = None
+    artifact_dir: str | None = None  # the older name of artifact_store, for a folder
+    artifact_store: str | None = None  # a folder, or s3://bucket/prefix (autoslim.storage.open_artifact_store)
     device: str = field(default="auto", metadata=meta(choices=["auto", "cpu", "cuda", "mps"]))
     third_objective: str | None = field(default=None, metadata=meta(choices=["flops", "latency"]))
     latency: LatencyConfig = field(default_factory=LatencyConfig)
@@ -358,8 +379,12 @@ class StudyConfig:
         base = path.parent if path else Path.cwd()
         if cfg.data.data_dir is not None:
             cfg.data.data_dir = str((base / Path(cfg.data.data_dir).expanduser()).resolve())
+        if cfg.artifact_dir is not None and cfg.artifact_store is not None:
+            raise UsageError("artifact_store: give artifact_store or artifact_dir (its older name, for a folder), "
+                             "not both")
         if cfg.artifact_dir is not None:
             cfg.artifact_dir = str((base / Path(cfg.artifact_dir).expanduser()).resolve())
+        cfg.artifact_store = artifact_location(cfg.artifact_store or cfg.artifact_dir, base=base)
         return cfg
 
     def to_dict(self) -> dict:

@@ -17,7 +17,7 @@ from autoslim.study import open_study, study_locations
 
 
 def serve(target: str, *, study_name: str | None = None, storage: str | None = None, host: str = "127.0.0.1",
-          port: int = 8080, artifact_dir: str | None = None, log: Callable[[str], None] = print) -> None:
+          port: int = 8080, artifact_store: str | None = None, log: Callable[[str], None] = print) -> None:
     """Serve optuna-dashboard for the study of ``target`` (a study file or storage URL) until interrupted.
 
     >>> serve("studies/quickstart.yaml", port=8080)  # doctest: +SKIP
@@ -26,13 +26,13 @@ def serve(target: str, *, study_name: str | None = None, storage: str | None = N
     from optuna_dashboard import run_server  # heavy: only when serving
 
     study = open_study(target, study_name=study_name, storage=storage)
-    url, artifact_dir = study_locations(target, storage=storage, artifact_dir=artifact_dir)
+    url, location = study_locations(target, storage=storage, artifact_store=artifact_store)
     storage_obj = get_storage(url)
     study_id = storage_obj.get_study_id_from_name(study.study_name)
-    store = open_artifact_store(url, artifact_dir=artifact_dir)
-    folder = artifact_dir or default_artifact_dir(url)
+    store = open_artifact_store(url, location=location)
+    folder = location or default_artifact_dir(url)
     log(f"optuna-dashboard for study {study.study_name!r}: http://{host}:{port}/dashboard/studies/{study_id} "
-        f"(artifacts: {folder or 'none; pass --artifact-dir'}); press Ctrl-C to stop")
+        f"(artifacts: {folder or 'none; pass --artifact-store'}); press Ctrl-C to stop")
     try:
         run_server(storage_obj, host=host, port=port, artifact_store=store)
     except OSError as e:

@@ -140,7 +140,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, *, out: str | Path, ar
     meta = None if retrain else trial_artifacts(study, trial).get("model.pt")
     if meta is not None and artifact_store is None:
         raise UsageError(f"trial {trial.number}: its model artifact is in an artifact store this storage has no "
-                         "default folder for; pass --artifact-dir, or --retrain to rebuild it")
+                         "default folder for; pass --artifact-store, or --retrain to rebuild it")
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / f"trial_{trial.number}"
         stage.mkdir()
@@ -151,7 +151,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, *, out: str | Path, ar
                                                    file_path=str(model_file))
             except optuna.artifacts.exceptions.ArtifactNotFound:
                 raise UsageError(f"trial {trial.number}: its model artifact {meta.artifact_id} is not in the "
-                                 "artifact store; pass --artifact-dir, or --retrain to rebuild it") from None
+                                 "artifact store; pass --artifact-store, or --retrain to rebuild it") from None
             source = "its model artifact"
         else:
             why = "--retrain" if retrain else "no model artifact"

@@ -8,8 +8,8 @@ SQLite, PostgreSQL, Optuna's gRPC proxy), so it is a sign of life on any of them
 ``autoslim recover`` (:mod:`autoslim.recover`) leaves a trial with a fresh one alone.
 
 **A trial failed under a live worker.** Something may still fail a trial whose
-worker is alive (``autoslim recover`` run by hand, a stalled machine that missed
-Optuna's RDB heartbeat). Optuna then refuses every write to the trial
+worker is alive (``autoslim recover`` run by hand, a stalled machine whose
+heartbeat went stale past the grace period). Optuna then refuses every write to the trial
 (``UpdateFinishedTrialError``): the heartbeat's next write, or the trial's next
 attr or checkpoint, finds out, and the worker stops working on the trial with one
 line (:class:`TrialLost`), never a traceback:

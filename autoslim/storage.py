@@ -2,8 +2,10 @@
 
 A study's storage is any Optuna storage URL: ``sqlite:///path/x.db`` (one process),
 a journal file ``path/x.journal`` (processes of one machine, through an ``fcntl``
-lock), or an RDB URL such as ``postgresql://user:pw@host/db`` (any number of
-machines). Beside a file storage lie its artifact folder (``x-artifacts/``) and
+lock), an RDB URL such as ``postgresql://user:pw@host/db`` (any number of
+machines), or ``grpc://host:port``, Optuna's gRPC proxy in front of an RDB
+(hundreds of workers: ``autoslim storage-proxy``). Its artifact store is a folder
+or an ``s3://bucket/prefix`` (:func:`open_artifact_store`). Beside a file storage lie its artifact folder (``x-artifacts/``) and
 its study lock (``x.db.autoslim-lock``). Everything here is shared by the
 modules that open studies, read data, recover trials and store artifacts.
 
@@ -19,22 +21,24 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
+from optuna.artifacts._protocol import ArtifactStore
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from autoslim.config import RecoveryConfig
 from autoslim.errors import UsageError
 
 JOURNAL_SUFFIXES = (".journal", ".log")
+GRPC_TIMEOUT = 10  # seconds to wait for a gRPC storage proxy to answer
 
 
 def is_journal(url: str) -> bool:
@@ -58,12 +62,27 @@ def redact(url: str) -> str:
     return url
 
 
-def get_storage(url: str, *, recovery: RecoveryConfig | None = None) -> optuna.storages.BaseStorage:
+def grpc_address(url: str) -> tuple[str, int] | None:
+    """The host and port of a ``grpc://HOST:PORT`` URL (Optuna's gRPC storage proxy), else None.
+
+    >>> grpc_address("grpc://proxy.internal:13000"), grpc_address("x.journal")
+    (('proxy.internal', 13000), None)
+    """
+    if not url.startswith("grpc://"):
+        return None
+    host, _, port = url[len("grpc://"):].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--storage: {url!r} is not a gRPC proxy address; accepted: grpc://HOST:PORT")
+    return host, int(port)
+
+
+def get_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``, checked to be reachable; a UsageError line if it is not.
 
-    A journal file is shared by processes through an ``fcntl`` lock; with
-    ``recovery``, an RDB storage runs trials with a heartbeat and retries the
-    trials of dead workers (:mod:`autoslim.checkpoint` resumes them).
+    A journal file is shared by processes through an ``fcntl`` lock; ``grpc://HOST:PORT``
+    is Optuna's :class:`~optuna.storages.GrpcStorageProxy` (``autoslim storage-proxy``
+    runs the server). Running trials show they are alive by autoslim's own heartbeat on
+    every storage (:mod:`autoslim.heartbeat`), so an RDB storage runs without Optuna's.
     """
     try:
         local = storage_file(url)
@@ -71,18 +90,53 @@ def get_storage(url: str, *, recovery: RecoveryConfig | None = None) -> optuna.s
             raise UsageError(f"--storage: folder {local.parent} does not exist")
         if is_journal(url):
             return JournalStorage(JournalFileBackend(url, lock_obj=FileLock(f"{url}.flock")))
-        if recovery is not None and url != "sqlite:///:memory:":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=recovery.heartbeat_interval, grace_period=recovery.grace_period,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=recovery.max_retry, inherit_intermediate_values=True))
+        address = grpc_address(url)
+        if address is not None:
+            return _grpc_proxy(*address)
         return optuna.storages.get_storage(url)
     except UsageError:
         raise
     except Exception as e:
         raise UsageError(f"--storage: cannot open {redact(url)!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _grpc_proxy(host: str, port: int) -> optuna.storages.BaseStorage:
+    try:
+        import grpc  # noqa: F401  (Optuna imports it lazily: a missing one would show up only at the first call)
+        from optuna.storages import GrpcStorageProxy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            proxy = GrpcStorageProxy(host=host, port=port)
+    except ImportError as e:
+        raise UsageError(f"--storage: {e.name or 'grpcio'} is not installed; pip install 'autoslim[grpc]'") from None
+    try:
+        proxy.wait_server_ready(timeout=GRPC_TIMEOUT)
+    except Exception:
+        raise UsageError(f"--storage: cannot open 'grpc://{host}:{port}': no gRPC storage proxy answered within "
+                         f"{GRPC_TIMEOUT}s (start one with `autoslim storage-proxy RDB_URL`)") from None
+    return proxy
+
+
+def serve_storage_proxy(url: str, *, host: str = "127.0.0.1", port: int = 13000,
+                        log: Callable[[str], None] = print) -> None:
+    """Serve the RDB storage ``url`` to workers through Optuna's gRPC proxy until interrupted.
+
+    Workers then use ``--storage grpc://HOST:PORT``: hundreds of them hold one pool of database
+    connections (the proxy's) instead of one each.
+
+    >>> serve_storage_proxy("postgresql://autoslim:pw@db/autoslim", host="0.0.0.0", port=13000)  # doctest: +SKIP
+    """
+    if "://" not in url or url.startswith(("grpc://", "sqlite:///:memory:")):
+        raise UsageError(f"storage-proxy: {redact(url)!r} is not an RDB URL; accepted: postgresql://..., "
+                         "mysql://... or sqlite:///path.db")
+    storage = get_storage(url)
+    try:
+        import grpc  # noqa: F401
+        from optuna.storages import run_grpc_proxy_server
+    except ImportError as e:
+        raise UsageError(f"storage-proxy: {e.name or 'grpcio'} is not installed; pip install 'autoslim[grpc]'") from None
+    log(f"gRPC storage proxy for {redact(url)} on grpc://{host}:{port} (Ctrl-C stops it)")
+    run_grpc_proxy_server(storage, host=host, port=port)
 
 
 def default_artifact_dir(url: str) -> Path | None:
@@ -91,18 +145,63 @@ def default_artifact_dir(url: str) -> Path | None:
     return None if db is None else db.with_name(f"{db.stem}-artifacts")
 
 
-def open_artifact_store(url: str, *, artifact_dir: str | Path | None = None,
-                        create: bool = False) -> FileSystemArtifactStore | None:
-    """The artifact store of a study in ``url`` (``artifact_dir`` overrides the default folder).
+def open_artifact_store(url: str, *, location: str | Path | None = None,
+                        create: bool = False) -> ArtifactStore | None:
+    """The artifact store of a study in ``url``: ``location`` (a folder or ``s3://bucket[/prefix]``), else the
+    default folder beside a file storage; None when there is neither.
 
-    None when there is no folder for it. ``create`` makes the folder (for writing).
+    ``create`` makes the folder (for writing). An S3 store is Optuna's
+    :class:`~optuna.artifacts.Boto3ArtifactStore` on a boto3 client configured the
+    usual AWS way (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ... or ``~/.aws``),
+    its artifact ids under ``prefix/``; its bucket must exist and answer, else a
+    UsageError line.
     """
-    folder = Path(artifact_dir) if artifact_dir is not None else default_artifact_dir(url)
+    if isinstance(location, str) and location.startswith("s3://"):
+        return _s3_store(location)
+    folder = Path(location) if location is not None else default_artifact_dir(url)
     if folder is None:
         return None
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(folder)
+
+
+class PrefixedArtifactStore:
+    """The artifact store ``store`` with every artifact id under ``prefix`` (the folder of an ``s3://`` URL).
+
+    >>> store = PrefixedArtifactStore(FileSystemArtifactStore(tempfile.mkdtemp()), prefix="")
+    >>> store.write("a", io.BytesIO(b"x")); store.open_reader("a").read()
+    b'x'
+    """
+
+    def __init__(self, store: ArtifactStore, *, prefix: str) -> None:
+        self.store, self.prefix = store, prefix
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self.store.open_reader(self.prefix + artifact_id)
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.store.write(self.prefix + artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self.store.remove(self.prefix + artifact_id)
+
+
+def _s3_store(location: str) -> PrefixedArtifactStore:
+    bucket, _, prefix = location[len("s3://"):].partition("/")
+    try:
+        import boto3
+        import botocore.exceptions
+    except ImportError as e:
+        raise UsageError(f"--artifact-store: {e.name or 'boto3'} is not installed; pip install 'autoslim[s3]'") from None
+    client = boto3.client("s3")
+    try:
+        client.head_bucket(Bucket=bucket)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        raise UsageError(f"--artifact-store: cannot open {location!r}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}") from None
+    prefix = prefix.strip("/")
+    return PrefixedArtifactStore(Boto3ArtifactStore(bucket, client), prefix=f"{prefix}/" if prefix else "")
 
 
 class FileLock:

@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 import optuna
 from optuna.trial import TrialState
 
-from autoslim.config import StudyConfig, check_study_name, load_study
+from autoslim.config import StudyConfig, artifact_location, check_study_name, load_study
 from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
@@ -32,12 +32,14 @@ from autoslim.measure import measure
 from autoslim.methods import METHODS, get_method
 from autoslim.models import MODELS, create_model
 from autoslim.search.objective import Objective
+from autoslim.recover import enqueue, top_up
 from autoslim.space import SearchSpace
+from autoslim.storage import get_storage, grpc_address, open_artifact_store, redact, storage_file, study_lock
 from autoslim.trial import CHECK_EXAMPLES, check_method, structured_methods
-from autoslim.storage import get_storage, open_artifact_store, redact, storage_file, study_lock
 from autoslim.train import resolve_device
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SET_UP_WAIT = 120  # seconds a worker waits, through a gRPC proxy, for the study's creator to set it up
 
 
 def make_sampler(cfg: StudyConfig, *, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -115,7 +117,7 @@ def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
 
 
 def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
-             storage: str | None = None, study_name: str | None = None, artifact_dir: str | None = None,
+             storage: str | None = None, study_name: str | None = None, artifact_store: str | None = None,
              strict_timeout: bool = False, log: Callable[[str], None] = print) -> optuna.Study:
     """Create or resume the study of ``cfg`` and run it until it holds ``n_trials`` finished trials.
 
@@ -124,14 +126,15 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     before anything is written to storage. Completed and pruned trials are
     never redone: a second call with the same arguments runs only the rest.
     Every completed trial uploads its artifacts (:mod:`autoslim.artifacts`) to
-    ``artifact_dir``, by default the folder beside a file storage. As in Optuna,
+    ``artifact_store`` (a folder or ``s3://bucket/prefix``), by default the folder beside a
+    file storage; trial checkpoints go there too. As in Optuna,
     ``timeout`` stops starting trials; with ``strict_timeout`` a trial still
     running then is also stopped at its next optimizer step (pruned, its
     partial results kept), so the wall time is the timeout plus at most one step.
     """
     n_trials = n_trials or cfg.n_trials
     timeout = timeout if timeout is not None else cfg.timeout
-    artifact_dir = artifact_dir or cfg.artifact_dir
+    artifact_store = artifact_location(artifact_store, base=Path.cwd(), field="--artifact-store") or cfg.artifact_store
     study_name = cfg.name if study_name is None else check_study_name(study_name, "--study-name")
     spaces = check_study(cfg)
     sampler = make_sampler(cfg)
@@ -139,14 +142,12 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     data = method_data[next(iter(cfg.methods))]
     check_methods(cfg, spaces, data)
     url = storage or cfg.storage or cfg.default_storage()
-    lock = study_lock(url)
-    with lock:  # several workers: the tables, the study, its attrs and warm-start trials are made once
-        storage_obj = get_storage(url, recovery=cfg.recovery)
-        artifact_store = open_artifact_store(url, artifact_dir=artifact_dir, create=True)
-        study = optuna.create_study(storage=storage_obj, study_name=study_name, sampler=sampler,
-                                    directions=["maximize" if o == "accuracy" else "minimize" for o in cfg.objectives],
-                                    load_if_exists=True)
-        _set_up(study, cfg, spaces, data)
+    open_artifact_store(url, location=artifact_store)  # an S3 bucket must answer before anything is written
+    with study_lock(url):  # the storage's tables, and the workers' numbers, are made once
+        storage_obj = get_storage(url)
+        store = open_artifact_store(url, location=artifact_store, create=True)
+        study = _create_or_load(storage_obj, cfg, study_name=study_name, sampler=sampler, spaces=spaces, data=data,
+                                n_trials=n_trials, wait=SET_UP_WAIT if grpc_address(url) else 0)
         study.sampler = make_sampler(cfg, worker=worker_index(study, storage=storage_obj))
     done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     remaining = n_trials - done
@@ -161,14 +162,15 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     if remaining > 0:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)  # the Objective logs failures, one line
-        heartbeat = isinstance(storage_obj, optuna.storages.RDBStorage) and storage_obj.heartbeat_interval is not None
-        if heartbeat and artifact_store is None and cfg.recovery.checkpoint:
-            log("no --artifact-dir (or artifact_dir in the study file): trials are not checkpointed, so a trial retried after its worker died starts over")
+        if store is None and cfg.recovery.checkpoint:
+            log("no --artifact-store (or artifact_store in the study file): trials are not checkpointed, so a trial "
+                "retried after its worker died starts over")
         deadline = time.time() + timeout if strict_timeout and timeout is not None else None
-        objective = Objective(cfg, data, spaces, method_data=method_data, log=log, artifact_store=artifact_store, deadline=deadline)
-        run_worker(study, objective, n_trials=n_trials,
-                   max_trials=remaining, timeout=timeout, lock=lock, heartbeat=heartbeat,
-                   poll=min(5.0, cfg.recovery.heartbeat_interval), log=log)
+        objective = Objective(cfg, data, spaces, method_data=method_data, log=log, artifact_store=store, deadline=deadline)
+        recovery = cfg.recovery
+        run_worker(study, objective, n_trials=n_trials, max_trials=remaining, timeout=timeout,
+                   stale_after=recovery.grace_period or 2 * recovery.heartbeat_interval, max_retry=recovery.max_retry,
+                   poll=min(5.0, recovery.heartbeat_interval), log=log)
     return study
 
 
@@ -236,35 +238,60 @@ def _train_sizes(method_data: dict[str, Data]) -> str:
     return f"{len(data.train)} train" + (f" ({', '.join(others)})" if others else "")
 
 
-def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data) -> None:
-    """Name the metrics, store the config and reference point, enqueue warm starts: once, when the study is new."""
+def _create_or_load(storage: optuna.storages.BaseStorage, cfg: StudyConfig, *, study_name: str,
+                    sampler: optuna.samplers.BaseSampler, spaces, data, n_trials: int, wait: float) -> optuna.Study:
+    """Create the study and set it up (:func:`_set_up`) if this worker's ``create_new_study`` wins; else load it,
+    once its creator has set it up (its metric names are set last; ``wait``: for how many seconds, through a
+    proxy that no study lock covers), and check its objectives."""
+    directions = [optuna.study.StudyDirection.MAXIMIZE if o == "accuracy" else optuna.study.StudyDirection.MINIMIZE
+                  for o in cfg.objectives]
+    try:
+        storage.create_new_study(directions, study_name)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+    if created:
+        _set_up(study, cfg, spaces, data, n_trials=n_trials)
+    deadline = time.monotonic() + wait
+    while study.metric_names is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     if study.metric_names is None:
-        with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(cfg.objectives)
-        study.set_user_attr("autoslim_config", json.loads(json.dumps(cfg.to_dict(), default=str)))
-        study.set_user_attr("reference_point", make_reference_point(cfg, in_shape=data.in_shape,
-                                                                    num_classes=data.num_classes,
-                                                                    device=data.train.x.device))
-        if cfg.warm_start:
-            for params in paper_defaults(spaces):
-                study.enqueue_trial(params, user_attrs={"warm_start": "paper default"})
-    elif list(study.metric_names) != cfg.objectives:
+        raise UsageError(f"--study-name: study {study_name!r} exists but was never set up by autoslim (its creator "
+                         f"died, or another program made it); delete it or choose another --study-name")
+    if list(study.metric_names) != cfg.objectives:
         raise UsageError(f"third_objective: study {study.study_name!r} was created with objectives "
                          f"{', '.join(study.metric_names)}; a study's objectives cannot change")
+    return study
+
+
+def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data, *, n_trials: int) -> None:
+    """Store the config and reference point, queue the warm starts and the other slots' trials, then name the
+    metrics: the sign, for the workers that found the study made, that it is set up."""
+    study.set_user_attr("autoslim_config", json.loads(json.dumps(cfg.to_dict(), default=str)))
+    study.set_user_attr("reference_point", make_reference_point(cfg, in_shape=data.in_shape,
+                                                                num_classes=data.num_classes, device=data.device))
+    if cfg.warm_start:
+        for slot, params in enumerate(paper_defaults(spaces)[:n_trials]):
+            enqueue(study, slot=slot, params=params, user_attrs={"warm_start": "paper default"})
+    top_up(study, n_trials)
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(cfg.objectives)
 
 
 def study_locations(target: str, *, storage: str | None = None,
-                    artifact_dir: str | None = None) -> tuple[str, str | None]:
+                    artifact_store: str | None = None) -> tuple[str, str | None]:
     """The storage URL and artifact folder of a study file or storage URL ``target``.
 
-    The flags (``--storage``, ``--artifact-dir``) win over a study file's fields, as
+    The flags (``--storage``, ``--artifact-store``) win over a study file's fields, as
     :func:`autoslim.study.open_study` reads them; a None folder means the storage's
     default (:func:`autoslim.storage.default_artifact_dir`)."""
     if Path(target).suffix in (".yaml", ".yml"):
         cfg = load_study(target)
-        return storage or cfg.storage or cfg.default_storage(), artifact_dir or cfg.artifact_dir
-    return storage or target, artifact_dir
+        return storage or cfg.storage or cfg.default_storage(), artifact_location(
+            artifact_store, base=Path.cwd(), field="--artifact-store") or cfg.artifact_store
+    return storage or target, artifact_location(artifact_store, base=Path.cwd(), field="--artifact-store")
 
 
 def storage_url(target: str, *, storage: str | None = None) -> str:

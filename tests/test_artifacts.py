@@ -65,7 +65,7 @@ def test_artifact_folder_sits_beside_file_storages(tmp_path):
     assert default_artifact_dir("sqlite:///:memory:") is None
     assert default_artifact_dir("postgresql://user@db/optuna") is None
     assert open_artifact_store("postgresql://user@db/optuna") is None
-    open_artifact_store("postgresql://user@db/optuna", artifact_dir=tmp_path / "a", create=True)
+    open_artifact_store("postgresql://user@db/optuna", location=tmp_path / "a", create=True)
     assert (tmp_path / "a").is_dir()
 
 

@@ -15,9 +15,11 @@ import pytest
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from worker_helpers import (SLOW_STUDY, WORKER_STUDY, checkpointed_mid_trial, finished_snapshot, postgres_url,
-                            start_worker, trained_epochs, wait_all, wait_for, write_study)
+                            start_worker, storage_proxy, trained_epochs, wait_all, wait_for, write_study)
 
 from autoslim.cli import main
+from autoslim.distributed import run_worker
+from autoslim.recover import DUPLICATE_KEY, enqueue, requeue, take_waiting, top_up
 
 
 @pytest.fixture
@@ -29,6 +31,16 @@ def pg(tmp_path):
     for s in optuna.get_all_study_summaries(storage):
         if s.study_name in {p.stem for p in tmp_path.glob("*.yaml")}:
             optuna.delete_study(study_name=s.study_name, storage=storage)
+
+
+@pytest.fixture(params=["postgresql", "grpc proxy"])
+def shared(request, pg, tmp_path):
+    """What the workers are given: the PostgreSQL URL, or a gRPC proxy in front of it (tests read the database)."""
+    if request.param == "postgresql":
+        yield pg
+    else:
+        with storage_proxy(pg, log=tmp_path / "proxy.log") as url:
+            yield url
 
 
 def check_exactly_n(study: optuna.Study, n: int, logs: list[str]) -> None:
@@ -60,18 +72,18 @@ def test_four_workers_on_a_journal_file_finish_exactly_n_trials(tmp_path):
     check_exactly_n(optuna.load_study(study_name=study.stem, storage=storage), WORKER_STUDY["n_trials"], logs)
 
 
-def test_four_workers_on_postgresql_finish_exactly_n_trials(tmp_path, pg):
+def test_four_workers_on_postgresql_finish_exactly_n_trials(tmp_path, pg, shared):
     study = write_study(tmp_path, WORKER_STUDY)
-    logs = run_workers(tmp_path, study, pg, 4)
+    logs = run_workers(tmp_path, study, shared, 4)
     check_exactly_n(optuna.load_study(study_name=study.stem, storage=pg), WORKER_STUDY["n_trials"], logs)
 
 
-def test_a_worker_killed_mid_trial_on_postgresql_is_retried_and_resumes(tmp_path, pg):
+def test_a_worker_killed_mid_trial_on_postgresql_is_retried_and_resumes(tmp_path, pg, shared):
     n = 4
     study = write_study(tmp_path, SLOW_STUDY, n_trials=n)
     artifacts = tmp_path / "artifacts"
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
-    procs = [start_worker(study, pg, "--artifact-dir", str(artifacts), log=log) for log in logs]
+    procs = [start_worker(study, shared, "--artifact-dir", str(artifacts), log=log) for log in logs]
     storage = optuna.storages.RDBStorage(pg)
 
     def load():
@@ -104,6 +116,69 @@ def test_a_worker_killed_mid_trial_on_postgresql_is_retried_and_resumes(tmp_path
     assert "database is locked" not in text
 
 
+def tiny_study(n: int) -> optuna.Study:
+    study = optuna.create_study()
+    top_up(study, n)
+    return study
+
+
+def test_two_workers_topping_up_at_once_still_run_exactly_n_trials():
+    study, ran = tiny_study(3), []
+    assert top_up(study, 3) == []  # every slot is filled
+    dup = enqueue(study, slot=1)  # what a second worker's top-up, racing the first, queues
+    run_worker(study, lambda t: ran.append(t.number) or t.suggest_float("x", 0, 1), n_trials=3, stale_after=60,
+               log=lambda s: None)
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(ran) == [0, 1, 2] and dup.number not in ran  # the duplicate never ran
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL]
+    assert trials[3].system_attrs[DUPLICATE_KEY] is True
+
+
+def test_a_duplicate_with_the_lower_id_wins_its_slot_whichever_is_taken_first():
+    study = optuna.create_study()
+    first, second = enqueue(study, slot=0), enqueue(study, slot=0)
+    study._storage.set_trial_state_values(second._trial_id, state=TrialState.RUNNING)  # another worker took it
+    assert take_waiting(study, n_trials=1, log=lambda s: None).number == first.number
+
+
+def test_two_processes_failing_the_same_stale_trial_queue_one_retry():
+    study, lines = tiny_study(1), []
+    running = take_waiting(study, n_trials=1)
+    first = requeue(study, running, log=lines.append)
+    second = requeue(study, running, log=lines.append)  # saw it RUNNING too; its state change is refused
+    assert first is not None and second is None
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.FAIL, TrialState.WAITING]
+    assert lines[1] == "trial 0: finished meanwhile; left as it is"
+
+
+def test_a_trial_that_raises_passes_its_slot_to_a_fresh_trial():
+    study, calls = tiny_study(2), []
+
+    def objective(trial):
+        calls.append(trial.number)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return trial.suggest_float("x", 0, 1)
+
+    run_worker(study, objective, n_trials=2, stale_after=60, log=lambda s: None)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert study.trials[2].system_attrs["autoslim:slot"] == study.trials[0].system_attrs["autoslim:slot"]
+
+
+def test_a_worker_fails_and_retries_a_silent_trial_on_any_storage(tmp_path):
+    journal = str(tmp_path / "s.journal")
+    study = optuna.create_study(storage=optuna.storages.JournalStorage(JournalFileBackend(journal)))
+    top_up(study, 1)
+    take_waiting(study, n_trials=1)  # a worker took it and died: no heartbeat, ever
+    lines = []
+    run_worker(study, lambda t: t.suggest_float("x", 0, 1), n_trials=1, stale_after=0.5, poll=0.1, log=lines.append)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].system_attrs["failed_trial"] == 0
+    assert any(line.startswith("trial 0: failed; retry queued as trial 1") for line in lines), lines
+
+
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
 
 
@@ -118,3 +193,23 @@ def test_every_command_given_an_unreachable_storage_says_so_on_one_line(tmp_path
     err = capsys.readouterr().err
     assert err.startswith("autoslim: error: --storage: cannot open") and err.count("\n") == 1, err
     assert "127.0.0.1:1" in err and sorted(tmp_path.iterdir()) == before
+
+
+def test_an_unreachable_grpc_proxy_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("autoslim.storage.GRPC_TIMEOUT", 1)
+    study = write_study(tmp_path, WORKER_STUDY)
+    before = sorted(tmp_path.iterdir())
+    assert main(["optimize", str(study), "--storage", "grpc://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("autoslim: error: --storage: cannot open 'grpc://127.0.0.1:1': no gRPC storage proxy answered "
+                   "within 1s (start one with `autoslim storage-proxy RDB_URL`)\n")
+    assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("url", ["grpc://127.0.0.1:1", "x.journal", "sqlite:///:memory:"])
+def test_the_storage_proxy_refuses_what_is_not_an_rdb_url_in_one_line(tmp_path, capsys, url):
+    assert main(["storage-proxy", url]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"autoslim: error: storage-proxy: {url!r} is not an RDB URL; accepted: postgresql://..., "
+                   "mysql://... or sqlite:///path.db\n")
+    assert not any(tmp_path.iterdir())

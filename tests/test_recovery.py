@@ -134,17 +134,17 @@ def test_recover_requeues_a_dead_workers_journal_trial_and_the_retry_resumes(tmp
     time.sleep(2.1)  # twice its heartbeat interval: the youngest age recover accepts
     assert main(["recover", str(study), "--storage", journal, "--older-than", "2s"]) == 0
     out = capsys.readouterr().out
-    assert f"trial {victim.number}: failed; retry queued as trial 1 (resumes after epoch" in out
+    assert f"trial {victim.number}: failed; retry queued as trial 2 (resumes after epoch" in out  # 0, 1: the slots
 
     assert main(["optimize", str(study), "--storage", journal]) == 0
     err = capsys.readouterr().err
     trials = journal_study(journal, study.stem).get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    retry = trials[1]
+    retry = trials[2]
     assert retry.system_attrs["failed_trial"] == victim.number and retry.params == victim.params
     resumed = retry.user_attrs["resumed_from"]["epoch"]
-    assert resumed >= victim.user_attrs["checkpoint"]["epoch"] and min(trained_epochs(err, 1)) == resumed + 1 > 1
-    assert f"[trial 1] resuming trial {victim.number} from its checkpoint after epoch {resumed}" in err
+    assert resumed >= victim.user_attrs["checkpoint"]["epoch"] and min(trained_epochs(err, 2)) == resumed + 1 > 1
+    assert f"[trial 2] resuming trial {victim.number} from its checkpoint after epoch {resumed}" in err
     assert [r["epoch"] for r in retry.user_attrs["history"]] == [1, 2, 3, 4, 5]
     assert not any((tmp_path / "s-artifacts").glob("checkpoint-*"))  # removed once the trials finished
 
@@ -229,7 +229,9 @@ def test_a_result_finished_after_its_trial_was_failed_goes_to_the_retry_or_is_di
 
     monkeypatch.setattr(objective, "measure", fail_then_measure)
     lines = []
-    optimize(load_study(study_file), storage=journal, log=lines.append)
+    # the worker then waits for the retry "another worker" runs (and would retry it once its heartbeat is stale):
+    # the timeout lets it go first
+    optimize(load_study(study_file), storage=journal, log=lines.append, timeout=5)
     study = journal_study(journal, study_file.stem)
     lost = "[trial 0] was failed while it ran in this worker (`autoslim recover`, or a stale heartbeat); its finished "
     (line,) = [line for line in lines if "was failed" in line]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,3 +102,36 @@ def trained_epochs(log: str, number: int) -> list[int]:
 def finished_snapshot(study: optuna.Study) -> dict[int, tuple]:
     return {t.number: (t.state, t.values, t.datetime_complete, json.dumps(t.user_attrs, sort_keys=True, default=str))
             for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_proxy(proc: subprocess.Popen, port: int, *, log: Path | None = None) -> str:
+    """The ``grpc://`` URL of the proxy that ``proc`` starts on ``port``, once it answers (within 60 s)."""
+    from autoslim.storage import get_storage
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            get_storage(f"grpc://127.0.0.1:{port}")
+            return f"grpc://127.0.0.1:{port}"
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the storage proxy did not start: {log.read_text()[-2000:] if log else ''}")
+
+
+@contextlib.contextmanager
+def storage_proxy(url: str, *, log: Path):
+    """``autoslim storage-proxy URL`` on a free port of this machine; yields its ``grpc://`` URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "autoslim", "storage-proxy", url, "--port", str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        yield wait_for_proxy(proc, port, log=log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
