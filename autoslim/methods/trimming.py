@@ -40,7 +40,9 @@ from torch import nn
 from autoslim.data import Split, batches
 from autoslim.errors import UsageError
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
-from autoslim.surgery import ChannelGroup, channel_groups, check_removal, probe, remove_channels
+from autoslim.surgery import ChannelGroup, channel_groups, check_removal, constant_inputs, probe, remove_channels
+
+CONSTANT_IMAGES = 8  # validation images on which a removed channel's constant at each consumer is read
 
 
 @torch.no_grad()
@@ -111,6 +113,19 @@ def channels_to_keep(scores: torch.Tensor, *, rule: str, alpha: float = 1.0, fra
     return torch.nonzero(~prune).flatten()
 
 
+def remove_trimmed(model: nn.Module, keep: Mapping[str, torch.Tensor], *, sizes: Mapping[str, int],
+                   example_input: torch.Tensor, sample: torch.Tensor) -> nn.Module:
+    """Remove all channels but ``keep`` ({group: indices}) of ``model``, folding into each consumer's bias the
+    constant it reads from a removed channel (:func:`autoslim.surgery.constant_inputs` on ``sample``): a
+    channel that is 0 where APoZ is measured may still be a non-zero constant at a consumer (DenseNet's
+    concatenated channels pass each later layer's own BatchNorm and ReLU), and a dead filter's bias survives
+    its activation. Channels that vary, or whose constant a zero-padded conv reads, are removed unfolded.
+    ``sizes``: the channel count of each group of ``keep``."""
+    gone = {g: sorted(set(range(sizes[g])) - set(k.tolist())) for g, k in keep.items()}
+    found = constant_inputs(model, {g: c for g, c in gone.items() if c}, example_input=sample)
+    return remove_channels(model, keep, example_input=example_input, consumer_constants=found.constants)
+
+
 @register_method
 class NetworkTrimming(Method):
     name = "trimming"
@@ -137,6 +152,7 @@ class NetworkTrimming(Method):
             ctx.log(f"trimming round {r + 1}: removed {sum(removed.values())} channels "
                     f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})")
             rounds.append({"mean_apoz": {g: round(float(s.mean()), 4) for g, s in scores.items()}, "removed": removed})
-            model = remove_channels(model, keep, example_input=example)
+            model = remove_trimmed(model, keep, sizes={g: groups[g].size for g in keep}, example_input=example,
+                                   sample=ctx.data.val.x[:CONSTANT_IMAGES])
             ctx.train(model, epochs=params["retrain_epochs"], phase=f"retrain{r + 1}", lr_scale=params["lr_scale"])
         return CompressionResult(model, info={"rounds": rounds})
