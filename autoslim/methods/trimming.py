@@ -28,6 +28,13 @@ channel. Channels that reach a GroupNorm go in whole GroupNorm groups
 (``granularity``): the rule then reads the mean APoZ of each block. Statistics
 are collected on the validation images (labels are not used), never on a
 single batch.
+
+A removed channel that is one constant where a consumer reads it (0 after its
+ReLU, or ``relu(BN_k(0))`` for a dead DenseNet channel at each later layer's
+own BatchNorm) has that constant folded into the consumer's bias
+(:func:`remove_trimmed`); a channel that still varies is simply dropped, so
+each round measures and logs the relative change of the outputs on validation
+images (``info["rounds"][i]["output_change"]``) before retraining.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from torch import nn
 
 from autoslim.data import Split, batches
 from autoslim.errors import UsageError
-from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
+from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
+                                   register_method, relative_change)
 from autoslim.surgery import ChannelGroup, channel_groups, check_removal, constant_inputs, probe, remove_channels
 
 CONSTANT_IMAGES = 8  # validation images on which a removed channel's constant at each consumer is read
@@ -136,7 +144,7 @@ class NetworkTrimming(Method):
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         ctx.train(model, phase="train")
-        example = ctx.data.val.x[:2]
+        example, images = ctx.data.val.x[:2], ctx.data.val.x[:CHANGE_IMAGES]
         stats_split = Split(ctx.data.val.x[: params["apoz_examples"]], ctx.data.val.y[: params["apoz_examples"]])
         rounds = []
         for r in range(params["rounds"]):
@@ -149,10 +157,14 @@ class NetworkTrimming(Method):
                                         granularity=groups[g].granularity)
                     for g, s in scores.items()}
             removed = {g: len(scores[g]) - len(k) for g, k in keep.items()}
-            ctx.log(f"trimming round {r + 1}: removed {sum(removed.values())} channels "
-                    f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})")
-            rounds.append({"mean_apoz": {g: round(float(s.mean()), 4) for g, s in scores.items()}, "removed": removed})
+            before = outputs(model, images)
             model = remove_trimmed(model, keep, sizes={g: groups[g].size for g in keep}, example_input=example,
                                    sample=ctx.data.val.x[:CONSTANT_IMAGES])
+            change = relative_change(outputs(model, images), before)
+            ctx.log(f"trimming round {r + 1}: removed {sum(removed.values())} channels "
+                    f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)}); output change on "
+                    f"{len(images)} val images: {change:.3g}")
+            rounds.append({"mean_apoz": {g: round(float(s.mean()), 4) for g, s in scores.items()}, "removed": removed,
+                           "output_change": change})
             ctx.train(model, epochs=params["retrain_epochs"], phase=f"retrain{r + 1}", lr_scale=params["lr_scale"])
         return CompressionResult(model, info={"rounds": rounds})

@@ -374,6 +374,19 @@ class ConstantInputs(NamedTuple):
         return out
 
 
+def _probe_wide(module: fx.GraphModule, model: nn.Module, x: torch.Tensor, *, reset: Any, **callbacks: Any) -> None:
+    """:func:`_probe` on a float64 copy of ``model`` (the constants folded into float32 biases are then exact up to
+    that one rounding); on ``model`` itself where the copy does not run (an op that builds a float32 tensor)."""
+    if x.is_floating_point() and x.dtype != torch.float64:
+        wide = copy_model(model).double()
+        try:
+            _probe(fx.GraphModule(wide, module.graph), wide, [x.double()], **callbacks)
+            return
+        except RemovalError:
+            reset()
+    _probe(module, model, [x], **callbacks)
+
+
 def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | torch.Tensor], *,
                     example_input: torch.Tensor, rtol: float = 1e-5) -> ConstantInputs:
     """What the consumers of ``channels`` ({group: indices}) read from them, for :func:`remove_channels`.
@@ -383,7 +396,7 @@ def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | tor
     and a consumer (activation, BatchNorm, pooling, a residual sum, a
     concatenation into layers that each apply their own BatchNorm, as in
     DenseNet) is run, in eval mode on ``example_input``, and each consumer's
-    input is read along the dim its channels lie on. Returns
+    input is read along the dim its channels lie on (in float64). Returns
     :class:`ConstantInputs` ``(constants, varying, padded)``: per consumer
     layer, the value of every input column (that of a removed channel where it
     is one constant over the batch and the other dims and its fold is exact,
@@ -424,7 +437,8 @@ def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | tor
         stats[name] = new if old is None else (torch.minimum(old[0], new[0]), torch.maximum(old[1], new[1]),
                                                old[2] + new[2], old[3] + new[3])
 
-    _probe(analysis.module, model, [example_input], layer_inputs=list(consumers), on_input=on_input)
+    _probe_wide(analysis.module, model, example_input, layer_inputs=list(consumers), on_input=on_input,
+                reset=stats.clear)
     constants: dict[str, torch.Tensor] = {}
     unfoldable: dict[str, dict[str, set[int]]] = {"varying": {}, "padded": {}}
     for name, roots in consumers.items():
