@@ -120,8 +120,8 @@ from autoslim.surgery.remove import (ConstantInputs, constant_inputs, copy_model
                                      scale_output_channels, scales_exactly, zero_padded)
 from autoslim.surgery.spec import apply_architecture_spec, architecture_spec
 
-__all__ = ["ActivationSite", "ChannelGroup", "ConstantInputs", "HeadGroup", "RemovalError", "ResidualBranch", "ResidualShortcut",
-           "ShortcutPath", "apply_architecture_spec", "architecture_spec", "channel_groups", "check_removal",
-           "constant_inputs", "copy_model", "head_groups", "head_magnitudes", "mask_heads", "probe", "remove_blocks",
-           "remove_channels", "remove_heads", "residual_branches", "scale_output_channels", "scales_exactly",
-           "zero_padded"]
+__all__ = ["ActivationSite", "ChannelGroup", "ConstantInputs", "HeadGroup", "RemovalError", "ResidualBranch",
+           "ResidualShortcut", "ShortcutPath", "apply_architecture_spec", "architecture_spec", "channel_groups",
+           "check_removal", "constant_inputs", "copy_model", "head_groups", "head_magnitudes", "mask_heads", "probe",
+           "remove_blocks", "remove_channels", "remove_heads", "residual_branches", "scale_output_channels",
+           "scales_exactly", "zero_padded"]
