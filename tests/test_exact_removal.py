@@ -20,7 +20,7 @@ from autoslim.methods import TrialContext, get_method
 from autoslim.methods.l1l2 import prunable_groups, remove_small_filters
 from autoslim.methods.sss import Scales, remove_zero_structures
 from autoslim.methods.trimming import remove_trimmed
-from autoslim.surgery import channel_groups, constant_inputs, zero_padded
+from autoslim.surgery import channel_groups, constant_inputs, remove_blocks, residual_branches, zero_padded
 
 LIMIT = 1e-5
 
@@ -184,3 +184,36 @@ def test_googlenet_is_compressed_by_trimming_and_l1l2(method):
     ctx = TrialContext(data=data, train_config=TrainConfig(epochs=0))
     result = m.compress(copy.deepcopy(model), ctx, params)
     assert sum(p.numel() for p in result.model.parameters()) < before
+
+
+# ------------------------------------------------------------------ blocks with two sums in a row (MaxViT)
+
+class TwoSums(nn.Module):
+    """``x = x + f(x); x = x + g(x)`` in one module, then a layer that reads the second sum (MaxViT's partition
+    attention layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f, self.g, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = x + self.f(x)
+        x = x + self.g(x)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("chosen", [["block[0]"], ["block[1]"], ["block[0]", "block[1]"]])
+def test_removing_consecutive_sums_of_one_block_rewrites_each_to_its_current_shortcut(chosen):
+    """Old code replaced the second sum by the node of the first, already erased: the graph did not run
+    (maxvit_t's SSS cell crashed: "Argument 'add_1' of Node 'departition_swap' was used before it has been
+    defined")."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(), torch.randn(4, 6)
+    model.add_module("block", TwoSums())
+    assert [b.name for b in residual_branches(model)] == ["block[0]", "block[1]"]
+    with torch.no_grad():
+        for name in chosen:
+            branch = model.block.f if name == "block[0]" else model.block.g
+            branch.weight.zero_(), branch.bias.zero_()
+        masked = model(x)
+        assert rel(remove_blocks(model, chosen)(x), masked) < LIMIT
