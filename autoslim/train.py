@@ -40,6 +40,7 @@ from torch import nn
 
 from autoslim.config import TrainConfig
 from autoslim.data import Data, Split
+from autoslim.errors import UsageError
 
 
 class Callback:
@@ -141,6 +142,18 @@ def evaluate(model: nn.Module, split: Split, *, batch_size: int = 1000) -> float
     return correct.item() / max(1, len(split))
 
 
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, refused in one line (UsageError) unless it is one tensor: a model that returns several
+    outputs in training mode (torchvision's GoogLeNet and Inception3 with their auxiliary classifiers, whose
+    layers the channel analysis, run in eval mode, does not see) cannot be trained on its logits alone."""
+    out = model(x)
+    if not isinstance(out, torch.Tensor):
+        raise UsageError(f"model: {type(model).__name__} returns {type(out).__name__}, not one tensor of logits, "
+                         f"in training mode; build it without auxiliary outputs (torchvision's GoogLeNet and "
+                         f"Inception3: model_kwargs aux_logits: false)")
+    return out
+
+
 def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | None = None, seed: int = 0,
           lr_scale: float = 1.0, callbacks: Sequence[Callback] = (), param_groups: Iterable | None = None,
           extra_optimizers: Sequence[torch.optim.Optimizer] = (), epoch_offset: int = 0, phase: str | None = None,
@@ -189,7 +202,7 @@ def train(model: nn.Module, data: Data, *, config: TrainConfig, epochs: int | No
             total = torch.zeros((), device=device)
             for x, y in data.train.batches(batch_size=config.batch_size, shuffle=True, generator=generator,
                                            crop_padding=data.crop_padding, flip=data.flip):
-                loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+                loss = F.cross_entropy(logits(model, x), y, label_smoothing=config.label_smoothing)
                 for c in loss_hooks:
                     extra = c.extra_loss(model)
                     if extra is not None:

@@ -12,7 +12,10 @@ timed is the method's analysis, decision and surgery:
   (:func:`autoslim.surgery.channel_groups`) are made dead (their producers'
   rows and biases and their BatchNorm's weight and bias zeroed, so they are 0
   through the activation: APoZ 1); the method runs with ``rule: fraction,
-  fraction: 0.3, layers: all``, one round, and removes them by its own APoZ rule.
+  fraction: 0.3, layers: all``, one round, and removes them by its own APoZ rule;
+  a BatchNorm entry whose input is then exactly 0 is zeroed too
+  (:func:`silence_zero_inputs`), so that DenseNet's concatenated dead channels
+  are 0 after every later layer's own BatchNorm and ReLU.
 - ``l1l2``: 30% of the filters (weight rows only, as its regularizer leaves them)
   of every group's producers are zeroed; the method removes the filters under
   its ``threshold`` and folds the constants they still output.
@@ -217,6 +220,26 @@ def zero_channels(model: nn.Module, x: torch.Tensor, gen: torch.Generator, *, de
         for m in [model.get_submodule(b) for b in g.batchnorms] if dead else []:
             if m.weight is not None:
                 m.weight[idx], m.bias[idx] = 0, 0
+    if dead:
+        silence_zero_inputs(model, x)
+
+
+@torch.no_grad()
+def silence_zero_inputs(model: nn.Module, x: torch.Tensor) -> None:
+    """Zero the affine entries of every BatchNorm whose input channel is exactly 0 on ``x``: a dead channel
+    that a concatenation feeds to layers with their own BatchNorm (DenseNet) is then 0 through each of them."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    for _ in range(2):  # a norm silenced in the first pass can reveal zeros to a later one
+        zero: dict[nn.Module, torch.Tensor] = {}
+        hooks = [m.register_forward_pre_hook(lambda m, a: zero.__setitem__(m, (a[0] == 0).transpose(0, 1)
+                                                                            .flatten(1).all(1))) for m in norms]
+        try:
+            model.eval()(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for m, idx in zero.items():
+            m.weight[idx], m.bias[idx] = 0, 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from autoslim.config import TrainConfig
+from autoslim.data import Data, Split
+from autoslim.errors import UsageError
 from autoslim.methods import TrialContext
 from autoslim.models import create_model
 from autoslim.train import Callback, Diverged, evaluate, lr_factor, seed_everything, train
@@ -96,3 +98,25 @@ def test_a_phase_trained_with_its_own_config_runs_that_configs_epochs(digits):
     records = ctx.train(fresh(digits), phase="finetune", config=TrainConfig(epochs=1, batch_size=64))
     assert [r["phase"] for r in records] == ["finetune"] and len(ctx.history) == 1
     assert len(ctx.train(fresh(digits))) == 3 and ctx.epochs_done == 4
+
+
+class AuxHead(torch.nn.Module):
+    """Like torchvision's GoogLeNet with aux_logits: (logits, aux) in training mode, logits in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x.flatten(1)))
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+def test_a_model_with_auxiliary_outputs_in_training_mode_is_refused_in_one_line_before_a_step():
+    """Old code crashed in cross_entropy with a raw TypeError (torchvision's googlenet, aux_logits by default)."""
+    split = Split(torch.randn(8, 1, 2, 2), torch.arange(8) % 3)
+    model = AuxHead()
+    before = model.body.weight.detach().clone()
+    with pytest.raises(UsageError, match=r"AuxHead returns tuple, not one tensor of logits.*aux_logits: false"):
+        train(model, Data("t", split, split, split, 3), config=TrainConfig(epochs=1, batch_size=4))
+    assert torch.equal(model.body.weight, before)

@@ -39,12 +39,14 @@ constant there, that constant is folded into the consumer's bias; a filter
 whose channel is not constant at some consumer (it is multiplied by an
 input-dependent gate, say) is kept. Folding is exact where the consumer is a
 linear layer or an unpadded conv. A zero-padded conv sees the constant only
-inside the image (its border windows partly read padding): we fold anyway and
-*measure* the change, rather than keep such filters (which would keep most
-filters of every padded CNN): ``info["output_change"]`` holds the relative
-change of the network's outputs on validation images caused by zeroing the
-small filters (``zeroing``) and by their removal (``removal``, 0 up to
-rounding unless a padded conv's border changed), and the trial prints it.
+inside the image (its border windows partly read padding), so no bias
+reproduces it: a small filter whose constant is not 0 there is kept too
+(``info["kept_padded"]``, counted in the trial's log line); where the
+activation and BatchNorm leave it at 0 (a zero filter whose BN shift is 0
+before a ReLU, say) it is removed. The removal is thus exact:
+``info["output_change"]`` holds the relative change of the network's outputs
+on validation images caused by zeroing the small filters (``zeroing``) and by
+their removal (``removal``, 0 up to rounding), and the trial prints it.
 
 >>> w = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 5.0]])  # 3 filters of a linear layer
 >>> round(pseudo_norm(w).item(), 4)  # v = (5, 0, 5): 10 / sqrt(50)
@@ -53,6 +55,7 @@ rounding unless a padded conv's border changed), and the trial prints it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -161,13 +164,15 @@ def zero_filters(model: nn.Module, groups: Iterable[ChannelGroup], channels: Map
 @dataclass
 class FilterRemoval:
     """What :func:`remove_small_filters` did: ``removed`` and ``kept`` ({group: channels}) are the small filters
-    removed and those kept because their channel (or another of its GroupNorm block) is not one constant at
-    some consumer; ``constants`` are the values folded into each consumer
-    (:func:`autoslim.surgery.constant_inputs`)."""
+    removed and those kept because their channel is not one constant at some consumer; ``padded`` those kept
+    because a zero-padded convolution reads a non-zero constant from them (no bias reproduces its border);
+    ``constants`` are the values folded into each consumer (:func:`autoslim.surgery.constant_inputs`). A
+    GroupNorm block with one such channel is kept whole."""
 
     removed: dict[str, list[int]]
     kept: dict[str, list[int]]
     constants: dict[str, torch.Tensor]
+    padded: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     target: Selection | None = None
 
 
@@ -209,18 +214,20 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
     small = _selected(model, groups, small, pruning)
     masked = copy_model(model)
     zero_filters(masked, groups, small)
-    constants, varying = constant_inputs(masked, small, example_input=example_input)
-    removed, kept = {}, {}
+    found = constant_inputs(masked, small, example_input=example_input)
+    unfoldable = found.unfoldable()
+    removed, kept, padded = {}, {}, {}
     for g in groups:
-        blocks = {j // g.granularity for j in varying.get(g.name, [])}
+        blocks = {j // g.granularity for j in unfoldable.get(g.name, ())}
         removed[g.name] = [j for j in small[g.name] if j // g.granularity not in blocks]
-        if blocks:
-            kept[g.name] = [j for j in small[g.name] if j // g.granularity in blocks]
+        for out, reason in ((kept, found.varying), (padded, found.padded)):
+            if reason.get(g.name):
+                out[g.name] = [j for j in small[g.name] if j in reason[g.name]]
     removed = _selected(model, groups, removed, pruning)
     zero_filters(model, groups, removed)
     keep = {g.name: sorted(set(range(g.size)) - set(removed[g.name])) for g in groups}
-    new = remove_channels(model, keep, example_input=example_input, consumer_constants=constants)
-    return new, FilterRemoval(removed, kept, constants, chosen)
+    new = remove_channels(model, keep, example_input=example_input, consumer_constants=found.constants)
+    return new, FilterRemoval(removed, kept, found.constants, padded, chosen)
 
 
 def prune_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, threshold: float,
@@ -278,11 +285,13 @@ class L1L2(Method):
         model = small
         removed = {g: len(c) for g, c in removal.removed.items()}
         kept = sum(len(c) for c in removal.kept.values())
+        padded = sum(len(c) for c in removal.padded.values())
         ctx.log(f"l1l2: removed {sum(removed.values())} filters "
                 f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})"
                 + (f", kept {kept} small ones not constant at a consumer" if kept else "")
+                + (f", kept {padded} small ones whose non-zero constant a zero-padded conv reads" if padded else "")
                 + f"; output change on {len(images)} val images: zeroing {change['zeroing']:.3g}, "
                 f"removal {change['removal']:.3g}")
         ctx.train(model, epochs=params["finetune_epochs"], phase="finetune", lr_scale=FINETUNE_LR_SCALE)
         return CompressionResult(model, info={"removed": removed, "kept_not_constant": removal.kept,
-                                              "output_change": change, **info})
+                                              "kept_padded": removal.padded, "output_change": change, **info})

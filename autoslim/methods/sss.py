@@ -42,8 +42,9 @@ channel) and every branch whose factor is ``<= threshold`` is removed
 A zero channel still holds ``act(0)`` after its activation (0 for ReLU,
 0.5 for a sigmoid): what each consumer reads from it is folded into the
 consumer's bias (:func:`autoslim.surgery.constant_inputs`), so removing a
-zero structure keeps the network's function (exactly, but at the border of a
-zero-padded conv that reads a non-zero constant); ``info["removal_change"]``
+zero structure keeps the network's function exactly; a zero channel whose
+constant is not 0 at a zero-padded conv (whose border windows read padding)
+is kept (``info["kept_padded"]``); ``info["removal_change"]``
 is the measured relative output change on validation images. One training
 pass, then an optional fine-tune (``finetune_epochs`` at a tenth of the
 learning rate; not in the paper).
@@ -245,11 +246,12 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
     """Set every factor ``<= threshold`` to 0, fold ``scales`` into ``model``, then remove those structures.
 
     What a consumer reads from a removed channel (its activation of 0) is folded into the consumer; a channel
-    (a GroupNorm block) that is not one constant there is kept. ``pruning``'s ``round_to`` keeps the largest of the
-    small factors that rounding a group's width up needs (:mod:`autoslim.selection`; a group keeps at least its
-    largest channel). With a ``target`` the channels go in order of |factor|, over all groups, down to that size
-    (``info["target"]``), instead of by ``threshold`` (branches still go by ``threshold``). Returns
-    the new model and what was removed (``channels``: {group: count}, ``blocks``: names).
+    (a GroupNorm block) that is not one constant there, or whose non-zero constant a zero-padded conv reads, is
+    kept. ``pruning``'s ``round_to`` keeps the largest of the small factors that rounding a group's width up needs
+    (:mod:`autoslim.selection`; a group keeps at least its largest channel). With a ``target`` the channels go in
+    order of |factor|, over all groups, down to that size (``info["target"]``), instead of by ``threshold``
+    (branches still go by ``threshold``). Returns the new model and what was removed (``channels``: {group:
+    count}, ``blocks``: names, ``kept_padded``: {group: count} of zero-factor channels kept for a zero-padded conv).
     """
     pruning = pruning or PruningConfig()
     drop, removed = {}, {}
@@ -265,12 +267,13 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
             if s.kind == "channel":
                 drop[s.structure] = torch.nonzero(~kept.repeat_interleave(s.granularity)).flatten().tolist()
     scales.fold()
-    constants, varying = constant_inputs(model, drop, example_input=example_input) if drop else ({}, {})
+    found = constant_inputs(model, drop, example_input=example_input) if drop else None
+    unfoldable = found.unfoldable() if found else {}
     keep = {}
     for s in scales:
         if s.kind == "channel":
             g = s.granularity
-            blocks = {j // g for j in varying.get(s.structure, [])}
+            blocks = {j // g for j in unfoldable.get(s.structure, ())}
             gone = {j for j in drop[s.structure] if j // g not in blocks}
             keep[s.structure] = [j for j in range(len(s.factor) * g) if j not in gone]
     if keep:  # a channel kept as not constant at a consumer: the widths are rounded again
@@ -279,10 +282,11 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
         removed = {n: len(importance[n]) - len(k) for n, k in keep.items()}
     blocks = [s.structure for s in scales if s.kind == "block" and s.factor.item() == 0.0]
     if keep:
-        model = remove_channels(model, keep, example_input=example_input, consumer_constants=constants)
+        model = remove_channels(model, keep, example_input=example_input, consumer_constants=found.constants)
     if blocks:
         model = remove_blocks(model, blocks)
-    return model, {"channels": removed, "blocks": blocks,
+    padded = {g: len(c) for g, c in (found.padded if found else {}).items()}
+    return model, {"channels": removed, "blocks": blocks, "kept_padded": padded,
                    **({"target": target_info(chosen, target)} if chosen else {})}
 
 
@@ -319,6 +323,8 @@ class SparseStructureSelection(Method):
         change = relative_change(outputs(model, images), scaled)
         ctx.log(f"sss: removed {sum(removed['channels'].values())} channels and {len(removed['blocks'])} blocks"
                 + (f" ({', '.join(removed['blocks'])})" if removed["blocks"] else "")
+                + (f", kept {sum(removed['kept_padded'].values())} zero channels whose non-zero constant a "
+                   "zero-padded conv reads" if removed["kept_padded"] else "")
                 + f"; output change on {len(images)} val images: {change:.3g}")
         ctx.train(model, epochs=params["finetune_epochs"], phase="finetune", config=config,
                   lr_scale=FINETUNE_LR_SCALE)

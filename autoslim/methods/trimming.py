@@ -37,6 +37,13 @@ last round down to the target (within one channel, or one unit of
 ``round_to``, of it). Statistics
 are collected on the validation images (labels are not used), never on a
 single batch.
+
+A removed channel that is one constant where a consumer reads it (0 after its
+ReLU, or ``relu(BN_k(0))`` for a dead DenseNet channel at each later layer's
+own BatchNorm) has that constant folded into the consumer's bias
+(:func:`remove_trimmed`); a channel that still varies is simply dropped, so
+each round measures and logs the relative change of the outputs on validation
+images (``info["rounds"][i]["output_change"]``) before retraining.
 """
 
 from __future__ import annotations
@@ -49,10 +56,13 @@ from torch import nn
 from autoslim.config import PruningConfig
 from autoslim.data import Split, batches
 from autoslim.errors import UsageError
-from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
+from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
+                                   register_method, relative_change)
 from autoslim.selection import (check_ignore, prunable, refuse_if_all_ignored, select, select_to, target_info,
                                 target_line)
-from autoslim.surgery import ChannelGroup, channel_groups, check_removal, probe, remove_channels
+from autoslim.surgery import ChannelGroup, channel_groups, check_removal, constant_inputs, probe, remove_channels
+
+CONSTANT_IMAGES = 8  # validation images on which a removed channel's constant at each consumer is read
 
 
 @torch.no_grad()
@@ -151,6 +161,19 @@ def _mask_out(kept: torch.Tensor, size: int) -> torch.Tensor:
     return mask
 
 
+def remove_trimmed(model: nn.Module, keep: Mapping[str, torch.Tensor], *, sizes: Mapping[str, int],
+                   example_input: torch.Tensor, sample: torch.Tensor) -> nn.Module:
+    """Remove all channels but ``keep`` ({group: indices}) of ``model``, folding into each consumer's bias the
+    constant it reads from a removed channel (:func:`autoslim.surgery.constant_inputs` on ``sample``): a
+    channel that is 0 where APoZ is measured may still be a non-zero constant at a consumer (DenseNet's
+    concatenated channels pass each later layer's own BatchNorm and ReLU), and a dead filter's bias survives
+    its activation. Channels that vary, or whose constant a zero-padded conv reads, are removed unfolded.
+    ``sizes``: the channel count of each group of ``keep``."""
+    gone = {g: sorted(set(range(sizes[g])) - set(torch.as_tensor(k).tolist())) for g, k in keep.items()}
+    found = constant_inputs(model, {g: c for g, c in gone.items() if c}, example_input=sample)
+    return remove_channels(model, keep, example_input=example_input, consumer_constants=found.constants)
+
+
 @register_method
 class NetworkTrimming(Method):
     name = "trimming"
@@ -167,7 +190,7 @@ class NetworkTrimming(Method):
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
         ctx.train(model, phase="train")
-        example = ctx.examples(2)
+        example, images = ctx.examples(2), ctx.examples(CHANGE_IMAGES)
         stats_split = ctx.data.val.head(params["apoz_examples"])
         rounds, info = [], {}
         for r in range(params["rounds"]):
@@ -182,10 +205,15 @@ class NetworkTrimming(Method):
                 if chosen.last is not None or not info:  # the last round that removed something
                     info["target"] = target_info(chosen, ctx.target)
             removed = {g: len(scores[g]) - len(k) for g, k in keep.items()}
+            before = outputs(model, images)
+            model = remove_trimmed(model, keep, sizes={g: groups[g].size for g in keep}, example_input=example,
+                                   sample=ctx.examples(CONSTANT_IMAGES))
+            change = relative_change(outputs(model, images), before)
             ctx.log(f"trimming round {r + 1}: removed {sum(removed.values())} channels "
-                    f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})")
-            rounds.append({"mean_apoz": {g: round(float(s.mean()), 4) for g, s in scores.items()}, "removed": removed})
-            model = remove_channels(model, keep, example_input=example)
+                    f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)}); output change on "
+                    f"{len(images)} val images: {change:.3g}")
+            rounds.append({"mean_apoz": {g: round(float(s.mean()), 4) for g, s in scores.items()}, "removed": removed,
+                           "output_change": change})
             ctx.train(model, epochs=params["retrain_epochs"], phase=f"retrain{r + 1}", lr_scale=params["lr_scale"])
         if info:
             ctx.log(target_line("trimming", info["target"]))

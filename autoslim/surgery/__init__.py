@@ -94,7 +94,8 @@ several times, as torchvision's ResNet blocks reuse one ReLU, and functions
 such as ``F.relu`` or ``x.relu()``, on whatever dim the channels sit);
 :func:`probe` reads the values there, or at any layer's input, on the traced
 model; :func:`constant_inputs` what each consumer reads from channels that no
-longer depend on the input, folded per consumer by :func:`remove_channels`;
+longer depend on the input, folded per consumer by :func:`remove_channels`
+where the fold is exact (not a non-zero constant at a zero-padded conv);
 :func:`residual_branches` every ``x + f(x)`` of a submodule, removed by
 :func:`remove_blocks`. A removal that fails, or whose result does not run, is
 refused in one line (:class:`RemovalError`, a UsageError) naming the layer or
@@ -116,12 +117,12 @@ from autoslim.surgery.blocks import (ResidualBranch, ResidualShortcut, ShortcutP
                                      residual_branches)
 from autoslim.surgery.count import SizeCount
 from autoslim.surgery.heads import HeadGroup, head_groups, head_magnitudes, mask_heads, remove_heads
-from autoslim.surgery.remove import (constant_inputs, copy_model, remove_channels, scale_output_channels,
-                                     scales_exactly)
+from autoslim.surgery.remove import (ConstantInputs, constant_inputs, copy_model, remove_channels,
+                                     scale_output_channels, scales_exactly, zero_padded)
 from autoslim.surgery.spec import apply_architecture_spec, architecture_spec
 
-__all__ = ["ActivationSite", "ChannelGroup", "HeadGroup", "SizeCount", "RemovalError", "ResidualBranch",
-           "ResidualShortcut", "ShortcutPath", "apply_architecture_spec", "architecture_spec", "channel_groups",
-           "check_removal", "constant_inputs", "copy_model", "head_groups", "head_magnitudes", "mask_heads", "probe",
-           "remove_blocks", "remove_channels", "remove_heads", "residual_branches", "scale_output_channels",
-           "scales_exactly"]
+__all__ = ["ActivationSite", "ChannelGroup", "ConstantInputs", "HeadGroup", "SizeCount", "RemovalError",
+           "ResidualBranch", "ResidualShortcut", "ShortcutPath", "apply_architecture_spec", "architecture_spec",
+           "channel_groups", "check_removal", "constant_inputs", "copy_model", "head_groups", "head_magnitudes",
+           "mask_heads", "probe", "remove_blocks", "remove_channels", "remove_heads", "residual_branches",
+           "scale_output_channels", "scales_exactly", "zero_padded"]

@@ -238,7 +238,8 @@ def _remove_sums(model: nn.Module, name: str, chosen: Mapping[int | None, str]) 
                          f"{', '.join(chosen.values())}")
     traced = found[0]
     for k in chosen:
-        add, shortcut, _ = sums[k or 0]
+        add, _, branch = sums[k or 0]
+        shortcut = next(a for a in add.args[:2] if a is not branch)  # as it reads now: an earlier sum may be gone
         add.replace_all_uses_with(shortcut)
         traced.graph.erase_node(add)
     traced.graph.eliminate_dead_code()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -183,10 +183,10 @@ def _resize_per_channel(m: nn.Module, keep: list[int]) -> None:
 
 def _fold(m: nn.Module, constants: torch.Tensor) -> None:
     """Add to ``m``'s bias what input columns holding ``constants`` (0 elsewhere) contribute."""
-    w = m.weight.detach()
+    w = m.weight.detach().double()  # in float64, rounded once into the bias
     delta = (w.flatten(2).sum(2) if w.dim() > 2 else w) @ constants.to(w)
-    bias = delta if m.bias is None else m.bias.detach() + delta
-    _set_param(m, "bias", bias)
+    bias = delta if m.bias is None else m.bias.detach().double() + delta
+    _set_param(m, "bias", bias.to(m.weight.dtype))
 
 
 class _ShapeMismatch(RemovalError):
@@ -264,7 +264,8 @@ def remove_channels(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.T
     ``W[:, col] * c`` for a Linear, exact; the kernel sum times ``c`` for a
     convolution, exact without padding, while with zero padding the outputs
     within ``padding`` of the border receive the full kernel sum although part
-    of their window is padding (measure the change, or keep such channels).
+    of their window is padding (:func:`constant_inputs` reports such channels
+    as ``padded`` and folds nothing for them: keep them).
     ``consumer_constants[layer]`` (one value per input column of the consumer
     ``layer``, as :func:`constant_inputs` reads them) gives what that consumer
     sees; ``fold_constants[group]`` (length ``size``) gives one value per
@@ -345,20 +346,65 @@ def _checked_consumer_constants(analysis: _Analysis, given: Mapping[str, torch.T
     return out
 
 
+def zero_padded(m: nn.Module) -> bool:
+    """Whether ``m`` is a convolution that pads its input with zeros: a constant input channel is then not
+    constant inside its windows at the border, and folding it into the bias is not exact."""
+    if not isinstance(m, _CONVS) or m.padding_mode != "zeros":
+        return False
+    if m.padding == "same":
+        return any(k > 1 for k in m.kernel_size)
+    return m.padding != "valid" and any(p > 0 for p in m.padding)
+
+
+class ConstantInputs(NamedTuple):
+    """What :func:`constant_inputs` found: ``constants`` per consumer layer (one value per input column, for
+    ``consumer_constants``); per group, the channels that cannot be folded exactly: ``varying`` (not one
+    constant at some consumer) and ``padded`` (a non-zero constant read by a zero-padded convolution)."""
+
+    constants: dict[str, torch.Tensor]
+    varying: dict[str, list[int]]
+    padded: dict[str, list[int]]
+
+    def unfoldable(self) -> dict[str, set[int]]:
+        """Per group, the channels of :attr:`varying` and :attr:`padded` (to keep, or to remove inexactly)."""
+        out: dict[str, set[int]] = {}
+        for part in (self.varying, self.padded):
+            for group, channels in part.items():
+                out.setdefault(group, set()).update(channels)
+        return out
+
+
+def _probe_wide(module: fx.GraphModule, model: nn.Module, x: torch.Tensor, *, reset: Any, **callbacks: Any) -> None:
+    """:func:`_probe` on a float64 copy of ``model`` (the constants folded into float32 biases are then exact up to
+    that one rounding); on ``model`` itself where the copy does not run (an op that builds a float32 tensor)."""
+    if x.is_floating_point() and x.dtype != torch.float64:
+        wide = copy_model(model).double()
+        try:
+            _probe(fx.GraphModule(wide, module.graph), wide, [x.double()], **callbacks)
+            return
+        except RemovalError:
+            reset()
+    _probe(module, model, [x], **callbacks)
+
+
 def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | torch.Tensor], *,
-                    example_input: torch.Tensor, rtol: float = 1e-5) -> tuple[dict[str, torch.Tensor],
-                                                                             dict[str, list[int]]]:
+                    example_input: torch.Tensor, rtol: float = 1e-5) -> ConstantInputs:
     """What the consumers of ``channels`` ({group: indices}) read from them, for :func:`remove_channels`.
 
     Meant for a model in which those channels no longer depend on the input
     (their filters zeroed, or their scale): whatever lies between a producer
-    and a consumer (activation, BatchNorm, pooling, a residual sum) is run, in
-    eval mode on ``example_input``, and each consumer's input is read along
-    the dim its channels lie on. Returns ``(constants, varying)``: per
-    consumer layer, the value of every input column (that of a removed channel
-    where it is one constant over the batch and the other dims, else 0) for
-    ``consumer_constants``; per group, the channels whose value at some
-    consumer is not one constant (they cannot be folded: keep them).
+    and a consumer (activation, BatchNorm, pooling, a residual sum, a
+    concatenation into layers that each apply their own BatchNorm, as in
+    DenseNet) is run, in eval mode on ``example_input``, and each consumer's
+    input is read along the dim its channels lie on (in float64). Returns
+    :class:`ConstantInputs` ``(constants, varying, padded)``: per consumer
+    layer, the value of every input column (that of a removed channel where it
+    is one constant over the batch and the other dims and its fold is exact,
+    else 0) for ``consumer_constants``; per group, the channels whose value at
+    some consumer is not one constant (``varying``), and those whose constant
+    is not 0 at a zero-padded convolution (``padded``: its border windows
+    read padding, so no bias reproduces them). Neither can be folded exactly:
+    keep them.
 
     >>> import torch
     >>> from autoslim.models import create_model
@@ -366,8 +412,8 @@ def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | tor
     >>> with torch.no_grad():
     ...     model.classifier.fc1.weight[:2] = 0
     ...     model.classifier.fc1.bias[:2] = torch.tensor([0.5, -1.0])
-    >>> constants, varying = constant_inputs(model, {"classifier.fc1": [0, 1]}, example_input=torch.randn(4, 1, 8, 8))
-    >>> constants["classifier.fc2"][:3].tolist(), varying   # relu(0.5), relu(-1); other columns read as 0
+    >>> found = constant_inputs(model, {"classifier.fc1": [0, 1]}, example_input=torch.randn(4, 1, 8, 8))
+    >>> found.constants["classifier.fc2"][:3].tolist(), found.varying   # relu(0.5), relu(-1); others read as 0
     ([0.5, 0.0, 0.0], {})
     """
     analysis = _analyse(model, example_input)
@@ -391,14 +437,20 @@ def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | tor
         stats[name] = new if old is None else (torch.minimum(old[0], new[0]), torch.maximum(old[1], new[1]),
                                                old[2] + new[2], old[3] + new[3])
 
-    _probe(analysis.module, model, [example_input], layer_inputs=list(consumers), on_input=on_input)
-    constants, varying = {}, {}
+    _probe_wide(analysis.module, model, example_input, layer_inputs=list(consumers), on_input=on_input,
+                reset=stats.clear)
+    constants: dict[str, torch.Tensor] = {}
+    unfoldable: dict[str, dict[str, set[int]]] = {"varying": {}, "padded": {}}
     for name, roots in consumers.items():
         lo, hi, total, count = (t.cpu() for t in stats[name])
         steady = (hi - lo) <= rtol * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
         removed = torch.tensor([r in gone for r in roots])
-        constants[name] = torch.where(removed & steady, total / count, 0.0).float()
-        for j in torch.nonzero(removed & ~steady).flatten().tolist():
-            group, channel = gone[roots[j]]
-            varying.setdefault(group, set()).add(channel)
-    return constants, {g: sorted(c) for g, c in varying.items()}
+        padded = steady & (torch.maximum(hi.abs(), lo.abs()) > 0) if zero_padded(model.get_submodule(name)) \
+            else torch.zeros_like(steady)
+        constants[name] = torch.where(removed & steady & ~padded, total / count, 0.0)
+        for kind, mask in (("varying", removed & ~steady), ("padded", removed & padded)):
+            for j in torch.nonzero(mask).flatten().tolist():
+                group, channel = gone[roots[j]]
+                unfoldable[kind].setdefault(group, set()).add(channel)
+    return ConstantInputs(constants, *({g: sorted(c) for g, c in unfoldable[kind].items()}
+                                       for kind in ("varying", "padded")))
