@@ -33,6 +33,7 @@ from autoslim.fit import resolve_loop
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
 from autoslim.methods import Method, TrialContext, get_method, list_methods
 from autoslim.models import MODELS, create_model
+from autoslim.selection import check_ignore
 from autoslim.train import Callback, seed_everything
 
 # What a trial's config.yaml must hold (autoslim export writes every field); params left out are filled in.
@@ -87,7 +88,10 @@ def structured_methods() -> list[str]:
 
 def check_method(method: Method, model: nn.Module, *, example_input, params, pruning: PruningConfig) -> None:
     """``method.check``, handed the ``pruning`` rules if it is structured (a method that is not may not take
-    them)."""
+    them); for a structured method, first an ``ignore`` pattern that matches no layer of ``model`` is refused
+    (:func:`autoslim.selection.check_ignore`), whoever wrote the method."""
+    if method.structured:
+        check_ignore(model, pruning)
     method.check(model, example_input=example_input, params=params,
                  **({"pruning": pruning} if method.structured else {}))
 

@@ -66,7 +66,7 @@ from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (Selection, SizeTarget, check_ignore, prunable, refuse_if_all_ignored, select,
+from autoslim.selection import (Selection, SizeTarget, prunable, refuse_if_all_ignored, select,
                                 select_to, target_info, target_line)
 from autoslim.surgery import (ChannelGroup, channel_groups, check_removal, constant_inputs, copy_model,
                               remove_channels, scale_output_channels, scales_exactly)
@@ -261,7 +261,6 @@ class L1L2(Method):
               pruning: PruningConfig | None = None) -> None:
         """Refuse a model with no prunable group (none left by ``pruning.ignore``), or whose channels cannot be
         removed."""
-        check_ignore(model, pruning or PruningConfig())
         groups = self.groups(model, example_input=example_input, layers=params["layers"], pruning=pruning)
         check_removal(model, example_input=example_input, groups=groups)
 

@@ -68,7 +68,7 @@ from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (SizeTarget, check_ignore, prunable, prunable_block, refuse_if_all_ignored, select,
+from autoslim.selection import (SizeTarget, prunable, prunable_block, refuse_if_all_ignored, select,
                                 select_to, target_info, target_line)
 from autoslim.surgery import (channel_groups, check_removal, constant_inputs, remove_blocks,
                               remove_channels, residual_branches, scale_output_channels, scales_exactly)
@@ -300,7 +300,6 @@ class SparseStructureSelection(Method):
               pruning: PruningConfig | None = None) -> None:
         """Refuse a model without the structures of ``level`` (or none left by ``pruning.ignore``), or whose
         structures cannot be removed."""
-        check_ignore(model, pruning or PruningConfig())
         found = structures(model, level=params["level"], example_input=example_input, pruning=pruning)
         channels = {st.name for st in found if st.kind == "channel"}
         check_removal(model, example_input=example_input,

@@ -58,7 +58,7 @@ from autoslim.data import Split, batches
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (check_ignore, prunable, refuse_if_all_ignored, select, select_to, target_info,
+from autoslim.selection import (prunable, refuse_if_all_ignored, select, select_to, target_info,
                                 target_line)
 from autoslim.surgery import ChannelGroup, channel_groups, check_removal, constant_inputs, probe, remove_channels
 
@@ -184,7 +184,6 @@ class NetworkTrimming(Method):
         """Refuse a model with no measurable group (none left by ``pruning.ignore``), or whose channels cannot be
         removed."""
         pruning = pruning or PruningConfig()
-        check_ignore(model, pruning)
         check_removal(model, example_input=example_input,
                       groups=trimmed_groups(model, example_input=example_input, pruning=pruning))
 
