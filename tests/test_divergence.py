@@ -12,6 +12,7 @@ from autoslim.config import load_study
 from autoslim.methods import base as methods_base
 from autoslim.methods import get_method
 from autoslim.methods.base import Method, register_method
+from autoslim.recover import slot_of
 from autoslim.study import optimize
 
 TINY = tiny_study(warm_start=False)
@@ -62,7 +63,12 @@ def test_a_method_that_raises_fails_its_trial_with_the_message_and_the_study_goe
     lines = []
     study = run(tmp_path, {**TINY, "methods": {flaky_method: TINY["methods"]["trimming"]}}, lines)
     trials = study.get_trials(deepcopy=False)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # a failure uses up an attempt
+    # a failure uses up one of this run's attempts; a fresh trial takes its slot (autoslim.distributed), and the
+    # next run of the study runs it
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.WAITING]
+    assert slot_of(trials[2]) == slot_of(trials[0]) == 0
+    rerun = run(tmp_path, {**TINY, "methods": {flaky_method: TINY["methods"]["trimming"]}}, lines)
+    assert [t.state for t in rerun.get_trials(deepcopy=False)] == [TrialState.FAIL] + [TrialState.COMPLETE] * 2
     error = "RuntimeError: the method broke on a second line"
     assert trials[0].user_attrs["error"] == error
     assert f"[trial 0] failed: {error}" in lines
