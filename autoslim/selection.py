@@ -199,7 +199,7 @@ def select_to(target: SizeTarget, groups: Iterable[ChannelGroup], scores: Mappin
 def target_info(selection: Selection, target: SizeTarget) -> dict:
     """What a method records of a target selection (``info["target"]``)."""
     return {"measure": target.measure, "value": target.value, "selected": selection.size, "over": selection.over,
-            "reached": selection.size <= target.value}
+            "reached": selection.reached and selection.size <= target.value}
 
 
 def target_line(method: str, info: Mapping) -> str:

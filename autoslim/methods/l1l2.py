@@ -204,18 +204,30 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
     groups = list(groups)
     pruning = pruning or PruningConfig()
     chosen = None
-    if target is None:
-        small = {g.name: torch.nonzero(small_filters(producer_weights(model, g), threshold=threshold,
-                                                     granularity=g.granularity)).flatten().tolist() for g in groups}
-    else:
-        chosen = select_to(target, groups, {g.name: filter_importance(model, g) for g in groups}, pruning,
-                           model=model, example_input=example_input)
-        small = {g.name: [j for j in range(g.size) if j not in set(chosen.keep[g.name])] for g in groups}
-    small = _selected(model, groups, small, pruning)
-    masked = copy_model(model)
-    zero_filters(masked, groups, small)
-    found = constant_inputs(masked, small, example_input=example_input)
-    unfoldable = found.unfoldable()
+    scores = {g.name: filter_importance(model, g) for g in groups}
+    # To a size target, a selected filter found unfoldable (not constant at a consumer, or read by a zero-padded
+    # conv) stays: the selection is made again with it kept first, until every selected filter can go.
+    for _ in range(1 + (sum(g.size for g in groups) if target is not None else 0)):
+        if target is None:
+            small = {g.name: torch.nonzero(small_filters(producer_weights(model, g), threshold=threshold,
+                                                         granularity=g.granularity)).flatten().tolist()
+                     for g in groups}
+        else:
+            chosen = select_to(target, groups, scores, pruning, model=model, example_input=example_input)
+            small = {g.name: [j for j in range(g.size) if j not in set(chosen.keep[g.name])] for g in groups}
+        small = _selected(model, groups, small, pruning)
+        masked = copy_model(model)
+        zero_filters(masked, groups, small)
+        found = constant_inputs(masked, small, example_input=example_input)
+        unfoldable = found.unfoldable()
+        if not any(unfoldable.get(g.name) for g in groups):
+            break
+        for g in groups:  # a filter (its GroupNorm block) that must stay is kept first: the next selection
+            for j in unfoldable.get(g.name, ()):  # reaches the target without it
+                start = j // g.granularity * g.granularity
+                scores[g.name][start:start + g.granularity] = float("inf")
+    if chosen is not None and any(unfoldable.get(g.name) for g in groups):
+        chosen = dataclasses.replace(chosen, reached=False)  # the target needs a filter that has to stay
     removed, kept, padded = {}, {}, {}
     for g in groups:
         blocks = {j // g.granularity for j in unfoldable.get(g.name, ())}
