@@ -71,7 +71,7 @@ import optuna
 import torch
 from torch import nn
 
-from autoslim.config import OBJECTIVES, ConstraintsConfig, DataConfig, TrainConfig, TrialConfig
+from autoslim.config import OBJECTIVES, ConstraintsConfig, DataConfig, PruningConfig, TrainConfig, TrialConfig
 from autoslim.data import Data, Split
 from autoslim.errors import UsageError
 from autoslim.fit import UserEvaluate, UserFit
@@ -106,28 +106,35 @@ class Plan:
     seed: int = 0
 
     def compress(self, model: nn.Module, *, fit: Callable, evaluate: Callable, example_inputs: torch.Tensor,
-                 train: TrainConfig | Mapping[str, Any] | None = None, callbacks: Sequence[Callback] = (),
+                 train: TrainConfig | Mapping[str, Any] | None = None,
+                 pruning: PruningConfig | Mapping[str, Any] | None = None, callbacks: Sequence[Callback] = (),
                  log: Callable[[str], None] = lambda s: None) -> TrialResult:
         """Compress ``model`` (trained in place by ``fit``; a method that builds its own network, ThriftyNet,
         builds it with the output width of ``model``) and measure the result (see the module doc).
 
         ``train`` (a :class:`~autoslim.config.TrainConfig` or its keys) sets the epochs of each method phase
-        (``epochs``) and the optimizer ``optimizer_factory()`` builds; ``callbacks`` see every epoch."""
+        (``epochs``) and the optimizer ``optimizer_factory()`` builds; ``pruning`` (a
+        :class:`~autoslim.config.PruningConfig` or its keys ``ignore``, ``round_to``) the rules of a method that
+        removes channels, as a study file's ``pruning:`` section; ``callbacks`` see every epoch."""
         start = time.perf_counter()
         config = train if isinstance(train, TrainConfig) else build(TrainConfig, dict(train or {}), "train")
+        rules = pruning if isinstance(pruning, PruningConfig) else build(PruningConfig, dict(pruning or {}), "pruning")
         if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2 or not len(example_inputs):
             raise UsageError(f"example_inputs: expected a batch of inputs (a tensor N x ...), got "
                              f"{type(example_inputs).__name__}")
         data = inputs_only(example_inputs, num_classes=_outputs(model, example_inputs))
         method = get_method(self.method)
+        if rules.active and not method.structured:
+            raise UsageError(f"pruning: method {self.method!r} does not remove channels, so ignore and round_to do "
+                             "not apply to it")
         if method.builds_model:
             model = method.build_model(self.params, in_shape=data.in_shape, num_classes=data.num_classes)
             model = model.to(example_inputs.device)
         ctx = TrialContext(data=data, train_config=config, seed=self.seed, callbacks=callbacks, log=log,
                            fit=UserFit(fit, where="fit"),
-                           evaluator=UserEvaluate(evaluate, where="evaluate", need_split=False))
+                           evaluator=UserEvaluate(evaluate, where="evaluate", need_split=False), pruning=rules)
         trial_config = TrialConfig(method=self.method, params=dict(self.params), model=_name(model), train=config,
-                                   seed=self.seed, data=DataConfig(name=USER_DATA))
+                                   seed=self.seed, data=DataConfig(name=USER_DATA), pruning=rules)
         result = compress_model(model, config=trial_config, ctx=ctx, in_shape=data.in_shape)
         result.seconds = time.perf_counter() - start
         return result

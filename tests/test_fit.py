@@ -194,12 +194,31 @@ def test_report_rung_stops_a_dominated_trial_inside_a_users_fit(data):
     (lambda t, d: autoslim.suggest(t, methods=["l1l2"]).compress(
         nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), fit=make_fit(d), evaluate=lambda m: 1.0,
         example_inputs=d.val.x), "l1l2: Sequential has no removable channel group"),
+    (lambda t, d: autoslim.suggest(t, methods=["iht"]).compress(
+        create_model("lenet300_100", in_shape=(1, 8, 8), num_classes=10), fit=make_fit(d), evaluate=lambda m: 1.0,
+        example_inputs=d.val.x, pruning={"round_to": 8}), "pruning: method 'iht' does not remove channels"),
+    (lambda t, d: autoslim.suggest(t, methods=["trimming"]).compress(
+        create_model("lenet300_100", in_shape=(1, 8, 8), num_classes=10), fit=make_fit(d), evaluate=lambda m: 1.0,
+        example_inputs=d.val.x, pruning={"ignore": ["classifier.fc9"]}), "pruning.ignore: 'classifier.fc9' matches"),
 ])
 def test_the_api_refuses_bad_input_in_one_line_before_training(data, call, message):
     trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
     with pytest.raises(UsageError) as e:
         call(trial, data)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_compress_honours_the_pruning_rules(data):
+    """plan.compress(pruning=...) keeps ignored layers and rounds widths as a study file's pruning: does."""
+    plan = autoslim.Plan(method="trimming", params=autoslim.get_method("trimming").search_space().complete(
+        TRIMMING, where="params"))
+    small = plan.compress(create_model("lenet300_100", in_shape=(1, 8, 8), num_classes=10), fit=make_fit(data),
+                          evaluate=lambda m: top1(m, data.val), example_inputs=data.val.x, train={"epochs": 1},
+                          pruning={"ignore": ["classifier.fc1"], "round_to": 8})
+    assert small.widths_after["classifier.fc1"] == small.widths_before["classifier.fc1"]
+    assert small.widths_after["classifier.fc2"] % 8 == 0
+    assert small.widths_after["classifier.fc2"] < small.widths_before["classifier.fc2"]
+    assert small.config.pruning.round_to == 8
 
 
 def test_objectives_prunes_a_result_that_removed_nothing_and_refuses_unknown_objectives(data):
