@@ -25,7 +25,8 @@ its width up to the multiple needs (those of factor 0 then stay as channels
 that output a constant). Given a size target
 (:attr:`autoslim.methods.TrialContext.target`) the channels go in
 order of |factor|, over all groups, down to the target, instead of by
-``threshold``.
+``threshold`` (a target that is a cap, a warm-start trial under a budget:
+by ``threshold``, then in that order only what it leaves above the cap).
 
 The weights train with SGD + Nesterov momentum and weight decay; the factors
 train with :class:`APG` only (no weight decay), which applies the penalty
@@ -68,7 +69,7 @@ from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (SizeTarget, prunable, prunable_block, refuse_if_all_ignored, select,
+from autoslim.selection import (SizeTarget, capped, prunable, prunable_block, refuse_if_all_ignored, select,
                                 select_to, target_info, target_line)
 from autoslim.surgery import (channel_groups, check_removal, constant_inputs, remove_blocks,
                               remove_channels, residual_branches, scale_output_channels, scales_exactly)
@@ -233,11 +234,15 @@ def _surviving_channels(model: nn.Module, scales: Scales, *, threshold: float, p
     groups = [g for g in channel_groups(model, example_input=example_input)
               if g.name in {s.structure for s in channel_scales}] if channel_scales else []
     importance = {s.structure: s.per_channel().detach().abs() for s in channel_scales}
-    if target is not None and groups:
+    if target is not None and not target.cap and groups:
         chosen = select_to(target, groups, importance, pruning, model=model, example_input=example_input)
         return groups, importance, chosen.keep, chosen
     small = {s.structure: s.per_channel().detach() <= threshold for s in channel_scales}
-    return groups, importance, select(groups, importance, pruning, remove=small).keep, None
+    keep = select(groups, importance, pruning, remove=small).keep
+    chosen = None
+    if target is not None and groups:  # a cap: the rule's channels, and more if it leaves a network above it
+        chosen = capped(target, keep, groups, importance, pruning, model=model, example_input=example_input)
+    return groups, importance, keep if chosen is None else chosen.keep, chosen
 
 
 def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float,
@@ -295,6 +300,8 @@ class SparseStructureSelection(Method):
     name = "sss"
     check_params = ("level",)
     structured = True
+    size_knobs = ("threshold",)
+    target_measures = ("params", "flops")
 
     def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
               pruning: PruningConfig | None = None) -> None:
