@@ -178,7 +178,7 @@ class IHT(Method):
 
     name = "iht"
     check_params = ("prune_first", "prune_last")
-    size_knobs = ("keep_ratio", "linear_keep_factor")
+    size_knobs = ("keep_ratio", "linear_keep_factor", "prune_first", "prune_last")
     target_measures = ("params",)
 
     def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:

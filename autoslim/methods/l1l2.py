@@ -262,7 +262,7 @@ class L1L2(Method):
     name = "l1l2"
     check_params = ("layers",)
     structured = True
-    size_knobs = ("threshold",)
+    size_knobs = ("threshold", "layers")
     target_measures = ("params", "flops")
 
     def groups(self, model: nn.Module, *, example_input: torch.Tensor, layers: str,

@@ -69,8 +69,9 @@ from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (SizeTarget, capped, prunable, prunable_block, refuse_if_all_ignored, select,
-                                select_to, target_info, target_line)
+from autoslim.measure import count_flops, count_params
+from autoslim.selection import (Selection, SizeTarget, capped, prunable, prunable_block, refuse_if_all_ignored,
+                                select, select_to, target_info, target_line)
 from autoslim.surgery import (channel_groups, check_removal, constant_inputs, remove_blocks,
                               remove_channels, residual_branches, scale_output_channels, scales_exactly)
 
@@ -245,6 +246,27 @@ def _surviving_channels(model: nn.Module, scales: Scales, *, threshold: float, p
     return groups, importance, keep if chosen is None else chosen.keep, chosen
 
 
+def _blocks_to_target(model: nn.Module, scales: Scales, target: SizeTarget, *,
+                      example_input: torch.Tensor) -> Selection:
+    """Zero the factors of the residual branches of smallest |factor| (those already 0 first) until removing
+    them leaves ``model`` within ``target`` (of a cap: only when the zero ones leave it above); the selection
+    (``keep``: empty, ``size`` the count, ``over`` with the last branch put back)."""
+    size = {"params": count_params,
+            "flops": lambda m: count_flops(m, in_shape=tuple(example_input.shape[1:]))}[target.measure]
+    order = sorted((s for s in scales if s.kind == "block"), key=lambda s: abs(s.factor.item()))
+    gone = [s.structure for s in order if s.factor.item() == 0.0]
+    counts = [size(remove_blocks(model, gone) if gone else model)]
+    for s in order[len(gone):]:
+        if counts[-1] <= target.value:
+            break
+        with torch.no_grad():
+            s.factor.zero_()
+        gone.append(s.structure)
+        counts.append(size(remove_blocks(model, gone)))
+    return Selection({}, size=counts[-1], target=target.value, reached=counts[-1] <= target.value,
+                     over=counts[-2] if len(counts) > 1 else None, last=("blocks", gone[-1:]) if gone else None)
+
+
 def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float,
                            example_input: torch.Tensor, pruning: PruningConfig | None = None,
                            target: SizeTarget | None = None) -> tuple[nn.Module, dict]:
@@ -255,7 +277,8 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
     kept. ``pruning``'s ``round_to`` keeps the largest of the small factors that rounding a group's width up needs
     (:mod:`autoslim.selection`; a group keeps at least its largest channel). With a ``target`` the channels go in
     order of |factor|, over all groups, down to that size (``info["target"]``), instead of by ``threshold``
-    (branches still go by ``threshold``). Returns the new model and what was removed (``channels``: {group:
+    (branches still go by ``threshold``; at ``level: block``, without channels to select, the branches go in
+    order of |factor| down to the target, :func:`_blocks_to_target`). Returns the new model and what was removed (``channels``: {group:
     count}, ``blocks``: names, ``kept_padded``: {group: count} of zero-factor channels kept for a zero-padded conv).
     """
     pruning = pruning or PruningConfig()
@@ -271,6 +294,8 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
             s.factor[~kept] = 0.0
             if s.kind == "channel":
                 drop[s.structure] = torch.nonzero(~kept.repeat_interleave(s.granularity)).flatten().tolist()
+    if target is not None and not groups:  # branches only (level: block): they go in |factor| order
+        chosen = _blocks_to_target(model, scales, target, example_input=example_input)
     scales.fold()
     found = constant_inputs(model, drop, example_input=example_input) if drop else None
     unfoldable = found.unfoldable() if found else {}
