@@ -126,10 +126,11 @@ def layer_counts(sizes: Mapping[str, int], keep: int) -> dict[str, int]:
     exact = {n: keep * s / total for n, s in sizes.items()}
     counts = {n: min(sizes[n], max(1, int(e))) for n, e in exact.items()}
     by_remainder = sorted(sizes, key=lambda n: exact[n] - int(exact[n]), reverse=True)
-    while sum(counts.values()) != keep:
-        step = 1 if sum(counts.values()) < keep else -1
-        movable = [n for n in by_remainder if (counts[n] < sizes[n] if step > 0 else counts[n] > 1)]
-        counts[movable[0] if step > 0 else movable[-1]] += step
+    while (missing := keep - sum(counts.values())) != 0:  # one more (or less) each, largest remainders first
+        step = 1 if missing > 0 else -1
+        order = by_remainder if step > 0 else by_remainder[::-1]
+        for n in [n for n in order if (counts[n] < sizes[n] if step > 0 else counts[n] > 1)][:abs(missing)]:
+            counts[n] += step
     return counts
 
 
