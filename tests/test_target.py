@@ -195,3 +195,15 @@ def test_bad_target_settings_are_one_line_exit_2(tmp_path, capsys, target, const
     err = capsys.readouterr().err
     assert err.startswith(f"autoslim: error: {message}") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_a_plugin_method_without_target_support_runs_by_its_own_rule_said_in_one_line():
+    lines: list[str] = []
+    cfg = StudyConfig.from_dict(tiny_study(methods={"toyplugin.method:Magnitude": {"finetune_epochs": 0}},
+                                           constraints={"max_params": 50_000}, n_trials=1, warm_start=False))
+    study = optimize(cfg, storage="sqlite:///:memory:", log=lines.append)
+    (t,) = study.trials
+    assert t.state == TrialState.COMPLETE and t.user_attrs["config"]["target"] is None
+    assert "toyplugin.method:Magnitude.amount" in t.params and "target_params" not in t.params
+    assert lines.count("target: toyplugin.method:Magnitude cannot remove down to a params target; its trials run "
+                       "by its own rule (warm start included)") == 1

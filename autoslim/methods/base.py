@@ -266,7 +266,9 @@ def list_methods() -> list[str]:
 
 def describe_method(name: str) -> dict:
     """Method ``name`` (registered, installed or an import string) as plain data: its summary, where it comes
-    from, and its knobs (:meth:`autoslim.space.SearchSpace.describe`); for ``autoslim methods``.
+    from, its knobs (:meth:`autoslim.space.SearchSpace.describe`), those that decide its size
+    (:attr:`Method.size_knobs`) and the size targets it reaches (:attr:`Method.target_measures`); for
+    ``autoslim methods``.
 
     >>> info = describe_method("trimming")
     >>> info["origin"], info["knobs"][0]["name"], info["builds_model"]
@@ -275,4 +277,5 @@ def describe_method(name: str) -> dict:
     cls = METHODS.get(name, field="methods")
     space = cls.search_space()
     return {"name": name, "origin": METHODS.origin(name), "summary": space.summary,
-            "builds_model": cls.builds_model, "knobs": space.describe(), "paper_default": space.paper_default}
+            "builds_model": cls.builds_model, "knobs": space.describe(), "paper_default": space.paper_default,
+            "size_knobs": list(cls.size_knobs), "target_measures": list(cls.target_measures)}
