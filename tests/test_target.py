@@ -207,3 +207,18 @@ def test_a_plugin_method_without_target_support_runs_by_its_own_rule_said_in_one
     assert "toyplugin.method:Magnitude.amount" in t.params and "target_params" not in t.params
     assert lines.count("target: toyplugin.method:Magnitude cannot remove down to a params target; its trials run "
                        "by its own rule (warm start included)") == 1
+
+
+def test_removal_both_samples_the_rule_per_trial():
+    cfg = StudyConfig.from_dict(tiny_study(constraints={"max_params": 30_000}, target={"removal": "both", "low": 0.5},
+                                           n_trials=4, warm_start=False))
+    study = optimize(cfg, storage="sqlite:///:memory:", log=lambda line: None)
+    rules = set()
+    for t in study.trials:
+        rules.add(t.params["removal"])
+        target = t.user_attrs["config"]["target"]
+        assert (target is None) == (t.params["removal"] == "threshold")
+        assert ("trimming.alpha" in t.params) == (t.params["removal"] == "threshold")  # a size knob
+        if target:
+            assert 15_000 <= target["value"] == t.params["target_params"] <= 30_000
+    assert rules == {"target", "threshold"}
