@@ -196,6 +196,11 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     if own_rule and cfg.removal != "threshold":
         log(f"target: {', '.join(own_rule)} cannot remove down to a {found[0]} target; its trials run by its own "
             "rule (warm start included)")
+    unused = [f"methods.{m}.{k}" for m in spaces if m not in own_rule
+              for k in get_method(m).size_knobs if k in cfg.methods[m].space]
+    if unused and cfg.removal == "target":
+        log(f"target: {', '.join(unused)} decide(s) the size under the paper's rule only; with removal: target "
+            "only the warm start uses them")
     unruled = [m for m in spaces if not get_method(m).structured]
     if cfg.pruning.active and unruled:
         log(f"pruning: ignore and round_to apply to {', '.join(m for m in spaces if m not in unruled)}; "

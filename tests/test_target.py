@@ -222,3 +222,14 @@ def test_removal_both_samples_the_rule_per_trial():
         if target:
             assert 15_000 <= target["value"] == t.params["target_params"] <= 30_000
     assert rules == {"target", "threshold"}
+
+
+def test_a_size_knob_the_study_file_sets_is_said_to_be_unused_under_a_target():
+    lines: list[str] = []
+    methods = {"trimming": {**tiny_study()["methods"]["trimming"], "fraction": 0.3}}
+    cfg = StudyConfig.from_dict(tiny_study(methods=methods, constraints={"max_params": 30_000}, n_trials=1,
+                                           warm_start=False))
+    (t,) = optimize(cfg, storage="sqlite:///:memory:", log=lines.append).trials
+    assert t.user_attrs["config"]["target"]["rule"] == "target"
+    assert lines.count("target: methods.trimming.fraction decide(s) the size under the paper's rule only; with "
+                       "removal: target only the warm start uses them") == 1
