@@ -197,7 +197,8 @@ class TargetConfig:
     is ``max_params`` when it is set (a target in parameters), else
     ``max_flops`` (a target in FLOPs).
 
-    >>> TargetConfig().removal_for(ConstraintsConfig(max_params=10_000)), TargetConfig().removal_for(ConstraintsConfig())
+    >>> budgeted, free = ConstraintsConfig(max_params=10_000), ConstraintsConfig()
+    >>> TargetConfig().removal_for(budgeted), TargetConfig().removal_for(free)
     ('target', 'threshold')
     >>> TargetConfig(low=0.5, high=0.1)
     Traceback (most recent call last):

@@ -187,7 +187,8 @@ def test_a_method_that_cannot_reach_a_target_is_refused_in_a_config():
                                                     "0 < low <= high <= 1"),
     ({"low": 0}, {"max_params": 10}, "target.low: 0.0 is out of range; accepted: > 0.0 and <= 1.0"),
     ({"high": 2}, {"max_params": 10}, "target.high: 2.0 is out of range; accepted: > 0.0 and <= 1.0"),
-    ({"removal": "size"}, {"max_params": 10}, "target.removal: unknown value 'size'; accepted: target, threshold, both"),
+    ({"removal": "size"}, {"max_params": 10},
+     "target.removal: unknown value 'size'; accepted: target, threshold, both"),
 ])
 def test_bad_target_settings_are_one_line_exit_2(tmp_path, capsys, target, constraints, message):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(tiny_study(target=target, constraints=constraints)))

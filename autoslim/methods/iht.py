@@ -192,8 +192,11 @@ class IHT(Method):
         layers = prunable_layers(model, prune_first=params["prune_first"], prune_last=params["prune_last"])
         ratios = {n: params["keep_ratio"] * (params["linear_keep_factor"] if isinstance(m, nn.Linear) else 1.0)
                   for n, m in layers.items()}
+        if ctx.target is not None and ctx.target.measure not in self.target_measures:
+            raise UsageError(f"iht: a {ctx.target.measure} target cannot be reached by sparsity (dense kernels "
+                             "compute the zeros); accepted: a params target")
         ctx.train(model, phase="train")
-        cycles = []
+        cycles, goal = [], None
         for c in range(1, params["cycles"] + 1):
             masks = magnitude_masks(layers, keep_ratio=ratios, scope=params["scope"])
             if ctx.target is not None:
@@ -210,7 +213,7 @@ class IHT(Method):
         total = sum(m.weight.numel() for m in layers.values())
         ctx.log(f"iht: kept {kept:,} of {total:,} prunable weights ({100 * kept / max(1, total):.1f}%)")
         info = {}
-        if ctx.target is not None and goal is not None:
+        if goal is not None:
             nonzeros = sum(int(torch.count_nonzero(p)) for p in model.parameters())
             info["target"] = {"measure": "params", "value": ctx.target.value, "selected": nonzeros,
                               "reached": nonzeros <= ctx.target.value, "kept_weights_goal": goal}

@@ -278,8 +278,9 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
     (:mod:`autoslim.selection`; a group keeps at least its largest channel). With a ``target`` the channels go in
     order of |factor|, over all groups, down to that size (``info["target"]``), instead of by ``threshold``
     (branches still go by ``threshold``; at ``level: block``, without channels to select, the branches go in
-    order of |factor| down to the target, :func:`_blocks_to_target`). Returns the new model and what was removed (``channels``: {group:
-    count}, ``blocks``: names, ``kept_padded``: {group: count} of zero-factor channels kept for a zero-padded conv).
+    order of |factor| down to the target, :func:`_blocks_to_target`). Returns the new model and what was removed
+    (``channels``: {group: count}, ``blocks``: names, ``kept_padded``: {group: count} of zero-factor channels kept
+    for a zero-padded conv).
     """
     pruning = pruning or PruningConfig()
     drop, removed = {}, {}

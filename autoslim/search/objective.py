@@ -71,8 +71,8 @@ class Objective:
                            target=target)
 
     def target(self, trial: optuna.Trial, method: str) -> TrialTarget | None:
-        """The size ``method``'s trial removes down to, under the study's budget (:class:`~autoslim.config.TargetConfig`):
-        None without a budget, for a method that cannot reach one of its measure, or under removal ``threshold``
+        """The size ``method``'s trial removes down to, under the study's budget
+        (:class:`~autoslim.config.TargetConfig`): None without a budget, for a method that cannot reach one of its measure, or under removal ``threshold``
         (``both``: the Optuna parameter ``removal`` picks); a warm-start trial runs its method's own rule capped at
         the budget; else the Optuna parameter ``target_params`` (``target_flops``), log-uniform from ``low`` to
         ``high`` times the budget."""
@@ -128,8 +128,8 @@ class Objective:
         prefix = f"[trial {trial.number}]"
         knobs = " ".join(f"{k}={short(v)}" for k, v in config.params.items())
         goal = config.target
-        self.log(f"{prefix} {config.method}: {knobs}" + ("" if goal is None else f" target={goal.value:,} {goal.measure}"
-                                                         + (" (cap)" if goal.rule == "cap" else "")))
+        size = "" if goal is None else f" target={goal.value:,} {goal.measure}{' (cap)' * (goal.rule == 'cap')}"
+        self.log(f"{prefix} {config.method}: {knobs}{size}")
         with Heartbeat(trial, every=self.cfg.recovery.heartbeat_interval) as heartbeat:
             callbacks: list[Callback] = [heartbeat, EpochPrinter(self.log, prefix)]
             stopping = self.cfg.early_stopping
