@@ -103,6 +103,7 @@ def trial_note(number: int, result: TrialResult) -> str:
         "|---|---|",
         f"| model, seed | `{result.config.model}`, {result.config.seed} |",
         f"| hyperparameters | {knobs or '(defaults)'} |",
+        *_target_rows(result.config.target),
         f"| accuracy (val / test) | {100 * result.val_accuracy:.2f}% / {100 * result.test_accuracy:.2f}% |",
         f"| parameters | {params} |",
         f"| compression | {a['compression']:.1f}x vs the uncompressed {result.baseline_params:,} |",
@@ -116,6 +117,14 @@ def trial_note(number: int, result: TrialResult) -> str:
         "Artifacts: `model.pt` (`autoslim.load_model`), `widths.png`, `training.png`.",
         "",
     ])
+
+
+def _target_rows(target) -> list[str]:
+    """The note's row on the size the trial removed down to (its config's ``target``), if it had one."""
+    if target is None:
+        return []
+    how = "sampled target" if target.rule == "target" else "the method's own rule, capped at the budget"
+    return [f"| size target | {target.value:,} {target.measure} ({how}) |"]
 
 
 def _latency_setting(lat) -> str:

@@ -133,7 +133,10 @@ def cmd_methods(args) -> int:
     for info in infos:
         print(f"{info['name']} ({info['origin']}{', builds its own model' if info['builds_model'] else ''}): "
               f"{info['summary']}")
-        rows = [(k["name"], k["type"], _domain(k), str(k["default"]).lower() if isinstance(k["default"], bool) else str(k["default"]), "searched" if k["searched"] else "setting")
+        rows = [(k["name"], k["type"], _domain(k),
+                 str(k["default"]).lower() if isinstance(k["default"], bool) else str(k["default"]),
+                 ("searched" if k["searched"] else "setting")
+                 + (" (size: not sampled under a size target)" if k["name"] in info["size_knobs"] else ""))
                 for k in info["knobs"]]
         widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else []
         for row in rows:

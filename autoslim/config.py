@@ -179,6 +179,78 @@ class ConstraintsConfig:
     min_accuracy: float | None = field(default=None, metadata=meta(min=0.0, max=1.0))
 
 
+REMOVALS = ["target", "threshold", "both"]
+
+
+@dataclass
+class TargetConfig:
+    """How a trial's size is decided (the study file's ``target:`` section).
+
+    ``removal``: ``target``, every trial removes down to a size sampled for it
+    (its Optuna parameter ``target_params``, or ``target_flops``), log-uniform
+    from ``low`` to ``high`` times the study's budget, each method by its own
+    importance order (the knobs that decide size under the paper's rule,
+    ``Method.size_knobs``, are then not sampled); ``threshold``, each method's
+    own stopping rule (the papers'); ``both``, the categorical Optuna parameter
+    ``removal`` picks one per trial. Unset: ``target`` when the study sets
+    ``constraints.max_params`` or ``max_flops``, else ``threshold``. The budget
+    is ``max_params`` when it is set (a target in parameters), else
+    ``max_flops`` (a target in FLOPs).
+
+    >>> budgeted, free = ConstraintsConfig(max_params=10_000), ConstraintsConfig()
+    >>> TargetConfig().removal_for(budgeted), TargetConfig().removal_for(free)
+    ('target', 'threshold')
+    >>> TargetConfig(low=0.5, high=0.1)
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: target.low: 0.5 is above target.high 0.1; accepted: 0 < low <= high <= 1
+    """
+
+    removal: str | None = field(default=None, metadata=meta(choices=REMOVALS))
+    low: float = field(default=0.05, metadata=meta(min_exclusive=0.0, max=1.0))
+    high: float = field(default=1.0, metadata=meta(min_exclusive=0.0, max=1.0))
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise UsageError(f"target.low: {self.low} is above target.high {self.high}; accepted: "
+                             "0 < low <= high <= 1")
+
+    def removal_for(self, constraints: "ConstraintsConfig") -> str:
+        """The removal rule of a study with ``constraints``; a UsageError line if it needs a budget there is not."""
+        if self.removal is None:
+            return "target" if budget(constraints) else "threshold"
+        if self.removal != "threshold" and not budget(constraints):
+            raise UsageError(f"target.removal: {self.removal!r} samples a size under the study's budget, and the "
+                             "study sets none; accepted: set constraints.max_params or constraints.max_flops, or "
+                             "removal: threshold")
+        return self.removal
+
+
+def budget(constraints: "ConstraintsConfig") -> tuple[str, int] | None:
+    """The study's size budget as (measure, value): ``max_params`` where set, else ``max_flops``; None: neither.
+
+    >>> budget(ConstraintsConfig(max_params=10, max_flops=99)), budget(ConstraintsConfig())
+    (('params', 10), None)
+    """
+    if constraints.max_params is not None:
+        return "params", constraints.max_params
+    if constraints.max_flops is not None:
+        return "flops", constraints.max_flops
+    return None
+
+
+@dataclass
+class TrialTarget:
+    """The size a trial's method removes down to (``value`` parameters or FLOPs, ``measure``), recorded in its
+    config: ``rule: target`` removes down to it in the method's importance order; ``rule: cap`` applies the
+    method's own rule and goes on down to it only where that rule leaves more (a warm-start trial under a
+    budget)."""
+
+    measure: str = field(default="params", metadata=meta(choices=["params", "flops"]))
+    value: int = field(default=0, metadata=meta(min=0))
+    rule: str = field(default="target", metadata=meta(choices=["target", "cap"]))
+
+
 @dataclass
 class EarlyStoppingConfig:
     """Successive halving over rungs of trained epochs, by Pareto dominance on (accuracy, non-zeros).
@@ -347,6 +419,7 @@ class StudyConfig:
     third_objective: str | None = field(default=None, metadata=meta(choices=["flops", "latency"]))
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)  # how a trial's size is decided
     pruning: PruningConfig = field(default_factory=PruningConfig)  # for the structured methods
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     warm_start: bool = True
@@ -385,6 +458,7 @@ class StudyConfig:
         if cfg.artifact_dir is not None:
             cfg.artifact_dir = str((base / Path(cfg.artifact_dir).expanduser()).resolve())
         cfg.artifact_store = artifact_location(cfg.artifact_store or cfg.artifact_dir, base=base)
+        cfg.target.removal_for(cfg.constraints)  # refuses a removal rule that needs a budget the study lacks
         return cfg
 
     def to_dict(self) -> dict:
@@ -417,6 +491,11 @@ class StudyConfig:
         (200, None)
         """
         return dataclasses.replace(self.data, **self.methods[method].data)
+
+    @property
+    def removal(self) -> str:
+        """The study's removal rule: ``target``, ``threshold`` or ``both`` (:class:`TargetConfig`)."""
+        return self.target.removal_for(self.constraints)
 
     @property
     def objectives(self) -> list[str]:
@@ -474,6 +553,7 @@ class TrialConfig:
     device: str = "auto"
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    target: TrialTarget | None = None  # None: the method's own rule decides the size (older configs lack it)
 
     def __post_init__(self) -> None:
         check_model_adapt(self.model_adapt)

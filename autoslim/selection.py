@@ -165,10 +165,12 @@ def select(groups: Iterable[ChannelGroup], scores: Mapping[str, torch.Tensor], r
 @dataclass(frozen=True)
 class SizeTarget:
     """A size a structured method removes channels down to, in its own importance order: ``value`` parameters
-    (``measure="params"``) or FLOPs (``"flops"``)."""
+    (``measure="params"``) or FLOPs (``"flops"``). With ``cap`` it is a ceiling: the method's own rule decides,
+    and only where that rule leaves more does removal go on down to ``value`` (:func:`capped`)."""
 
     value: int
     measure: str = "params"
+    cap: bool = False
 
     def __post_init__(self) -> None:
         if self.measure not in MEASURES or self.value < 0:
@@ -194,6 +196,24 @@ def select_to(target: SizeTarget, groups: Iterable[ChannelGroup], scores: Mappin
     counter = SizeCount(model, example_input=example_input, measure=target.measure)
     goal = round_goal(counter.count({}), target.value, rounds_left)
     return select(groups, scores, rules, counter=counter, **{f"target_{target.measure}": goal})
+
+
+def capped(target: SizeTarget, keep: Mapping[str, Sequence[int]], groups: Iterable[ChannelGroup],
+           scores: Mapping[str, torch.Tensor], rules: PruningConfig, *, model: nn.Module,
+           example_input: torch.Tensor) -> Selection | None:
+    """Under a cap (:attr:`SizeTarget.cap`): None when the rule's ``keep`` fits ``target``, else the selection
+    down to it in the method's importance order (:func:`select_to`).
+
+    >>> from autoslim.models import create_model
+    >>> model = create_model("lenet5", in_shape=(1, 28, 28), num_classes=10)
+    >>> x, groups = torch.zeros(1, 1, 28, 28), []
+    >>> capped(SizeTarget(10**6, cap=True), {}, groups, {}, PruningConfig(), model=model, example_input=x) is None
+    True
+    """
+    counter = SizeCount(model, example_input=example_input, measure=target.measure)
+    if counter.count(keep) <= target.value:
+        return None
+    return select_to(target, groups, scores, rules, model=model, example_input=example_input)
 
 
 def target_info(selection: Selection, target: SizeTarget) -> dict:

@@ -39,7 +39,7 @@ import functools
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import optuna
 
@@ -188,9 +188,10 @@ class SearchSpace:
                              f"accepted: {', '.join(sorted(self.params))}")
         return {n: (p.check(values[n], f"{where}.{n}") if n in values else p.default) for n, p in self.params.items()}
 
-    def suggest(self, trial: optuna.Trial) -> dict:
-        """Sample this method's parameters (Optuna names ``<method>.<param>``); pinned ones are not sampled."""
-        return {n: p.suggest(trial, f"{self.method}.{n}") for n, p in self.params.items()}
+    def suggest(self, trial: optuna.Trial, *, fixed: Collection[str] = ()) -> dict:
+        """Sample this method's parameters (Optuna names ``<method>.<param>``); pinned ones, and those named in
+        ``fixed`` (the size knobs of a trial given a size target), are not sampled: they keep their defaults."""
+        return {n: p.default if n in fixed else p.suggest(trial, f"{self.method}.{n}") for n, p in self.params.items()}
 
     def describe(self) -> list[dict]:
         """Each knob as plain data: name, type, range or choices, default, and whether it is searched or a

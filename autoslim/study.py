@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 import optuna
 from optuna.trial import TrialState
 
-from autoslim.config import StudyConfig, artifact_location, check_study_name, load_study
+from autoslim.config import StudyConfig, artifact_location, budget, check_study_name, load_study
 from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
 from autoslim.errors import UsageError
@@ -32,6 +32,7 @@ from autoslim.measure import measure
 from autoslim.methods import METHODS, get_method
 from autoslim.models import MODELS, create_model
 from autoslim.search.objective import Objective
+from autoslim.selection import SizeTarget
 from autoslim.recover import enqueue, top_up
 from autoslim.space import SearchSpace
 from autoslim.storage import get_storage, grpc_address, open_artifact_store, redact, storage_file, study_lock
@@ -77,23 +78,52 @@ def make_reference_point(cfg: StudyConfig, *, in_shape, num_classes: int, device
     return {name: float(point[name]) for name in cfg.objectives}
 
 
-def paper_defaults(spaces) -> list[dict]:
+def paper_defaults(spaces, *, size_budget: tuple[str, int] | None = None,
+                   log: Callable[[str], None] = lambda line: None) -> list[dict]:
     """Each method's published configuration as the Optuna parameters of a trial to enqueue.
 
-    A value the study file pinned wins; a published value outside a range the study file narrowed is
-    replaced by the nearer end of that range (the narrowed parameter's default)."""
+    A value the study file pinned wins; a published value outside what the study searches (a range the study
+    file narrowed, or a choice that cannot act on the model, taken out by :func:`check_methods`: SSS's
+    ``level: block`` on a network without residual branches) is replaced by that range's default, said in one
+    line. Under a ``size_budget`` (:func:`autoslim.config.budget`) a knob that is the method's size is mapped onto
+    it (:meth:`autoslim.methods.Method.with_target`: ThriftyNet's ``budget`` becomes at most the budget); the
+    trial then runs the method's own rule capped at the budget (:meth:`autoslim.search.objective.Objective.target`).
+
+    >>> from autoslim.space import SearchSpace
+    >>> space = SearchSpace.load("sss").narrow({"level": {"choices": ["channel"]}}, where="methods.sss")
+    >>> paper_defaults({"sss": space}, log=print)[0]["sss.level"]
+    warm start: sss's published level: block is outside what the study searches; it runs level: channel
+    'channel'
+    """
     trials = []
     for method, space in spaces.items():
         if not space.paper_default:
             continue
-        values = {}
+        values, replaced = {}, []
         for name, value in space.paper_default.items():
             try:
                 values[name] = space.params[name].check(value, name)
             except UsageError:
-                continue
-        trials.append(space.optuna_params({**space.defaults(), **values}))
+                replaced.append(name)
+        values = {**space.defaults(), **values}
+        if replaced:
+            log(f"warm start: {method}'s published {', '.join(f'{n}: {space.paper_default[n]}' for n in replaced)} "
+                f"is outside what the study searches; it runs {', '.join(f'{n}: {values[n]}' for n in replaced)}")
+        found = get_method(method)
+        if size_budget is not None and size_budget[0] in found.target_measures:
+            mapped = found.with_target(values, SizeTarget(size_budget[1], size_budget[0], cap=True))
+            values.update({k: v for k, v in mapped.items() if _inside(space, k, v)})
+        trials.append(space.optuna_params(values))
     return trials
+
+
+def _inside(space: SearchSpace, name: str, value) -> bool:
+    """Whether ``value`` lies in the range of knob ``name`` of ``space``."""
+    try:
+        space.params[name].check(value, name)
+    except UsageError:
+        return False
+    return True
 
 
 def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
@@ -111,6 +141,12 @@ def check_study(cfg: StudyConfig) -> dict[str, SearchSpace]:
     for m in cfg.methods:
         own = {"fit", "evaluate"} & set(cfg.methods[m].train)
         resolve_loop(cfg.train_for(m), where=f"methods.{m}.train" if own else "train")
+    for m in cfg.methods:
+        cls = METHODS.get(m, field="methods")
+        stray = [k for k in cls.size_knobs if k not in cls.search_space().params]
+        if stray:
+            raise UsageError(f"methods: {m!r} declares size_knobs {', '.join(map(repr, stray))} that its search "
+                             f"space lacks; accepted: knobs of its space ({', '.join(cls.search_space().params)})")
     # named as the study file names the method (an import string too): the Optuna parameters are <name>.<knob>
     return {m: dataclasses.replace(METHODS.get(m, field="methods").search_space(), method=m).narrow(
                 c.space, where=f"methods.{m}") for m, c in cfg.methods.items()}
@@ -140,14 +176,14 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     sampler = make_sampler(cfg)
     method_data = load_method_data(cfg, device=resolve_device(cfg.device))
     data = method_data[next(iter(cfg.methods))]
-    check_methods(cfg, spaces, data)
+    spaces = check_methods(cfg, spaces, data, log=log)
     url = storage or cfg.storage or cfg.default_storage()
     open_artifact_store(url, location=artifact_store)  # an S3 bucket must answer before anything is written
     with study_lock(url):  # the storage's tables, and the workers' numbers, are made once
         storage_obj = get_storage(url)
         store = open_artifact_store(url, location=artifact_store, create=True)
         study = _create_or_load(storage_obj, cfg, study_name=study_name, sampler=sampler, spaces=spaces, data=data,
-                                n_trials=n_trials, wait=SET_UP_WAIT if grpc_address(url) else 0)
+                                n_trials=n_trials, wait=SET_UP_WAIT if grpc_address(url) else 0, log=log)
         study.sampler = make_sampler(cfg, worker=worker_index(study, storage=storage_obj))
     done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     remaining = n_trials - done
@@ -155,6 +191,16 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
         f"{done} finished trial(s), running {max(0, remaining)} more on {cfg.data.name} "
         f"({_train_sizes(method_data)} / {len(data.val)} val / {len(data.test)} test), model {cfg.model}, "
         f"methods {', '.join(spaces)}")
+    found = budget(cfg.constraints)
+    own_rule = [m for m in spaces if found and found[0] not in get_method(m).target_measures]
+    if own_rule and cfg.removal != "threshold":
+        log(f"target: {', '.join(own_rule)} cannot remove down to a {found[0]} target; its trials run by its own "
+            "rule (warm start included)")
+    unused = [f"methods.{m}.{k}" for m in spaces if m not in own_rule
+              for k in get_method(m).size_knobs if k in cfg.methods[m].space]
+    if unused and cfg.removal == "target":
+        log(f"target: {', '.join(unused)} decide(s) the size under the paper's rule only; with removal: target "
+            "only the warm start uses them")
     unruled = [m for m in spaces if not get_method(m).structured]
     if cfg.pruning.active and unruled:
         log(f"pruning: ignore and round_to apply to {', '.join(m for m in spaces if m not in unruled)}; "
@@ -174,19 +220,22 @@ def optimize(cfg: StudyConfig, *, n_trials: int | None = None, timeout: float | 
     return study
 
 
-def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Data) -> None:
+def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Data, *,
+                  log: Callable[[str], None] = print) -> dict[str, SearchSpace]:
     """Each method checks the study's untrained model once (:meth:`autoslim.methods.Method.check`), built as
-    the trials build it (a model that does not fit the data is refused here: :func:`autoslim.models.create_model`).
+    the trials build it (a model that does not fit the data is refused here: :func:`autoslim.models.create_model`);
+    return the spaces, a knob's choices that cannot act on the model left out where the study file left it open.
 
-    A method that cannot compress it is refused in one UsageError line naming the layer or op; so is a
-    searched choice of a knob the check reads (``Method.check_params``) that cannot act on it, naming the
-    choices that can. Knobs the study file pins are checked at their value, the others at their defaults.
+    A method that cannot compress it is refused in one UsageError line naming the layer or op. Of a searched knob
+    the check reads (``Method.check_params``), the choices that cannot act on the model are taken out, with one
+    line, when the study file does not set the knob (the method's own range, on whatever model); when it does
+    (or when several such knobs are searched together), they are refused, naming the choices that can. Knobs the
+    study file pins are checked at their value, the others at their defaults.
 
     >>> cfg = StudyConfig.from_dict({"model": "lenet5", "methods": {"sss": {}}, "data": {"name": "digits"}})
-    >>> check_methods(cfg, check_study(cfg), load_method_data(cfg)["sss"])
-    Traceback (most recent call last):
-    ...
-    autoslim.errors.UsageError: methods.sss.level: 'block', 'both' cannot act on model lenet5 (sss: no structure to scale at level 'block': LeNet5 has no residual branch x + f(x) (in a submodule, f ending in a conv, linear or norm layer)); narrow it to: channel
+    >>> check_methods(cfg, check_study(cfg), load_method_data(cfg)["sss"])["sss"].params["level"].choices
+    methods.sss.level: 'block', 'both' cannot act on model lenet5 (sss: no structure to scale at level 'block': LeNet5 has no residual branch x + f(x) (in a submodule, f ending in a conv, linear or norm layer)); searched: channel
+    ('channel',)
     """
     if cfg.pruning.active and not any(get_method(name).structured for name in spaces):
         raise UsageError(f"pruning: none of the study's methods ({', '.join(spaces)}) removes channels, so ignore "
@@ -194,6 +243,7 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
     # built even when every method builds its own: the reference point measures it once the study is stored
     model = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes,
                          adapt=cfg.model_adapt, **cfg.model_kwargs).to(data.device)
+    spaces = dict(spaces)
     for name, space in spaces.items():
         method = get_method(name)
         if method.builds_model:
@@ -210,10 +260,18 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
                 refused[", ".join(map(str, combo.values()))] = e
         if len(refused) == len(combos):
             raise next(iter(refused.values()))
-        if refused:
-            ok = [", ".join(map(str, c.values())) for c in combos if ", ".join(map(str, c.values())) not in refused]
-            raise UsageError(f"methods.{name}.{'/'.join(knobs)}: {', '.join(map(repr, refused))} cannot act on "
-                             f"model {cfg.model} ({next(iter(refused.values()))}); narrow it to: {'; '.join(ok)}")
+        if not refused:
+            continue
+        ok = [c for c in combos if ", ".join(map(str, c.values())) not in refused]
+        why = (f"{', '.join(map(repr, refused))} cannot act on model {cfg.model} ({next(iter(refused.values()))})")
+        if len(knobs) == 1 and knobs[0] not in cfg.methods[name].space:
+            (knob,) = knobs
+            spaces[name] = space.narrow({knob: {"choices": [c[knob] for c in ok]}}, where=f"methods.{name}")
+            log(f"methods.{name}.{knob}: {why}; searched: {', '.join(str(c[knob]) for c in ok)}")
+            continue
+        raise UsageError(f"methods.{name}.{'/'.join(knobs)}: {why}; narrow it to: "
+                         f"{'; '.join(', '.join(map(str, c.values())) for c in ok)}")
+    return spaces
 
 
 def load_method_data(cfg: StudyConfig, *, device: str = "cpu") -> dict[str, Data]:
@@ -239,7 +297,8 @@ def _train_sizes(method_data: dict[str, Data]) -> str:
 
 
 def _create_or_load(storage: optuna.storages.BaseStorage, cfg: StudyConfig, *, study_name: str,
-                    sampler: optuna.samplers.BaseSampler, spaces, data, n_trials: int, wait: float) -> optuna.Study:
+                    sampler: optuna.samplers.BaseSampler, spaces, data, n_trials: int, wait: float,
+                    log: Callable[[str], None] = print) -> optuna.Study:
     """Create the study and set it up (:func:`_set_up`) if this worker's ``create_new_study`` wins; else load it,
     once its creator has set it up (its metric names are set last; ``wait``: for how many seconds, through a
     proxy that no study lock covers), and check its objectives."""
@@ -252,7 +311,7 @@ def _create_or_load(storage: optuna.storages.BaseStorage, cfg: StudyConfig, *, s
         created = False
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
     if created:
-        _set_up(study, cfg, spaces, data, n_trials=n_trials)
+        _set_up(study, cfg, spaces, data, n_trials=n_trials, log=log)
     deadline = time.monotonic() + wait
     while study.metric_names is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -265,14 +324,16 @@ def _create_or_load(storage: optuna.storages.BaseStorage, cfg: StudyConfig, *, s
     return study
 
 
-def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data, *, n_trials: int) -> None:
+def _set_up(study: optuna.Study, cfg: StudyConfig, spaces, data, *, n_trials: int,
+            log: Callable[[str], None] = print) -> None:
     """Store the config and reference point, queue the warm starts and the other slots' trials, then name the
     metrics: the sign, for the workers that found the study made, that it is set up."""
     study.set_user_attr("autoslim_config", json.loads(json.dumps(cfg.to_dict(), default=str)))
     study.set_user_attr("reference_point", make_reference_point(cfg, in_shape=data.in_shape,
                                                                 num_classes=data.num_classes, device=data.device))
     if cfg.warm_start:
-        for slot, params in enumerate(paper_defaults(spaces)[:n_trials]):
+        warm = paper_defaults(spaces, size_budget=budget(cfg.constraints), log=log)
+        for slot, params in enumerate(warm[:n_trials]):
             enqueue(study, slot=slot, params=params, user_attrs={"warm_start": "paper default"})
     top_up(study, n_trials)
     with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads

@@ -33,7 +33,7 @@ from autoslim.fit import resolve_loop
 from autoslim.measure import Measurements, count_params, layer_density, layer_widths, measure
 from autoslim.methods import Method, TrialContext, get_method, list_methods
 from autoslim.models import MODELS, create_model
-from autoslim.selection import check_ignore
+from autoslim.selection import SizeTarget, check_ignore
 from autoslim.train import Callback, seed_everything
 
 # What a trial's config.yaml must hold (autoslim export writes every field); params left out are filled in.
@@ -47,7 +47,9 @@ def check_trial_config(config: TrialConfig) -> tuple[TrialConfig, dict]:
     The method, model and data names must be registered, the user ``train.fit``/``train.evaluate`` importable
     and of the right signature (:func:`autoslim.fit.resolve_loop`); every parameter must be one of the method's and in
     its range (``params.<name>``: the UsageError line of a study file's override); ``pruning`` rules are
-    refused for a method that does not remove channels (it would ignore them)."""
+    refused for a method that does not remove channels (it would ignore them), a size ``target`` for a method
+    that cannot reach one of its measure (:attr:`autoslim.methods.Method.target_measures`); a method whose knob
+    is its size gets it from the target (:meth:`autoslim.methods.Method.with_target`)."""
     method = get_method(config.method)
     if config.pruning.active and not method.structured:
         raise UsageError(f"pruning: method {config.method!r} does not remove channels, so ignore and round_to do not "
@@ -58,7 +60,21 @@ def check_trial_config(config: TrialConfig) -> tuple[TrialConfig, dict]:
     if not isinstance(config.params, dict):
         raise UsageError(f"params: expected a mapping of {config.method}'s parameters, got {config.params!r}")
     params = method.search_space().complete(config.params, where="params")
-    return dataclasses.replace(config, params=params), {k: v for k, v in params.items() if k not in config.params}
+    filled = {k: v for k, v in params.items() if k not in config.params}
+    target = size_target(config)
+    if target is not None:
+        if target.measure not in method.target_measures:
+            can = [m for m in list_methods() if target.measure in get_method(m).target_measures]
+            raise UsageError(f"target: method {config.method!r} cannot remove down to a {target.measure} target; "
+                             f"accepted: target: null, or a method that can ({', '.join(can)})")
+        params = method.with_target(params, target)
+    return dataclasses.replace(config, params=params), filled
+
+
+def size_target(config: TrialConfig) -> SizeTarget | None:
+    """The :class:`~autoslim.selection.SizeTarget` a trial's method is handed (``config.target``), or None."""
+    t = config.target
+    return None if t is None else SizeTarget(t.value, t.measure, cap=t.rule == "cap")
 
 
 def load_trial_config(path: str | Path) -> TrialConfig:
@@ -71,8 +87,8 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     missing = [key for key in TRIAL_KEYS if key not in raw]
     if missing:
         raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
-                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input, pruning), "
-                         "as autoslim export writes it")
+                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input, pruning, "
+                         "target), as autoslim export writes it")
     config = TrialConfig.from_dict(raw)
     check_trial_config(config)
     return config
@@ -173,7 +189,8 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     fit, evaluator = resolve_loop(config.train)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.device)
     ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
-                       checkpointer=checkpointer, fit=fit, evaluator=evaluator, pruning=config.pruning)
+                       checkpointer=checkpointer, fit=fit, evaluator=evaluator, pruning=config.pruning,
+                       target=size_target(config))
     result = compress_model(model, config=config, ctx=ctx, in_shape=data.in_shape)
     result.info.update({"filled_params": filled} if filled else {})
     result.seconds = time.perf_counter() - start

@@ -156,7 +156,8 @@ def test_nondominated_ranks():
 # ---------------------------------------------------------------- constraints
 
 def test_a_constraint_marks_exactly_the_trials_that_break_it():
-    study = optimize(tiny(n_trials=4, constraints={"max_params": 30_000}), storage="sqlite:///:memory:", **QUIET)
+    study = optimize(tiny(n_trials=4, constraints={"max_params": 30_000}, target={"removal": "threshold"}),
+                     storage="sqlite:///:memory:", **QUIET)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 4
     for t in trials:

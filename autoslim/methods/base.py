@@ -143,6 +143,13 @@ class Method(ABC):
     structured: ClassVar[bool] = False
     #: The knobs :meth:`check` reads: at study start each of their searched choices is checked on its own.
     check_params: ClassVar[tuple[str, ...]] = ()
+    #: The knobs that decide the network's size under the method's own rule (a threshold, a keep ratio, a
+    #: parameter budget): not sampled in a trial whose removal is ``target`` (its sampled size decides instead);
+    #: the knobs of how the network gets there (strengths, rounds, epochs) stay searched.
+    size_knobs: ClassVar[tuple[str, ...]] = ()
+    #: The measures ("params", "flops") of a size target (:attr:`TrialContext.target`) :meth:`compress` reaches;
+    #: empty: none, its trials run by its own rule whatever the study's ``target.removal`` (said once at start).
+    target_measures: ClassVar[tuple[str, ...]] = ()
     #: The search space: None for the YAML file ``<name>.yaml`` beside the class's module (autoslim's own
     #: ``search_spaces/<name>.yaml`` for a built-in method), a YAML path relative to the module's folder, or
     #: the file's content as a mapping (``{"summary": ..., "params": {...}, "paper_default": {...}}``).
@@ -168,6 +175,11 @@ class Method(ABC):
                                  "relative to its module, or a mapping)")
             space = SearchSpace.read(path, method=cls.name)
         return dataclasses.replace(space, method=cls.name)
+
+    def with_target(self, params: Mapping[str, Any], target: SizeTarget) -> dict:
+        """``params`` of a trial given ``target`` (one of :attr:`target_measures`): unchanged by default; a method
+        whose knob is its size sets it (ThriftyNet's ``budget``), so the trial's config records what ran."""
+        return dict(params)
 
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} compresses a given model; it does not build one")
@@ -254,7 +266,9 @@ def list_methods() -> list[str]:
 
 def describe_method(name: str) -> dict:
     """Method ``name`` (registered, installed or an import string) as plain data: its summary, where it comes
-    from, and its knobs (:meth:`autoslim.space.SearchSpace.describe`); for ``autoslim methods``.
+    from, its knobs (:meth:`autoslim.space.SearchSpace.describe`), those that decide its size
+    (:attr:`Method.size_knobs`) and the size targets it reaches (:attr:`Method.target_measures`); for
+    ``autoslim methods``.
 
     >>> info = describe_method("trimming")
     >>> info["origin"], info["knobs"][0]["name"], info["builds_model"]
@@ -263,4 +277,5 @@ def describe_method(name: str) -> dict:
     cls = METHODS.get(name, field="methods")
     space = cls.search_space()
     return {"name": name, "origin": METHODS.origin(name), "summary": space.summary,
-            "builds_model": cls.builds_model, "knobs": space.describe(), "paper_default": space.paper_default}
+            "builds_model": cls.builds_model, "knobs": space.describe(), "paper_default": space.paper_default,
+            "size_knobs": list(cls.size_knobs), "target_measures": list(cls.target_measures)}

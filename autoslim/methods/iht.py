@@ -20,6 +20,15 @@ for all when the factor is 1). ``scope: layer`` takes the top-k of each layer;
 ``scope: global`` takes one top-k over all layers that share a ratio (one
 magnitude threshold), so a layer may end up sparser than others or empty.
 
+Given a parameter target (:attr:`autoslim.methods.TrialContext.target`) the
+keep ratios are not read: every thresholding keeps the weights of largest
+magnitude so that the network's non-zeros (the thresholded weights plus every
+parameter left dense: biases, norms, a first or last layer left out) are the
+target (:func:`target_masks`: one top-k over all layers under ``scope:
+global``, one ratio for all layers under ``scope: layer``, each layer's count
+rounded so that the total is exact). A target that is a cap (a warm-start trial
+under a budget) keeps the ratios where they fit it.
+
 The mask holds exactly: :class:`MaskCallback` zeroes the pruned weights after
 every optimizer step, so momentum and weight decay never regrow them.
 Released weights restart from exactly zero, and every phase starts a fresh
@@ -42,6 +51,7 @@ from torch import nn
 
 from autoslim.errors import UsageError
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
+from autoslim.selection import SizeTarget, target_line
 from autoslim.sparse import sparse_size_bytes
 from autoslim.train import Callback
 
@@ -80,11 +90,58 @@ def magnitude_masks(layers: Mapping[str, nn.Module], *, keep_ratio: float | Mapp
     groups: dict[Any, list[str]] = {}
     for n in layers:
         groups.setdefault(n if scope == "layer" else ratios[n], []).append(n)
+    counts = {key: _kept(ratios[names[0]], sum(layers[n].weight.numel() for n in names))
+              for key, names in groups.items()}
+    return _top_masks(layers, groups, counts)
+
+
+def target_masks(layers: Mapping[str, nn.Module], *, keep: int, scope: str = "layer") -> dict[str, torch.Tensor]:
+    """Boolean masks keeping ``keep`` weights in all of ``layers`` together, the largest magnitudes: one top-k
+    over all layers (scope ``global``), or in each layer the same share of its weights (scope ``layer``: one
+    ratio, each layer's count rounded so that they add up to ``keep``; every layer keeps at least one).
+
+    >>> layers = {"a": nn.Linear(10, 10), "b": nn.Linear(10, 3)}
+    >>> masks = target_masks(layers, keep=65)
+    >>> int(masks["a"].sum()), int(masks["b"].sum())
+    (50, 15)
+    """
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
+    if scope == "global":
+        counts = {"all": min(max(keep, 0), sum(sizes.values()))}
+        groups = {"all": list(layers)}
+    else:
+        counts, groups = layer_counts(sizes, keep), {n: [n] for n in layers}
+    return _top_masks(layers, groups, counts)
+
+
+def layer_counts(sizes: Mapping[str, int], keep: int) -> dict[str, int]:
+    """Per-layer counts of one ratio ``keep / total`` that add up to ``keep`` (largest remainders get the rest),
+    each at least 1 and at most the layer's size.
+
+    >>> layer_counts({"a": 10, "b": 20, "c": 30}, 31)
+    {'a': 5, 'b': 10, 'c': 16}
+    """
+    total = sum(sizes.values())
+    keep = min(max(keep, len(sizes)), total)
+    exact = {n: keep * s / total for n, s in sizes.items()}
+    counts = {n: min(sizes[n], max(1, int(e))) for n, e in exact.items()}
+    by_remainder = sorted(sizes, key=lambda n: exact[n] - int(exact[n]), reverse=True)
+    while (missing := keep - sum(counts.values())) != 0:  # one more (or less) each, largest remainders first
+        step = 1 if missing > 0 else -1
+        order = by_remainder if step > 0 else by_remainder[::-1]
+        for n in [n for n in order if (counts[n] < sizes[n] if step > 0 else counts[n] > 1)][:abs(missing)]:
+            counts[n] += step
+    return counts
+
+
+def _top_masks(layers: Mapping[str, nn.Module], groups: Mapping[Any, list[str]],
+               counts: Mapping[Any, int]) -> dict[str, torch.Tensor]:
+    """Masks keeping the ``counts[g]`` largest magnitudes of the weights of each group ``groups[g]`` together."""
     masks = {}
-    for names in groups.values():
+    for key, names in groups.items():
         flat = torch.cat([layers[n].weight.detach().abs().flatten() for n in names])
         keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[torch.topk(flat, _kept(ratios[names[0]], flat.numel()), sorted=False).indices] = True
+        keep[torch.topk(flat, counts[key], sorted=False).indices] = True
         for n, chunk in zip(names, keep.split([layers[n].weight.numel() for n in names])):
             masks[n] = chunk.view_as(layers[n].weight)
     return masks
@@ -122,6 +179,8 @@ class IHT(Method):
 
     name = "iht"
     check_params = ("prune_first", "prune_last")
+    size_knobs = ("keep_ratio", "linear_keep_factor", "prune_first", "prune_last")
+    target_measures = ("params",)
 
     def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
         """Refuse a model without a Conv2d or Linear weight to threshold."""
@@ -133,10 +192,15 @@ class IHT(Method):
         layers = prunable_layers(model, prune_first=params["prune_first"], prune_last=params["prune_last"])
         ratios = {n: params["keep_ratio"] * (params["linear_keep_factor"] if isinstance(m, nn.Linear) else 1.0)
                   for n, m in layers.items()}
+        if ctx.target is not None and ctx.target.measure not in self.target_measures:
+            raise UsageError(f"iht: a {ctx.target.measure} target cannot be reached by sparsity (dense kernels "
+                             "compute the zeros); accepted: a params target")
         ctx.train(model, phase="train")
-        cycles = []
+        cycles, goal = [], None
         for c in range(1, params["cycles"] + 1):
             masks = magnitude_masks(layers, keep_ratio=ratios, scope=params["scope"])
+            if ctx.target is not None:
+                masks, goal = self.target_masks(model, layers, masks, target=ctx.target, scope=params["scope"])
             sparse = ctx.train(model, epochs=params["sparse_epochs"], phase=f"sparse{c}",
                                lr_scale=params["sparse_lr_scale"],
                                callbacks=[MaskCallback(layers, masks)])
@@ -148,6 +212,25 @@ class IHT(Method):
         kept = sum(int(torch.count_nonzero(m.weight)) for m in layers.values())
         total = sum(m.weight.numel() for m in layers.values())
         ctx.log(f"iht: kept {kept:,} of {total:,} prunable weights ({100 * kept / max(1, total):.1f}%)")
+        info = {}
+        if goal is not None:
+            nonzeros = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+            info["target"] = {"measure": "params", "value": ctx.target.value, "selected": nonzeros,
+                              "reached": nonzeros <= ctx.target.value, "kept_weights_goal": goal}
+            ctx.log(target_line("iht", info["target"]))
         return CompressionResult(model, sparse=True, size_bytes=sparse_size_bytes(model),
                                  info={"density": density, "kept_weights": kept, "prunable_weights": total,
-                                       "cycles": cycles})
+                                       "cycles": cycles, **info})
+
+    @staticmethod
+    def target_masks(model: nn.Module, layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor], *,
+                     target: SizeTarget, scope: str) -> tuple[Mapping[str, torch.Tensor], int | None]:
+        """The masks under a parameter ``target``: the non-zeros of the network (the thresholded weights, plus
+        every parameter left dense: biases, norms, layers that ``prune_first``/``prune_last`` keep) at the
+        target; under a cap, the rule's ``masks`` where they fit it. Also the count of weights kept (None:
+        the rule's masks)."""
+        dense = sum(p.numel() for p in model.parameters()) - sum(m.weight.numel() for m in layers.values())
+        goal = target.value - dense
+        if target.cap and sum(int(m.sum()) for m in masks.values()) <= goal:
+            return masks, None
+        return target_masks(layers, keep=goal, scope=scope), goal

@@ -28,7 +28,9 @@ neither regularized nor pruned, and with ``round_to`` a group keeps the largest
 of its small filters that rounding its width up to the multiple needs. Given a
 size target (:attr:`autoslim.methods.TrialContext.target`, parameters or FLOPs) the
 filters go in order of their norm over their group's largest, over all groups,
-down to the target (:mod:`autoslim.selection`), instead of by ``threshold``.
+down to the target (:mod:`autoslim.selection`), instead of by ``threshold``; a
+target that is a cap (a warm-start trial under a budget) keeps ``threshold`` and
+removes in that order only what the threshold leaves above it.
 
 A removed filter does not output zero: behind it a BatchNorm (or the filter's
 bias), an activation, another BatchNorm, pooling... still output a constant.
@@ -66,7 +68,7 @@ from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (Selection, SizeTarget, prunable, refuse_if_all_ignored, select,
+from autoslim.selection import (Selection, SizeTarget, capped, prunable, refuse_if_all_ignored, select,
                                 select_to, target_info, target_line)
 from autoslim.surgery import (ChannelGroup, channel_groups, check_removal, constant_inputs, copy_model,
                               remove_channels, scale_output_channels, scales_exactly)
@@ -200,7 +202,8 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
     ``pruning``'s ``round_to`` keeps the largest of the small filters that its rounding keeps (once before the
     constants are read, once after, as a filter not constant at a consumer stays); ignored groups are left out of
     ``groups`` by the caller. With a ``target`` the filters go in order of :func:`filter_importance`, over all
-    groups, down to that size, instead of by ``threshold`` (:attr:`FilterRemoval.target` holds the selection)."""
+    groups, down to that size, instead of by ``threshold`` (:attr:`FilterRemoval.target` holds the selection); with
+    a cap (:attr:`~autoslim.selection.SizeTarget.cap`) by ``threshold``, and by that order where more must go."""
     groups = list(groups)
     pruning = pruning or PruningConfig()
     chosen = None
@@ -208,19 +211,24 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
     # To a size target, a selected filter found unfoldable (not constant at a consumer, or read by a zero-padded
     # conv) stays: the selection is made again with it kept first, until every selected filter can go.
     for _ in range(1 + (sum(g.size for g in groups) if target is not None else 0)):
-        if target is None:
+        small = chosen = None
+        if target is None or target.cap:
             small = {g.name: torch.nonzero(small_filters(producer_weights(model, g), threshold=threshold,
                                                          granularity=g.granularity)).flatten().tolist()
                      for g in groups}
-        else:
+        if target is not None and small is None:
             chosen = select_to(target, groups, scores, pruning, model=model, example_input=example_input)
+        elif target is not None:  # a cap: the rule's filters, and more if the rule leaves a network above it
+            by_rule = {g.name: sorted(set(range(g.size)) - set(small[g.name])) for g in groups}
+            chosen = capped(target, by_rule, groups, scores, pruning, model=model, example_input=example_input)
+        if chosen is not None:
             small = {g.name: [j for j in range(g.size) if j not in set(chosen.keep[g.name])] for g in groups}
         small = _selected(model, groups, small, pruning)
         masked = copy_model(model)
         zero_filters(masked, groups, small)
         found = constant_inputs(masked, small, example_input=example_input)
         unfoldable = found.unfoldable()
-        if not any(unfoldable.get(g.name) for g in groups):
+        if chosen is None or not any(unfoldable.get(g.name) for g in groups):
             break
         for g in groups:  # a filter (its GroupNorm block) that must stay is kept first: the next selection
             for j in unfoldable.get(g.name, ()):  # reaches the target without it
@@ -254,6 +262,8 @@ class L1L2(Method):
     name = "l1l2"
     check_params = ("layers",)
     structured = True
+    size_knobs = ("threshold", "layers")
+    target_measures = ("params", "flops")
 
     def groups(self, model: nn.Module, *, example_input: torch.Tensor, layers: str,
                pruning: PruningConfig | None = None) -> list[ChannelGroup]:

@@ -25,7 +25,8 @@ its width up to the multiple needs (those of factor 0 then stay as channels
 that output a constant). Given a size target
 (:attr:`autoslim.methods.TrialContext.target`) the channels go in
 order of |factor|, over all groups, down to the target, instead of by
-``threshold``.
+``threshold`` (a target that is a cap, a warm-start trial under a budget:
+by ``threshold``, then in that order only what it leaves above the cap).
 
 The weights train with SGD + Nesterov momentum and weight decay; the factors
 train with :class:`APG` only (no weight decay), which applies the penalty
@@ -68,8 +69,9 @@ from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (SizeTarget, prunable, prunable_block, refuse_if_all_ignored, select,
-                                select_to, target_info, target_line)
+from autoslim.measure import count_flops, count_params
+from autoslim.selection import (Selection, SizeTarget, capped, prunable, prunable_block, refuse_if_all_ignored,
+                                select, select_to, target_info, target_line)
 from autoslim.surgery import (channel_groups, check_removal, constant_inputs, remove_blocks,
                               remove_channels, residual_branches, scale_output_channels, scales_exactly)
 
@@ -233,11 +235,36 @@ def _surviving_channels(model: nn.Module, scales: Scales, *, threshold: float, p
     groups = [g for g in channel_groups(model, example_input=example_input)
               if g.name in {s.structure for s in channel_scales}] if channel_scales else []
     importance = {s.structure: s.per_channel().detach().abs() for s in channel_scales}
-    if target is not None and groups:
+    if target is not None and not target.cap and groups:
         chosen = select_to(target, groups, importance, pruning, model=model, example_input=example_input)
         return groups, importance, chosen.keep, chosen
     small = {s.structure: s.per_channel().detach() <= threshold for s in channel_scales}
-    return groups, importance, select(groups, importance, pruning, remove=small).keep, None
+    keep = select(groups, importance, pruning, remove=small).keep
+    chosen = None
+    if target is not None and groups:  # a cap: the rule's channels, and more if it leaves a network above it
+        chosen = capped(target, keep, groups, importance, pruning, model=model, example_input=example_input)
+    return groups, importance, keep if chosen is None else chosen.keep, chosen
+
+
+def _blocks_to_target(model: nn.Module, scales: Scales, target: SizeTarget, *,
+                      example_input: torch.Tensor) -> Selection:
+    """Zero the factors of the residual branches of smallest |factor| (those already 0 first) until removing
+    them leaves ``model`` within ``target`` (of a cap: only when the zero ones leave it above); the selection
+    (``keep``: empty, ``size`` the count, ``over`` with the last branch put back)."""
+    size = {"params": count_params,
+            "flops": lambda m: count_flops(m, in_shape=tuple(example_input.shape[1:]))}[target.measure]
+    order = sorted((s for s in scales if s.kind == "block"), key=lambda s: abs(s.factor.item()))
+    gone = [s.structure for s in order if s.factor.item() == 0.0]
+    counts = [size(remove_blocks(model, gone) if gone else model)]
+    for s in order[len(gone):]:
+        if counts[-1] <= target.value:
+            break
+        with torch.no_grad():
+            s.factor.zero_()
+        gone.append(s.structure)
+        counts.append(size(remove_blocks(model, gone)))
+    return Selection({}, size=counts[-1], target=target.value, reached=counts[-1] <= target.value,
+                     over=counts[-2] if len(counts) > 1 else None, last=("blocks", gone[-1:]) if gone else None)
 
 
 def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float,
@@ -250,8 +277,10 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
     kept. ``pruning``'s ``round_to`` keeps the largest of the small factors that rounding a group's width up needs
     (:mod:`autoslim.selection`; a group keeps at least its largest channel). With a ``target`` the channels go in
     order of |factor|, over all groups, down to that size (``info["target"]``), instead of by ``threshold``
-    (branches still go by ``threshold``). Returns the new model and what was removed (``channels``: {group:
-    count}, ``blocks``: names, ``kept_padded``: {group: count} of zero-factor channels kept for a zero-padded conv).
+    (branches still go by ``threshold``; at ``level: block``, without channels to select, the branches go in
+    order of |factor| down to the target, :func:`_blocks_to_target`). Returns the new model and what was removed
+    (``channels``: {group: count}, ``blocks``: names, ``kept_padded``: {group: count} of zero-factor channels kept
+    for a zero-padded conv).
     """
     pruning = pruning or PruningConfig()
     drop, removed = {}, {}
@@ -266,6 +295,8 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
             s.factor[~kept] = 0.0
             if s.kind == "channel":
                 drop[s.structure] = torch.nonzero(~kept.repeat_interleave(s.granularity)).flatten().tolist()
+    if target is not None and not groups:  # branches only (level: block): they go in |factor| order
+        chosen = _blocks_to_target(model, scales, target, example_input=example_input)
     scales.fold()
     found = constant_inputs(model, drop, example_input=example_input) if drop else None
     unfoldable = found.unfoldable() if found else {}
@@ -295,6 +326,8 @@ class SparseStructureSelection(Method):
     name = "sss"
     check_params = ("level",)
     structured = True
+    size_knobs = ("threshold",)
+    target_measures = ("params", "flops")
 
     def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
               pruning: PruningConfig | None = None) -> None:

@@ -6,7 +6,10 @@ with the study's training budget. The width is either ``filters`` or, when
 ``filters`` is 0, the largest f whose parameter count fits ``budget`` for the
 sampled T, h and conv type (the official code's ``--n-params`` reading: a
 bigger T or h leaves fewer filters). Architecture details, the formulas and
-the alpha initialisation are in :mod:`autoslim.models.thriftynet`.
+the alpha initialisation are in :mod:`autoslim.models.thriftynet`. Given a
+parameter target (a study with ``constraints.max_params``) the budget is the
+target (:meth:`ThriftyNetMethod.with_target`; a warm-start trial's published
+budget is capped at it).
 
 >>> from autoslim.methods import get_method
 >>> method = get_method("thriftynet")
@@ -25,6 +28,7 @@ from torch import nn
 from autoslim.measure import count_params
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
 from autoslim.models.thriftynet import ThriftyNet, width_for_budget
+from autoslim.selection import SizeTarget
 
 
 @register_method
@@ -33,6 +37,13 @@ class ThriftyNetMethod(Method):
 
     name = "thriftynet"
     builds_model = True
+    size_knobs = ("budget",)
+    target_measures = ("params",)
+
+    def with_target(self, params: Mapping[str, Any], target: SizeTarget) -> dict:
+        """``budget`` is the target (under a cap: the smaller of the two); ``filters`` is then derived from it."""
+        budget = target.value if not target.cap else min(params["budget"], target.value)
+        return {**params, "budget": budget, "filters": 0}
 
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
         """The ThriftyNet of ``params`` (every knob of the search space, as a trial's config holds them)."""

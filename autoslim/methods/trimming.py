@@ -34,7 +34,9 @@ target (:attr:`autoslim.methods.TrialContext.target`, parameters or FLOPs) each 
 instead removes channels of every measurable group (whatever ``layers``
 says) in APoZ order, highest first, down to the same ratio per round, the
 last round down to the target (within one channel, or one unit of
-``round_to``, of it). Statistics
+``round_to``, of it). A target that is a cap (:attr:`autoslim.selection.SizeTarget.cap`, a warm-start
+trial under a budget) leaves the rounds to the rule and, where the last one leaves more, removes in
+APoZ order down to it. Statistics
 are collected on the validation images (labels are not used), never on a
 single batch.
 
@@ -58,7 +60,7 @@ from autoslim.data import Split, batches
 from autoslim.errors import UsageError
 from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
                                    register_method, relative_change)
-from autoslim.selection import (prunable, refuse_if_all_ignored, select, select_to, target_info,
+from autoslim.selection import (capped, prunable, refuse_if_all_ignored, select, select_to, target_info,
                                 target_line)
 from autoslim.surgery import ChannelGroup, channel_groups, check_removal, constant_inputs, probe, remove_channels
 
@@ -178,6 +180,8 @@ def remove_trimmed(model: nn.Module, keep: Mapping[str, torch.Tensor], *, sizes:
 class NetworkTrimming(Method):
     name = "trimming"
     structured = True
+    size_knobs = ("rule", "alpha", "fraction", "layers")
+    target_measures = ("params", "flops")
 
     def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
               pruning: PruningConfig | None = None) -> None:
@@ -195,14 +199,20 @@ class NetworkTrimming(Method):
         for r in range(params["rounds"]):
             groups = {g.name: g for g in trimmed_groups(model, example_input=example, pruning=ctx.pruning)}
             scores = apoz(model, stats_split, list(groups.values()))
-            if ctx.target is None:
-                scores, keep = keep_by_rule(groups, scores, params, ctx.pruning)
+            importance = {g: -s for g, s in scores.items()}
+            chosen = None
+            if ctx.target is None or ctx.target.cap:
+                scores_by_rule, keep = keep_by_rule(groups, scores, params, ctx.pruning)
+                if ctx.target is not None and r == params["rounds"] - 1:  # the rule's network, capped
+                    chosen = capped(ctx.target, keep, groups.values(), importance, ctx.pruning, model=model,
+                                    example_input=example)
+                scores, keep = (scores_by_rule, keep) if chosen is None else (scores, chosen.keep)
             else:
-                chosen = select_to(ctx.target, groups.values(), {g: -s for g, s in scores.items()}, ctx.pruning,
+                chosen = select_to(ctx.target, groups.values(), importance, ctx.pruning,
                                    model=model, example_input=example, rounds_left=params["rounds"] - r)
                 keep = chosen.keep
-                if chosen.last is not None or not info:  # the last round that removed something
-                    info["target"] = target_info(chosen, ctx.target)
+            if chosen is not None and (chosen.last is not None or not info):  # the last round that removed some
+                info["target"] = target_info(chosen, ctx.target)
             removed = {g: len(scores[g]) - len(k) for g, k in keep.items()}
             before = outputs(model, images)
             model = remove_trimmed(model, keep, sizes={g: groups[g].size for g in keep}, example_input=example,

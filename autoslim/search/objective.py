@@ -18,7 +18,7 @@ import optuna
 
 from autoslim.artifacts import upload_trial_artifacts
 from autoslim.checkpoint import TrialCheckpoints, run_resumable
-from autoslim.config import ConstraintsConfig, PruningConfig, StudyConfig, TrialConfig
+from autoslim.config import ConstraintsConfig, PruningConfig, StudyConfig, TrialConfig, TrialTarget, budget
 from autoslim.data import Data
 from autoslim.heartbeat import Heartbeat, TrialLost, claim, retry_of, still_running
 from autoslim.methods import get_method
@@ -59,13 +59,36 @@ class Objective:
 
     def trial_config(self, trial: optuna.Trial) -> TrialConfig:
         method = trial.suggest_categorical("method", list(self.spaces))
-        params = self.spaces[method].suggest(trial)
+        target = self.target(trial, method)
+        fixed = get_method(method).size_knobs if target is not None and target.rule == "target" else ()
+        params = self.spaces[method].suggest(trial, fixed=fixed)
         return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
                            model_adapt=self.cfg.model_adapt,
                            data=self.cfg.data_for(method), train=self.cfg.train_for(method),
                            seed=self.cfg.seed + _original_number(trial), device=self.cfg.device,
                            latency=self.cfg.latency,
-                           pruning=self.cfg.pruning if get_method(method).structured else PruningConfig())
+                           pruning=self.cfg.pruning if get_method(method).structured else PruningConfig(),
+                           target=target)
+
+    def target(self, trial: optuna.Trial, method: str) -> TrialTarget | None:
+        """The size ``method``'s trial removes down to, under the study's budget
+        (:class:`~autoslim.config.TargetConfig`): None without a budget, for a method that cannot reach one of its measure, or under removal ``threshold``
+        (``both``: the Optuna parameter ``removal`` picks); a warm-start trial runs its method's own rule capped at
+        the budget; else the Optuna parameter ``target_params`` (``target_flops``), log-uniform from ``low`` to
+        ``high`` times the budget."""
+        found = budget(self.cfg.constraints)
+        if found is None or found[0] not in get_method(method).target_measures:
+            return None
+        measure, value = found
+        if trial.user_attrs.get("warm_start"):
+            return TrialTarget(measure=measure, value=value, rule="cap")
+        removal = self.cfg.removal
+        if removal == "both":
+            removal = trial.suggest_categorical("removal", ["target", "threshold"])
+        if removal == "threshold":
+            return None
+        low, high = (max(1, round(f * value)) for f in (self.cfg.target.low, self.cfg.target.high))
+        return TrialTarget(measure=measure, value=trial.suggest_int(f"target_{measure}", low, high, log=True))
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
         """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``), as does a compression
@@ -104,7 +127,9 @@ class Objective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         prefix = f"[trial {trial.number}]"
         knobs = " ".join(f"{k}={short(v)}" for k, v in config.params.items())
-        self.log(f"{prefix} {config.method}: {knobs}")
+        goal = config.target
+        size = "" if goal is None else f" target={goal.value:,} {goal.measure}{' (cap)' * (goal.rule == 'cap')}"
+        self.log(f"{prefix} {config.method}: {knobs}{size}")
         with Heartbeat(trial, every=self.cfg.recovery.heartbeat_interval) as heartbeat:
             callbacks: list[Callback] = [heartbeat, EpochPrinter(self.log, prefix)]
             stopping = self.cfg.early_stopping

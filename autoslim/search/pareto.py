@@ -106,7 +106,8 @@ def summary(study: optuna.Study) -> dict:
 
 
 def trials_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
-    """One row per trial: its measurements and its method's hyperparameters."""
+    """One row per trial: its measurements and its method's hyperparameters (first its size target, where it had
+    one: ``target_params=4000``, or ``cap_params=10000`` for a warm start capped at the budget)."""
     rows = []
     for t in trials:
         a = t.user_attrs
@@ -114,6 +115,9 @@ def trials_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
         # may itself hold dots: an import string 'package.module:Class').
         method = str(t.params.get("method", a.get("method")))
         params = {k[len(method) + 1:]: v for k, v in t.params.items() if k.startswith(f"{method}.")}
+        target = (a.get("config") or {}).get("target")  # the size it removed down to (TrialConfig.target)
+        if target:
+            params = {f"{target['rule']}_{target['measure']}": target["value"], **params}
         rows.append({
             "trial": t.number, "method": a.get("method"), "accuracy": a.get("val_accuracy"),
             "test_accuracy": a.get("test_accuracy"), "params": a.get("params"), "nonzeros": a.get("nonzeros"),
