@@ -70,7 +70,7 @@ def test_a_resumed_trial_ends_exactly_as_an_uninterrupted_one(method, model, par
         with pytest.raises(Crash):
             run_trial(config, data=data, callbacks=[CrashAfter(k)],  # killed right after epoch k's line
                       checkpointer=Checkpointer(save=lambda p: saved.append(round_trip(p))))
-        assert [c["current"]["loop"]["step"] > 0 for c in saved] == [True] * k
+        assert [c["current"]["loop"]["fit"]["step"] > 0 for c in saved] == [True] * k
         resumed_epochs = []
         resumed = run_trial(config, data=data, callbacks=[RecordEpochs(resumed_epochs)],
                             checkpointer=Checkpointer(save=lambda p: None, resume=saved[-1]))
