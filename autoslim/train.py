@@ -1,6 +1,9 @@
 """The training loop: one importable function with the hooks compression methods need.
 
-:func:`train` trains a model for a number of epochs on in-memory tensors
+:func:`fit` is autoslim's loop as a fit of the protocol in :mod:`autoslim.fit`
+(what every method's phases call; its :class:`Hooks` and :class:`OptimizerFactory`
+live here, :func:`run_fit` runs one phase through any fit); :func:`train` runs it
+directly. :func:`train` trains a model for a number of epochs on in-memory tensors
 (:mod:`autoslim.data`: in memory, or streamed through a ``DataLoader``) with SGD/Adam/AdamW, a cosine, step or constant
 learning-rate schedule and weight decay, and calls its :class:`Callback` s
 after each optimizer step (masks, projections), for extra loss terms
