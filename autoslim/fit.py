@@ -19,7 +19,12 @@ fit=...)`` in your own Optuna objective) each phase calls::
   (counted across phases), ``phase``, ``val_accuracy`` (your ``evaluate`` on the
   validation split, else top-1 accuracy), ``lr`` and ``seconds``, then runs
   the rung check, the progress line and the heartbeat. ``hooks.epochs_done``
-  is the count of epochs trained across phases so far.
+  is the count of epochs trained across phases so far. Early-stopping rungs
+  inside an epoch (``early_stopping.rungs: [0.25, ...]``) count your
+  ``on_step_end`` calls against ``hooks.batches_per_epoch`` (by default the
+  training split's size over ``train.batch_size``, rounded up): if your epochs
+  take another number of steps, set it before the first step; an epoch that
+  ends before its rung is refused in one line.
 - ``optimizer_factory(params=None, *, cls=None, **options)``
   (:class:`OptimizerFactory`): the phase's optimizer over ``params`` (default:
   the model's trainable parameters): the study's ``train`` optimizer, or

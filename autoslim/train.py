@@ -62,6 +62,12 @@ class Callback:
 
         May raise (``optuna.TrialPruned`` from an early-stopping rung, for example)."""
 
+    def on_batch(self, model: nn.Module, *, epochs_done: int, batch: int, batches: int,
+                 evaluate: Callable[[nn.Module], float]) -> None:
+        """Called after every optimizer step, after :meth:`on_step_end`: ``batch`` steps of ``batches`` (the
+        steps an epoch takes) done in the epoch after ``epochs_done`` (counted across phases); ``evaluate(model)``
+        scores the validation split as the epoch records do (a rung inside an epoch)."""
+
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -234,8 +240,12 @@ class Hooks:
         self.evaluate, self.factory, self.on_state, self.resumable = evaluate, factory, on_state, resumable
         self._loss = [c for c in self.callbacks if _overrides(type(c), "extra_loss")]
         self._step = [c for c in self.callbacks if _overrides(type(c), "on_step_end")]
+        self._batch = [c for c in self.callbacks if _overrides(type(c), "on_batch")]
         self.records: list[dict] = []
-        self.steps = self.loss_calls = 0
+        self.steps = self.loss_calls = self.batch = 0
+        #: The steps an epoch takes: set by :func:`run_fit` from the study's data and ``train.batch_size``; a fit
+        #: that takes another number of steps per epoch sets it (``hooks.batches_per_epoch = len(loader)``).
+        self.batches_per_epoch: int | None = None
         self._start = time.perf_counter()
 
     @property
@@ -244,7 +254,7 @@ class Hooks:
 
     @property
     def needs_steps(self) -> bool:
-        return bool(self._step)
+        return bool(self._step or self._batch)
 
     @property
     def epochs_done(self) -> int:
@@ -264,8 +274,12 @@ class Hooks:
     def on_step_end(self, model: nn.Module, step: int) -> None:
         """Call after every optimizer step."""
         self.steps += 1
+        self.batch += 1
         for c in self._step:
             c.on_step_end(model, step)
+        for c in self._batch:
+            c.on_batch(model, epochs_done=self.epochs_done, batch=self.batch, batches=self.batches_per_epoch or 0,
+                       evaluate=self.evaluate)
 
     def on_epoch_end(self, model: nn.Module, record: Mapping[str, Any] | None = None, *, state: Any = None) -> None:
         """Call after every epoch with what you measured (``loss``: mean training loss; ``lr``: the learning rate
@@ -286,6 +300,7 @@ class Hooks:
         self.records.append(full)
         if state is not None and self.on_state is not None:
             self.on_state(self.records, state)
+        self.batch = 0
         for c in self.callbacks:
             c.on_epoch_end(model, full)
         self._start = time.perf_counter()
@@ -361,6 +376,8 @@ def run_fit(fn: Callable[..., Any], model: nn.Module, *, data: Data, config: Tra
     hooks = Hooks([*extra, *callbacks], phase=phase, epoch_offset=epoch_offset + done,
                   evaluate=score or functools.partial(evaluate, split=data.val), factory=factory,
                   on_state=save, resumable="resume" in keywords, resumed=done, where=where)
+    hooks.batches_per_epoch = math.ceil(len(data.train) / config.batch_size) if data is not None and len(
+        data.train) else None
     optional = {"phase": phase, "seed": seed, "lr_scale": lr_scale, "data": data, "config": config,
                 "resume": None if resume is None else resume["fit"]}
     model.train()

@@ -104,3 +104,24 @@ def stateless_resume_fit(model, *, epochs, hooks, optimizer_factory, resume):
     """Names resume but never passes its state."""
     for _ in range(epochs):
         hooks.on_epoch_end(model, {"loss": 1.0})
+
+
+def big_batch_fit(model, *, epochs, hooks, optimizer_factory, data, tell=False):
+    """Batches of 128 where the study's train.batch_size says 64; with ``tell``, sets hooks.batches_per_epoch."""
+    optimizer = optimizer_factory()
+    loader = list(batches(data.train, batch_size=128))
+    if tell:
+        hooks.batches_per_epoch = len(loader)
+    for _ in range(epochs):
+        for step, (x, y) in enumerate(loader):
+            loss = F.cross_entropy(model(x), y) + hooks.extra_loss(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            hooks.on_step_end(model, step)
+        hooks.on_epoch_end(model, {"loss": loss})
+
+
+def counted_big_batch_fit(model, *, epochs, hooks, optimizer_factory, data):
+    """big_batch_fit telling autoslim its steps per epoch."""
+    big_batch_fit(model, epochs=epochs, hooks=hooks, optimizer_factory=optimizer_factory, data=data, tell=True)
