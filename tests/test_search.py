@@ -181,40 +181,28 @@ def test_should_stop_a_dominated_trial_and_keep_a_non_dominated_one():
     assert not should_stop((0.4, 100), others[:1], eta=3, min_trials=3)  # too few trials at the rung
 
 
-def test_early_stopping_prunes_dominated_trials_in_a_study_and_keeps_partial_results():
+@pytest.mark.parametrize("rung", [1, 0.5])
+def test_early_stopping_prunes_dominated_trials_in_a_study_and_keeps_partial_results(rung):
+    """At a whole rung and at a fractional one (150 images in batches of 64: 3 batches an epoch; rung 0.5 is
+    taken after 2 of them, and ranked at the 3rd): a dominated trial outside the best half stops there with its
+    partial results, another goes on."""
     cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64},
-               early_stopping={"enabled": True, "rungs": [1], "eta": 2, "min_trials": 2})
+               early_stopping={"enabled": True, "rungs": [rung], "eta": 2, "min_trials": 2})
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
-    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    key, pruned = f"rung_{rung}", study.get_trials(states=(TrialState.PRUNED,))
     assert pruned and len(study.trials) == 6
     for t in pruned:
-        assert "stopped at rung 1" in t.user_attrs["pruned_reason"] and len(t.user_attrs["history"]) == 1
-        mine = t.user_attrs["rung_1"]
-        others = [tuple(o.user_attrs["rung_1"]) for o in study.trials if o.number < t.number and "rung_1" in o.user_attrs]
-        assert should_stop(tuple(mine), others, eta=2, min_trials=2)
-    for t in study.get_trials(states=(TrialState.COMPLETE,)):
-        assert len(t.user_attrs["history"]) == 3  # 2 epochs + 1 retrain: it went past the rung
-
-
-def test_a_fractional_rung_stops_dominated_trials_inside_an_epoch_and_keeps_partial_results():
-    # 150 images in batches of 64: 3 batches an epoch; rung 0.5 is taken after 2 of them, ranked at the 3rd
-    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64},
-               early_stopping={"enabled": True, "rungs": [0.5], "eta": 2, "min_trials": 2})
-    study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
-    pruned = study.get_trials(states=(TrialState.PRUNED,))
-    assert pruned and len(study.trials) == 6
-    for t in pruned:
-        assert t.user_attrs["pruned_reason"].startswith("stopped at rung 0.5 epochs: val ")
-        assert t.user_attrs["history"] == []  # stopped inside its first epoch
-        mine = t.user_attrs["rung_0.5"]
+        assert t.user_attrs["pruned_reason"].startswith(f"stopped at rung {rung} epochs: val ")
+        assert len(t.user_attrs["history"]) == int(rung)  # the epochs it finished: none when stopped inside one
+        mine = t.user_attrs[key]
         assert [t.user_attrs["val_accuracy"], t.user_attrs["nonzeros"]] == mine
-        others = [tuple(o.user_attrs["rung_0.5"]) for o in study.trials if o.number < t.number]
+        others = [tuple(o.user_attrs[key]) for o in study.trials if o.number < t.number and key in o.user_attrs]
         assert should_stop(tuple(mine), others, eta=2, min_trials=2)
     completed = study.get_trials(states=(TrialState.COMPLETE,))
-    assert completed and all(len(t.user_attrs["history"]) == 3 for t in completed)  # went on past the rung
+    assert completed and all(len(t.user_attrs["history"]) == 3 for t in completed)  # 2 epochs + 1 retrain
     for t in completed:  # not stopped: too few trials at the rung yet, or not dominated / in the best half
-        others = [tuple(o.user_attrs["rung_0.5"]) for o in study.trials if o.number < t.number]
-        assert not should_stop(tuple(t.user_attrs["rung_0.5"]), others, eta=2, min_trials=2)
+        others = [tuple(o.user_attrs[key]) for o in study.trials if o.number < t.number]
+        assert not should_stop(tuple(t.user_attrs[key]), others, eta=2, min_trials=2)
 
 
 @pytest.mark.parametrize("fit", [None, "user_loops:simple_fit"])
