@@ -332,7 +332,8 @@ def fit(model: nn.Module, *, epochs: int, hooks: Hooks, optimizer_factory: Optim
             for x, y in data.train.batches(batch_size=config.batch_size, shuffle=True, generator=generator,
                                            crop_padding=data.crop_padding, flip=data.flip):
                 loss = F.cross_entropy(logits(model, x), y, label_smoothing=config.label_smoothing)
-                loss = loss + hooks.extra_loss(model)
+                if hooks.needs_loss:  # no tensor op per step where no method adds a term
+                    loss = loss + hooks.extra_loss(model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
