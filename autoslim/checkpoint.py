@@ -69,7 +69,7 @@ from optuna.artifacts._protocol import ArtifactStore
 from autoslim.errors import load_error
 from autoslim.surgery import architecture_spec
 
-FORMAT = "autoslim-checkpoint-1"
+FORMAT = "autoslim-checkpoint-2"  # 2: the loop state is a fit's (autoslim.train.run_fit)
 T = TypeVar("T")
 
 
@@ -198,7 +198,11 @@ def read_checkpoint(stream: io.BufferedIOBase | str, *, what: str = "checkpoint"
         saved = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{what} cannot be read: {load_error(e)}") from None
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+    found = saved.get("format") if isinstance(saved, dict) else None
+    if isinstance(found, str) and found.startswith("autoslim-checkpoint-") and found != FORMAT:
+        raise ValueError(f"{what} was written by another autoslim version (format {found!r}; this one reads "
+                         f"{FORMAT!r})")
+    if found != FORMAT:
         raise ValueError(f"{what} is not an autoslim checkpoint (expected format {FORMAT!r})")
     return saved
 
@@ -212,7 +216,7 @@ class TrialCheckpoints:
 
     >>> checkpoints = TrialCheckpoints(trial, store=store)  # doctest: +SKIP
     >>> checkpoints.save(payload); checkpoints.load()["format"]  # doctest: +SKIP
-    'autoslim-checkpoint-1'
+    'autoslim-checkpoint-2'
     """
 
     def __init__(self, trial: optuna.Trial, *, store: ArtifactStore) -> None:

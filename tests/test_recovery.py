@@ -427,3 +427,14 @@ def test_an_unknown_study_name_is_one_line_and_changes_nothing(unchanged_study, 
     err = capsys.readouterr().err
     assert err.startswith("autoslim: error: --study-name: no study 'nope'") and err.count("\n") == 1
     assert os.path.getsize(journal) == size
+
+
+def test_a_checkpoint_of_another_autoslim_version_is_refused_by_name_so_the_trial_starts_over():
+    """Format 1 held autoslim's own loop state where format 2 holds a fit's: resuming from it would fail mid-way."""
+    buffer = io.BytesIO()
+    torch.save({"format": "autoslim-checkpoint-1", "phases": [], "current": None}, buffer)
+    buffer.seek(0)
+    with pytest.raises(ValueError) as e:
+        read_checkpoint(buffer, what="checkpoint c")
+    assert str(e.value) == ("checkpoint c was written by another autoslim version (format 'autoslim-checkpoint-1'; "
+                            "this one reads 'autoslim-checkpoint-2')")
