@@ -15,10 +15,12 @@ checkpoint instead of starting over.
   (tensors outside the model, such as SSS's scaling factors), the RNG states
   (Python, NumPy, torch) and the phase's epoch records;
 - ``current``: the same for the phase in progress after its last epoch, plus
-  the training loop's state: epochs done, step, optimizer and schedule states
-  and the shuffling generator. A phase trained by a user's ``fit``
-  (:mod:`autoslim.fit`) is checkpointed at its end only (``current`` is None):
-  its loop state is the user's; a retry redoes that phase from its start.
+  the fit's loop state (``loop``: epochs done, the state the fit passed, for
+  autoslim's loop its step, optimizer and schedule states and the shuffling
+  generator, and the extra optimizers' states). A phase trained by a ``fit``
+  (:mod:`autoslim.fit`) that takes no ``resume`` is checkpointed at its end
+  only (``current`` is None): its loop state is its own; a retry redoes that
+  phase from its start.
 
 **Resuming.** The method runs again from the start with the same parameters
 and seed. :class:`~autoslim.methods.TrialContext` hands every phase to
@@ -67,7 +69,7 @@ from optuna.artifacts._protocol import ArtifactStore
 from autoslim.errors import load_error
 from autoslim.surgery import architecture_spec
 
-FORMAT = "autoslim-checkpoint-1"
+FORMAT = "autoslim-checkpoint-2"  # 2: the loop state is a fit's (autoslim.train.run_fit)
 T = TypeVar("T")
 
 
@@ -124,11 +126,11 @@ class Checkpointer:
 
     def phase(self, run: Callable[..., list[dict]], *, model: nn.Module, name: str,
               extra_optimizers: Sequence[torch.optim.Optimizer] = (), resumable: bool = True) -> list[dict]:
-        """Run one training phase (``run``: :func:`autoslim.train.train` with its arguments bound).
+        """Run one training phase (``run``: a fit, :class:`autoslim.fit.UserFit`, with its arguments bound).
 
-        A ``resumable`` run takes ``resume`` and ``on_state`` (autoslim's loop: checkpointed after every epoch);
-        another (a user's fit, :class:`autoslim.fit.UserFit`) is called bare and checkpointed at its end only:
-        a retry redoes the phase in progress from its start."""
+        A ``resumable`` run (a fit that takes ``resume``: autoslim's loop, or a user's) takes ``resume`` and
+        ``on_state`` and is checkpointed after every epoch; another is called bare and checkpointed at its end
+        only: a retry redoes the phase in progress from its start."""
         index = len(self._phases)
         extra = _extra_params(extra_optimizers)
         saved = self._saved[index] if index < len(self._saved) else None
@@ -137,8 +139,8 @@ class Checkpointer:
             self._restore(saved, model=model, name=name, extra=extra)
             done = [dict(r) for r in saved["history"]]
         if saved is not None and "loop" in saved and not resumable:
-            raise CheckpointMismatch(f"phase {index + 1} ({name!r}) of the checkpoint stopped within autoslim's "
-                                     "loop; this run trains it with a user fit")
+            raise CheckpointMismatch(f"phase {index + 1} ({name!r}) of the checkpoint stopped within a resumable "
+                                     "fit; this run trains it with a fit that takes no resume")
         if saved is None or "loop" in saved:
             if resumable:
                 records = run(resume=saved["loop"] if saved is not None else None,
@@ -196,7 +198,11 @@ def read_checkpoint(stream: io.BufferedIOBase | str, *, what: str = "checkpoint"
         saved = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{what} cannot be read: {load_error(e)}") from None
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+    found = saved.get("format") if isinstance(saved, dict) else None
+    if isinstance(found, str) and found.startswith("autoslim-checkpoint-") and found != FORMAT:
+        raise ValueError(f"{what} was written by another autoslim version (format {found!r}; this one reads "
+                         f"{FORMAT!r})")
+    if found != FORMAT:
         raise ValueError(f"{what} is not an autoslim checkpoint (expected format {FORMAT!r})")
     return saved
 
@@ -210,7 +216,7 @@ class TrialCheckpoints:
 
     >>> checkpoints = TrialCheckpoints(trial, store=store)  # doctest: +SKIP
     >>> checkpoints.save(payload); checkpoints.load()["format"]  # doctest: +SKIP
-    'autoslim-checkpoint-1'
+    'autoslim-checkpoint-2'
     """
 
     def __init__(self, trial: optuna.Trial, *, store: ArtifactStore) -> None:

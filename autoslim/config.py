@@ -255,39 +255,61 @@ class TrialTarget:
 class EarlyStoppingConfig:
     """Successive halving over rungs of trained epochs, by Pareto dominance on (accuracy, non-zeros).
 
-    ``rungs`` count epochs across a method's phases. Unset, they lie 1, 3 and 9
-    epochs after the first ``train.epochs`` of a method that compresses the
-    study's model: until then its trials are the same dense network (trimming,
-    IHT) or have not yet removed what they zeroed (l1/l2, SSS), so a rung would
-    rank seeds, not compression. A method that builds its own architecture
-    (ThriftyNet) has its size from the first epoch: its default rungs are 1, 3
-    and 9. ``methods.<name>.early_stopping.rungs`` sets one method's rungs.
+    ``rungs`` count epochs across a method's phases, increasing positive numbers;
+    a fraction lies inside an epoch (0.25: after a quarter of the first epoch's
+    training batches, 2.5: half-way through the third). Unset, they lie 1, 3
+    and 9 epochs after the first ``train.epochs`` of a method that compresses
+    the study's model: until then its trials are the same dense network
+    (trimming, IHT) or have not yet removed what they zeroed (l1/l2, SSS), so a
+    rung would rank seeds, not compression. A method that builds its own
+    architecture (ThriftyNet) has its size from the first step, and its epochs
+    are long (its published setting trains 3 epochs of a deep recurrent
+    network), so its first rung comes a quarter into the first epoch, where a
+    rung costs a quarter of an epoch rather than one: 0.25, 1 and 3.
+    ``methods.<name>.early_stopping.rungs`` sets one method's rungs.
 
     >>> EarlyStoppingConfig().rungs_for(epochs=6), EarlyStoppingConfig().rungs_for(epochs=3, builds_model=True)
-    ([7, 9, 15], [1, 3, 9])
-    >>> EarlyStoppingConfig(rungs=[2, 4]).rungs_for(epochs=6)
-    [2, 4]
+    ([7, 9, 15], [0.25, 1, 3])
+    >>> EarlyStoppingConfig(rungs=[0.5, 2, 4.0]).rungs_for(epochs=6)
+    [0.5, 2, 4]
     """
 
     enabled: bool = False
-    rungs: list[int] | None = None
+    rungs: list[float] | None = None
     eta: int = field(default=3, metadata=meta(min=2))
     min_trials: int = field(default=3, metadata=meta(min=1))
 
     def __post_init__(self):
-        _check_rungs("early_stopping.rungs", self.rungs)
+        self.rungs = _check_rungs("early_stopping.rungs", self.rungs)
 
-    def rungs_for(self, *, epochs: int, builds_model: bool = False) -> list[int]:
+    def rungs_for(self, *, epochs: int, builds_model: bool = False) -> list[float]:
         """The rungs of a method that trains ``epochs`` epochs before it compresses (or builds its own model)."""
         if self.rungs is not None:
             return list(self.rungs)
-        start = 0 if builds_model else epochs
-        return [start + 1, start + 3, start + 9]
+        if builds_model:
+            return [0.25, 1, 3]
+        return [epochs + 1, epochs + 3, epochs + 9]
 
 
-def _check_rungs(path: str, rungs: list[int] | None) -> None:
-    if rungs is not None and (not rungs or any(r < 1 for r in rungs) or sorted(set(rungs)) != rungs):
-        raise UsageError(f"{path}: expected increasing epoch counts >= 1, got {rungs!r}")
+def _check_rungs(path: str, rungs: list[float] | None) -> list[float] | None:
+    """``rungs`` checked (increasing positive numbers), whole ones as ints; a UsageError line otherwise.
+
+    >>> _check_rungs("early_stopping.rungs", [0.5, 1.0, 3])
+    [0.5, 1, 3]
+    >>> _check_rungs("early_stopping.rungs", [1, 0.5])
+    Traceback (most recent call last):
+    ...
+    autoslim.errors.UsageError: early_stopping.rungs: expected increasing positive numbers of epochs (0.25: a quarter into the first epoch), got [1, 0.5]
+    """
+    if rungs is None:
+        return None
+    ok = bool(rungs) and all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < float("inf")
+                             for r in rungs)
+    if not ok or any(b <= a for a, b in zip(rungs, rungs[1:])):
+        shown = [int(r) if isinstance(r, float) and r.is_integer() else r for r in rungs]
+        raise UsageError(f"{path}: expected increasing positive numbers of epochs (0.25: a quarter into the first "
+                         f"epoch), got {shown!r}")
+    return [int(r) if float(r).is_integer() else float(r) for r in rungs]
 
 
 @dataclass
@@ -356,7 +378,7 @@ class MethodConfig:
     space: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
-    rungs: list[int] | None = None
+    rungs: list[float] | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, *, method: str, study_train: "TrainConfig", study_data: "DataConfig") -> "MethodConfig":
@@ -374,8 +396,8 @@ class MethodConfig:
         built_data = build(DataConfig, {**dataclasses.asdict(study_data), **data}, f"{where}.data")
         rungs = None
         if "rungs" in stopping:
-            rungs = check(f"{where}.early_stopping.rungs", stopping["rungs"], list[int], {})
-            _check_rungs(f"{where}.early_stopping.rungs", rungs)
+            rungs = _check_rungs(f"{where}.early_stopping.rungs",
+                                 check(f"{where}.early_stopping.rungs", stopping["rungs"], list[float], {}))
         return cls(space=space, train={k: getattr(built, k) for k in train},
                    data={k: getattr(built_data, k) for k in data}, rungs=rungs)
 

@@ -1,7 +1,8 @@
 """Your training loop: the ``fit`` protocol that every method's training phases call, and a user ``evaluate``.
 
-A method trains in phases (train, prune, retrain, ...). By default each phase
-runs autoslim's loop (:func:`autoslim.train.train`). With a user ``fit``
+A method trains in phases (train, prune, retrain, ...). Each phase calls one
+fit of this protocol: autoslim's loop (:func:`autoslim.train.fit`, wrapped as
+:data:`BUILTIN_FIT`) by default, or yours. With a user ``fit``
 (study file ``train: {fit: mypkg.train:fit}``, or ``plan.compress(model,
 fit=...)`` in your own Optuna objective) each phase calls::
 
@@ -18,7 +19,12 @@ fit=...)`` in your own Optuna objective) each phase calls::
   (counted across phases), ``phase``, ``val_accuracy`` (your ``evaluate`` on the
   validation split, else top-1 accuracy), ``lr`` and ``seconds``, then runs
   the rung check, the progress line and the heartbeat. ``hooks.epochs_done``
-  is the count of epochs trained across phases so far.
+  is the count of epochs trained across phases so far. Early-stopping rungs
+  inside an epoch (``early_stopping.rungs: [0.25, ...]``) count your
+  ``on_step_end`` calls against ``hooks.batches_per_epoch`` (by default the
+  training split's size over ``train.batch_size``, rounded up): if your epochs
+  take another number of steps, set it before the first step; an epoch that
+  ends before its rung is refused in one line.
 - ``optimizer_factory(params=None, *, cls=None, **options)``
   (:class:`OptimizerFactory`): the phase's optimizer over ``params`` (default:
   the model's trainable parameters): the study's ``train`` optimizer, or
@@ -32,16 +38,25 @@ fit=...)`` in your own Optuna objective) each phase calls::
   its shuffling with it), ``lr_scale``, ``data`` (the study's
   :class:`~autoslim.data.Data`) and ``config`` (the phase's
   :class:`~autoslim.config.TrainConfig`: batch size, schedule...).
+- ``resume`` (an extension; passed only if your ``fit`` names it, not through
+  ``**kwargs``): ``None`` for a fresh phase, else the ``state`` your fit last
+  passed to ``hooks.on_epoch_end(model, record, state=state)``; continue after
+  that epoch (report only the remaining epochs). A fit that names ``resume``
+  must pass its ``state`` after every epoch: anything ``torch.save`` stores and
+  ``torch.load(weights_only=True)`` reads back (tensors, numbers, strings,
+  lists, dicts: ``optimizer.state_dict()``, a generator's ``get_state()``).
+  autoslim's own loop is such a fit.
 
 Refusals, each one line naming the field: a fit that is not callable or lacks
 these keywords, that returns anything but ``None``, that reported fewer or
 more epochs than asked through ``hooks.on_epoch_end``, or that never called
 ``hooks.on_step_end`` (or ``hooks.extra_loss``) where a method needs it.
 
-**Checkpoints.** With a user fit a trial is checkpointed at phase ends only:
-a retried trial replays the finished phases without training (weights, RNG
-states, records) and redoes the phase in progress from its start (autoslim's
-own loop resumes after the last finished epoch).
+**Checkpoints.** A retried trial replays the finished phases without training
+(weights, RNG states, records). A fit that takes ``resume`` (autoslim's loop
+included) is checkpointed after every epoch and the retry resumes the phase in
+progress after its last finished epoch; any other fit is checkpointed at phase
+ends only and the phase in progress is redone from its start.
 
 **evaluate.** ``evaluate(model, *, split) -> float`` (``train: {evaluate:
 mypkg.train:evaluate}``), higher is better, replaces top-1 accuracy as the
@@ -73,7 +88,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -82,10 +96,12 @@ from torch import nn
 from autoslim.config import TrainConfig
 from autoslim.errors import UsageError
 from autoslim.registry import import_object
-from autoslim.train import Callback, Diverged, build_optimizer
+from autoslim.train import Callback, ExtraSteps, Hooks, OptimizerFactory, fit as builtin_loop, run_fit
+
+__all__ = ["BUILTIN_FIT", "ExtraSteps", "Hooks", "OptimizerFactory", "UserEvaluate", "UserFit", "resolve_loop"]
 
 FIT_KEYWORDS = ("epochs", "hooks", "optimizer_factory")
-OPTIONAL_KEYWORDS = ("phase", "seed", "lr_scale", "data", "config")
+OPTIONAL_KEYWORDS = ("phase", "seed", "lr_scale", "data", "config", "resume")
 
 
 def _describe(obj: Any) -> str:
@@ -158,126 +174,6 @@ class UserEvaluate:
         return number(value, f"{self.where}: {_describe(self.fn)}(split={split!r})")
 
 
-class OptimizerFactory:
-    """``optimizer_factory(params=None, *, cls=None, **options)``: the optimizer of one phase (see the module doc).
-
-    >>> factory = OptimizerFactory([nn.Parameter(torch.ones(2))], config=TrainConfig(lr=0.1), lr_scale=0.5)
-    >>> type(factory()).__name__, factory().param_groups[0]["lr"]
-    ('SGD', 0.05)
-    >>> factory(cls=torch.optim.Adam, lr=1e-3).param_groups[0]["lr"]
-    0.0005
-    """
-
-    def __init__(self, params: Sequence, *, config: TrainConfig, lr_scale: float = 1.0) -> None:
-        self.params, self.config, self.lr_scale = list(params), config, lr_scale
-        self.built: torch.optim.Optimizer | None = None  # the last optimizer built: the phase's learning rate
-        self.base_lr = 0.0
-
-    def __call__(self, params=None, *, cls: type | None = None, **options) -> torch.optim.Optimizer:
-        params = self.params if params is None else params
-        if cls is None:
-            if options:
-                raise TypeError(f"optimizer_factory: options {sorted(options)} need cls (the study's train "
-                                f"section sets {self.config.optimizer}'s)")
-            optimizer = build_optimizer(params, self.config, lr_scale=self.lr_scale)
-        else:
-            optimizer = cls(params, **{**options, "lr": options.get("lr", self.config.lr) * self.lr_scale})
-        self.built, self.base_lr = optimizer, optimizer.param_groups[0]["lr"]
-        return optimizer
-
-    def lr_ratio(self) -> float | None:
-        """The built optimizer's learning rate now over its initial one (the user's schedule); None if none."""
-        if self.built is None:
-            return None
-        return self.built.param_groups[0]["lr"] / self.base_lr if self.base_lr else 1.0
-
-
-class ExtraSteps(Callback):
-    """Steps a method's own optimizers (SSS's APG on its scaling factors) after each step of a user fit, at their
-    learning rate times the ratio the fit's optimizer is at now (so they follow the user's schedule)."""
-
-    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], factory: OptimizerFactory, where: str) -> None:
-        self.optimizers, self.factory, self.where = list(optimizers), factory, where
-        self.base = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
-
-    def on_step_end(self, model: nn.Module, step: int) -> None:
-        ratio = self.factory.lr_ratio()
-        if ratio is None:
-            raise UsageError(f"{self.where}: this phase trains extra tensors ({type(self.optimizers[0]).__name__}) "
-                             "at the learning rate of the optimizer built by optimizer_factory; the fit built none")
-        for optimizer, base in zip(self.optimizers, self.base):
-            for group, lr in zip(optimizer.param_groups, base):
-                group["lr"] = lr * ratio
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-
-def _overrides(cls: type, name: str) -> bool:
-    return getattr(cls, name) is not getattr(Callback, name)
-
-
-class Hooks:
-    """What a user ``fit`` calls (see the module doc); built by autoslim for each phase.
-
-    ``evaluate(model) -> float`` scores the validation split after each epoch.
-    """
-
-    def __init__(self, callbacks: Sequence[Callback], *, phase: str, epoch_offset: int,
-                 evaluate: Callable[[nn.Module], float], factory: OptimizerFactory | None = None) -> None:
-        self.callbacks, self.phase, self.epoch_offset = list(callbacks), phase, epoch_offset
-        self.evaluate, self.factory = evaluate, factory
-        self._loss = [c for c in self.callbacks if _overrides(type(c), "extra_loss")]
-        self._step = [c for c in self.callbacks if _overrides(type(c), "on_step_end")]
-        self.records: list[dict] = []
-        self.steps = self.loss_calls = 0
-        self._start = time.perf_counter()
-
-    @property
-    def needs_loss(self) -> bool:
-        return bool(self._loss)
-
-    @property
-    def needs_steps(self) -> bool:
-        return bool(self._step)
-
-    @property
-    def epochs_done(self) -> int:
-        """Epochs trained so far across the trial's phases."""
-        return self.epoch_offset + len(self.records)
-
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | float:
-        """The methods' loss terms (a tensor), or ``0.0`` when none adds one: add it to your loss before backward."""
-        self.loss_calls += 1
-        total = None
-        for c in self._loss:
-            extra = c.extra_loss(model)
-            if extra is not None:
-                total = extra if total is None else total + extra
-        return 0.0 if total is None else total
-
-    def on_step_end(self, model: nn.Module, step: int) -> None:
-        """Call after every optimizer step."""
-        self.steps += 1
-        for c in self._step:
-            c.on_step_end(model, step)
-
-    def on_epoch_end(self, model: nn.Module, record: Mapping[str, Any] | None = None) -> None:
-        """Call after every epoch with what you measured (``loss``: mean training loss)."""
-        own = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in (record or {}).items()}
-        loss = float(own.get("loss", math.nan))
-        epoch = self.epochs_done + 1
-        if "loss" in own and not math.isfinite(loss):
-            raise Diverged(f"training loss is {loss} at epoch {epoch}")
-        now = time.perf_counter()
-        lr = self.factory.built.param_groups[0]["lr"] if self.factory and self.factory.built else None
-        full = {**own, "epoch": epoch, "loss": loss, "val_accuracy": self.evaluate(model),
-                **({"lr": lr} if lr is not None else {}), "seconds": now - self._start, "phase": self.phase}
-        self._start = now
-        self.records.append(full)
-        for c in self.callbacks:
-            c.on_epoch_end(model, full)
-
-
 class UserFit:
     """A user's ``fit`` (the protocol of this module), checked once, run for each phase of a trial.
 
@@ -298,23 +194,27 @@ class UserFit:
             raise UsageError(f"{where}: {_describe(fn)} must be fit(model, *, epochs, hooks, optimizer_factory, "
                              f"...); {lacks}")
         self.fn, self.where = fn, where
-        self.optional = [k for k in OPTIONAL_KEYWORDS if var or k in names]
+        # resume only where named: a fit taking **kwargs does not promise to pass its state
+        self.optional = [k for k in OPTIONAL_KEYWORDS if k in names or (var and k != "resume")]
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the fit takes ``resume`` (the protocol's extension): checkpointed after every epoch."""
+        return "resume" in self.optional
 
     def __call__(self, model: nn.Module, *, epochs: int, callbacks: Sequence[Callback], config: TrainConfig,
                  evaluate: Callable[[nn.Module], float], phase: str, epoch_offset: int, seed: int,
                  lr_scale: float = 1.0, param_groups=None, extra_optimizers: Sequence[torch.optim.Optimizer] = (),
-                 data: Any = None) -> list[dict]:
-        """Run one phase through the user's fit; return its epoch records (as :func:`autoslim.train.train`)."""
-        params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
-        factory = OptimizerFactory(params, config=config, lr_scale=lr_scale)
-        extra = [ExtraSteps(extra_optimizers, factory, self.where)] if extra_optimizers else []
-        hooks = Hooks([*extra, *callbacks], phase=phase, epoch_offset=epoch_offset, evaluate=evaluate,
-                      factory=factory)
-        optional = {"phase": phase, "seed": seed, "lr_scale": lr_scale, "data": data, "config": config}
-        model.train()
-        returned = self.fn(model, epochs=epochs, hooks=hooks, optimizer_factory=factory,
-                           **{k: optional[k] for k in self.optional})
-        self._check(returned, hooks, epochs=epochs, phase=phase)
+                 data: Any = None, resume: Mapping[str, Any] | None = None,
+                 on_state: Callable[[list[dict], dict], None] | None = None) -> list[dict]:
+        """Run one phase through the fit (:func:`autoslim.train.run_fit`); return its epoch records.
+        ``resume``/``on_state``: a resumable fit's checkpoint, as in :func:`autoslim.train.train`."""
+        hooks, returned = run_fit(self.fn, model, data=data, config=config, epochs=epochs, keywords=self.optional,
+                                  callbacks=callbacks, score=evaluate, phase=phase, epoch_offset=epoch_offset,
+                                  seed=seed, lr_scale=lr_scale, param_groups=param_groups,
+                                  extra_optimizers=extra_optimizers, resume=resume, on_state=on_state,
+                                  where=self.where)
+        self._check(returned, hooks, epochs=epochs - hooks.resumed, phase=phase)
         return hooks.records
 
     def _check(self, returned: Any, hooks: Hooks, *, epochs: int, phase: str) -> None:
@@ -324,7 +224,8 @@ class UserFit:
                              "(report each epoch through hooks.on_epoch_end(model, record))")
         if len(hooks.records) != epochs:
             raise UsageError(f"{where} reported {len(hooks.records)} epochs of phase {phase!r} through "
-                             f"hooks.on_epoch_end, asked for {epochs}; call it once after every epoch")
+                             f"hooks.on_epoch_end, asked for {epochs}; call it once after every epoch"
+                             + (f" (after the {hooks.resumed} it resumed after)" if hooks.resumed else ""))
         if epochs and hooks.needs_steps and not hooks.steps:
             raise UsageError(f"{where} never called hooks.on_step_end(model, step) in phase {phase!r}, where a "
                              "method acts after every optimizer step; call it after each one")
@@ -349,3 +250,8 @@ def resolve_loop(config: TrainConfig, *, where: str = "train") -> tuple[UserFit 
         evaluate = UserEvaluate(import_object(config.evaluate, field=f"{where}.evaluate"),
                                 where=f"{where}.evaluate")
     return fit, evaluate
+
+
+#: autoslim's own loop (:func:`autoslim.train.fit`) as a fit of this protocol, resumable mid-phase; what a
+#: trial's phases run when the study names no ``train.fit``.
+BUILTIN_FIT = UserFit(builtin_loop, where="autoslim's loop")

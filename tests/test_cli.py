@@ -55,7 +55,15 @@ BAD = [
     (with_(methods={"trimming": {"early_stopping": {"eta": 2}}}),
      "methods.trimming.early_stopping.eta: a method may set only rungs; eta and min_trials are the study's"),
     (with_(methods={"trimming": {"early_stopping": {"rungs": [3, 2]}}}),
-     "methods.trimming.early_stopping.rungs: expected increasing epoch counts >= 1, got [3, 2]"),
+     "methods.trimming.early_stopping.rungs: expected increasing positive numbers of epochs (0.25: a quarter "
+     "into the first epoch), got [3, 2]"),
+    (with_(early_stopping={"rungs": [0, 0.5]}),
+     "early_stopping.rungs: expected increasing positive numbers of epochs (0.25: a quarter into the first epoch), "
+     "got [0, 0.5]"),
+    (with_(early_stopping={"rungs": [0.5, 0.25]}),
+     "early_stopping.rungs: expected increasing positive numbers of epochs (0.25: a quarter into the first epoch), "
+     "got [0.5, 0.25]"),
+    (with_(early_stopping={"rungs": ["1"]}), "early_stopping.rungs[0]: expected a number, got '1'"),
     (with_(methods={"trimming": {"early_stopping": {"rungs": 4}}}),
      "methods.trimming.early_stopping.rungs: expected a list, got 4"),
     (with_(methods={"trimming": {"early_stopping": True}}),

@@ -2,6 +2,7 @@
 checkpoints at phase ends, SSS's APG following the user's learning rate; and autoslim inside the user's own
 Optuna objective (autoslim.plan: suggest, Plan.compress, objectives; report_rung)."""
 
+import copy
 import dataclasses
 import math
 
@@ -48,6 +49,50 @@ def test_a_user_fit_trains_every_phase_and_its_records_carry_autoslims_keys(data
     assert first["train_batches"] == math.ceil(len(data.train) / 64) and isinstance(first["loss"], float)
     assert first["lr"] == 0.05 and first["val_accuracy"] > 0.3
     assert result.params < result.baseline_params and len(lines) == 2
+
+
+#: Every fit a trial may run: autoslim's loop by default, the same loop named as a user fit, and users' fits with
+#: and without the resume extension. The protocol tests run over all of them.
+FITS = [None, "autoslim.train:fit", "user_loops:simple_fit", "user_loops:resumable_fit"]
+RESUMABLE = [None, "autoslim.train:fit", "user_loops:resumable_fit"]
+
+
+@pytest.mark.parametrize("fit", FITS)
+def test_every_fit_runs_each_phase_through_the_hooks(data, fit):
+    """IHT: its masks (on_step_end) hold after every phase, records are numbered across phases, tagged and scored."""
+    cfg = config("iht", {"cycles": 2, "sparse_epochs": 1, "dense_epochs": 1}, **({"fit": fit} if fit else {}))
+    result = run_trial(cfg, data=data)
+    assert [r["phase"] for r in result.history] == ["train", "sparse1", "dense1", "sparse2"]
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    assert all(isinstance(r["loss"], float) and 0 < r["val_accuracy"] <= 1 and r["lr"] > 0 for r in result.history)
+    assert result.history[-1]["val_accuracy"] == pytest.approx(top1(result.model, data.val))
+    assert result.params < result.baseline_params
+
+
+@pytest.mark.parametrize("fit", RESUMABLE)
+def test_a_resumable_fit_is_checkpointed_every_epoch_and_resumed_mid_phase(data, fit):
+    """A fit that takes resume (autoslim's own or a user's) resumes a phase after its last epoch, not from its
+    start, and ends with the weights of an uninterrupted run."""
+    cfg = dataclasses.replace(config(**({"fit": fit} if fit else {})), train=TrainConfig(
+        epochs=2, batch_size=64, **({"fit": fit} if fit else {})))
+    saved = []
+    torch.manual_seed(0)
+    whole = run_trial(cfg, data=data, checkpointer=Checkpointer(save=lambda p: saved.append(copy.deepcopy(p))))
+    assert [(len(s["phases"]), s["current"]["loop"]["epoch"]) for s in saved] == [(0, 1), (0, 2), (1, 1)]
+    user_loops.CALLS.clear()
+    resumed = run_trial(cfg, data=data, checkpointer=Checkpointer(save=lambda p: None, resume=saved[0]))
+    if fit == "user_loops:resumable_fit":
+        assert user_loops.CALLS == [("train", 1), ("retrain1", None)]  # "train" resumed after its epoch 1
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3] and resumed.history[0] == whole.history[0]
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_fit_that_takes_resume_but_passes_no_state_is_refused_in_one_line(data):
+    with pytest.raises(UsageError) as e:
+        run_trial(config(fit="user_loops:stateless_resume_fit"), data=data)
+    assert str(e.value) == ("train.fit: a fit that takes resume must pass its loop state after every epoch: "
+                            "hooks.on_epoch_end(model, record, state=...) (epoch 1 passed none)")
 
 
 def test_a_user_evaluate_replaces_top1_and_keeps_validation_and_test_apart(data):

@@ -70,7 +70,7 @@ def test_a_resumed_trial_ends_exactly_as_an_uninterrupted_one(method, model, par
         with pytest.raises(Crash):
             run_trial(config, data=data, callbacks=[CrashAfter(k)],  # killed right after epoch k's line
                       checkpointer=Checkpointer(save=lambda p: saved.append(round_trip(p))))
-        assert [c["current"]["loop"]["step"] > 0 for c in saved] == [True] * k
+        assert [c["current"]["loop"]["fit"]["step"] > 0 for c in saved] == [True] * k
         resumed_epochs = []
         resumed = run_trial(config, data=data, callbacks=[RecordEpochs(resumed_epochs)],
                             checkpointer=Checkpointer(save=lambda p: None, resume=saved[-1]))
@@ -427,3 +427,14 @@ def test_an_unknown_study_name_is_one_line_and_changes_nothing(unchanged_study, 
     err = capsys.readouterr().err
     assert err.startswith("autoslim: error: --study-name: no study 'nope'") and err.count("\n") == 1
     assert os.path.getsize(journal) == size
+
+
+def test_a_checkpoint_of_another_autoslim_version_is_refused_by_name_so_the_trial_starts_over():
+    """Format 1 held autoslim's own loop state where format 2 holds a fit's: resuming from it would fail mid-way."""
+    buffer = io.BytesIO()
+    torch.save({"format": "autoslim-checkpoint-1", "phases": [], "current": None}, buffer)
+    buffer.seek(0)
+    with pytest.raises(ValueError) as e:
+        read_checkpoint(buffer, what="checkpoint c")
+    assert str(e.value) == ("checkpoint c was written by another autoslim version (format 'autoslim-checkpoint-1'; "
+                            "this one reads 'autoslim-checkpoint-2')")

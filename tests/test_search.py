@@ -5,18 +5,23 @@ import sys
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
-from autoslim.config import StudyConfig, TrialConfig
+from autoslim.config import DataConfig, StudyConfig, TrainConfig, TrialConfig
 from autoslim.data import load_data
 from autoslim.errors import UsageError
-from autoslim.methods import get_method, list_methods
-from autoslim.search.halving import nondominated_ranks, rungs_for, should_stop
+from autoslim.fit import UserFit
+from autoslim.methods import TrialContext, get_method, list_methods
+from autoslim.models import create_model
+from autoslim.registry import import_object
+from autoslim.search.halving import SuccessiveHalving, nondominated_ranks, report_rung, rungs_for, should_stop
 from autoslim.search.pareto import hypervolume, pareto_front, pareto_mask
 from autoslim.space import SearchSpace
-from autoslim.trial import run_trial
 from autoslim.study import load_method_data, optimize
+from autoslim.train import Callback, evaluate as top1
+from autoslim.trial import run_trial
 
 QUIET = dict(log=lambda s: None)
 
@@ -177,19 +182,91 @@ def test_should_stop_a_dominated_trial_and_keep_a_non_dominated_one():
     assert not should_stop((0.4, 100), others[:1], eta=3, min_trials=3)  # too few trials at the rung
 
 
-def test_early_stopping_prunes_dominated_trials_in_a_study_and_keeps_partial_results():
+@pytest.mark.parametrize("rung", [1, 0.5])
+def test_early_stopping_prunes_dominated_trials_in_a_study_and_keeps_partial_results(rung):
+    """At a whole rung and at a fractional one (150 images in batches of 64: 3 batches an epoch; rung 0.5 is
+    taken after 2 of them, and ranked at the 3rd): a dominated trial outside the best half stops there with its
+    partial results, another goes on."""
     cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64},
-               early_stopping={"enabled": True, "rungs": [1], "eta": 2, "min_trials": 2})
+               early_stopping={"enabled": True, "rungs": [rung], "eta": 2, "min_trials": 2})
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
-    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    key, pruned = f"rung_{rung}", study.get_trials(states=(TrialState.PRUNED,))
     assert pruned and len(study.trials) == 6
     for t in pruned:
-        assert "stopped at rung 1" in t.user_attrs["pruned_reason"] and len(t.user_attrs["history"]) == 1
-        mine = t.user_attrs["rung_1"]
-        others = [tuple(o.user_attrs["rung_1"]) for o in study.trials if o.number < t.number and "rung_1" in o.user_attrs]
+        assert t.user_attrs["pruned_reason"].startswith(f"stopped at rung {rung} epochs: val ")
+        assert len(t.user_attrs["history"]) == int(rung)  # the epochs it finished: none when stopped inside one
+        mine = t.user_attrs[key]
+        assert [t.user_attrs["val_accuracy"], t.user_attrs["nonzeros"]] == mine
+        others = [tuple(o.user_attrs[key]) for o in study.trials if o.number < t.number and key in o.user_attrs]
         assert should_stop(tuple(mine), others, eta=2, min_trials=2)
-    for t in study.get_trials(states=(TrialState.COMPLETE,)):
-        assert len(t.user_attrs["history"]) == 3  # 2 epochs + 1 retrain: it went past the rung
+    completed = study.get_trials(states=(TrialState.COMPLETE,))
+    assert completed and all(len(t.user_attrs["history"]) == 3 for t in completed)  # 2 epochs + 1 retrain
+    for t in completed:  # not stopped: too few trials at the rung yet, or not dominated / in the best half
+        others = [tuple(o.user_attrs[key]) for o in study.trials if o.number < t.number]
+        assert not should_stop(tuple(t.user_attrs[key]), others, eta=2, min_trials=2)
+
+
+@pytest.mark.parametrize("fit", [None, "user_loops:simple_fit"])
+def test_a_fractional_rung_is_taken_after_its_share_of_the_epochs_batches(fit):
+    """300 images in batches of 64: 5 batches an epoch. Rung 0.25 after ceil(1.25) = 2 batches, 1.5 after
+    ceil(2.5) = 3 batches of the second epoch (step 8), 1 at the end of the first epoch (step 5); each fractional
+    point is the validation accuracy of the model at that step."""
+    data = load_data(DataConfig(name="digits", train_subset=300))
+    trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    seen = {}
+
+    class Watch(Callback):  # runs after the rung check in each step: notes when each rung key appears
+        steps = 0
+
+        def on_step_end(self, model, step):
+            self.steps += 1
+
+        def on_batch(self, model, *, epochs_done, batch, batches, evaluate):
+            assert batches == 5
+            for key in set(trial.user_attrs) - set(seen):
+                seen[key] = (self.steps, trial.user_attrs[key][0] == top1(model, data.val))
+
+        def on_epoch_end(self, model, record):
+            self.on_batch(model, epochs_done=0, batch=0, batches=5, evaluate=None)
+
+    halving = SuccessiveHalving(trial, rungs=[0.25, 1, 1.5], eta=2, min_trials=100)
+    ctx = TrialContext(data=data, train_config=TrainConfig(epochs=2, batch_size=64), callbacks=[halving, Watch()],
+                       fit=UserFit(import_object(fit, field="fit")) if fit else None)
+    torch.manual_seed(0)
+    ctx.train(create_model("lenet300_100", in_shape=data.in_shape, num_classes=10))
+    assert seen == {"rung_0.25": (2, True), "rung_1": (5, True), "rung_1.5": (8, True)}
+
+
+def test_a_fit_whose_epoch_ends_before_its_fractional_rung_is_refused_unless_it_sets_its_step_count():
+    """300 images: 5 batches of 64 as train.batch_size says, but the fit takes 3 batches of 128. Rung 0.9 would
+    come after 5 steps: the epoch ends first (one line), unless the fit sets hooks.batches_per_epoch = 3."""
+    data = load_data(DataConfig(name="digits", train_subset=300))
+    trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    fit = UserFit(import_object("user_loops:big_batch_fit", field="fit"))
+    model = create_model("lenet300_100", in_shape=data.in_shape, num_classes=10)
+    halving = SuccessiveHalving(trial, rungs=[0.9], eta=2, min_trials=100)
+    ctx = TrialContext(data=data, train_config=TrainConfig(epochs=1, batch_size=64), callbacks=[halving], fit=fit)
+    with pytest.raises(UsageError) as e:
+        ctx.train(model)
+    assert str(e.value) == ("early_stopping.rungs: rung 0.9 lies inside epoch 1, which took 3 step(s) "
+                            "(hooks.on_step_end calls) where hooks.batches_per_epoch is 5; a fit whose epochs take "
+                            "another number of steps sets hooks.batches_per_epoch")
+    fit = UserFit(import_object("user_loops:counted_big_batch_fit", field="fit"))
+    halving = SuccessiveHalving(trial, rungs=[0.9], eta=2, min_trials=100)
+    TrialContext(data=data, train_config=TrainConfig(epochs=1, batch_size=64), callbacks=[halving], fit=fit).train(model)
+    assert "rung_0.9" in trial.user_attrs
+
+
+def test_report_rung_takes_a_float_epoch_and_a_whole_float_is_the_whole_rung():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    report_rung(study.ask(), epoch=1, accuracy=0.9, model=torch.nn.Linear(2, 2), min_trials=2, eta=2)
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned, match=r"^stopped at rung 1 epochs: val 50.00% "):
+        report_rung(trial, epoch=1.0, accuracy=0.5, model=torch.nn.Linear(2, 2), min_trials=2, eta=2)
+    assert trial.user_attrs["rung_1"] == [0.5, 6]
+    trial = study.ask()
+    report_rung(trial, epoch=0.5, accuracy=0.5, model=torch.nn.Linear(2, 2), min_trials=2, eta=2)  # alone there
+    assert trial.user_attrs["rung_0.5"] == [0.5, 6]
 
 
 def test_default_rungs_lie_after_the_base_training():
@@ -212,21 +289,22 @@ def test_a_trial_whose_training_ends_at_a_rung_completes():
     assert any(should_stop(points[i], points[:i], eta=2, min_trials=2) for i in range(len(points)))
 
 
-def test_thriftynet_trials_are_ranked_from_their_first_epoch_by_default():
-    # an architecture has its size from the first epoch: default rungs 1, 3, 9, not after the study's train.epochs
+def test_thriftynet_trials_are_ranked_a_quarter_into_their_first_epoch_by_default():
+    # an architecture has its size from the first step: default rungs 0.25, 1, 3, not after the study's train.epochs
     cfg = tiny(n_trials=5, train={"epochs": 2, "batch_size": 64},
                methods={"thriftynet": {"budget": 2000, "iterations": 4, "history": 1, "pool_every": 2,
                                        "conv": "classic", "activation": "relu"}},
                early_stopping={"enabled": True, "eta": 2, "min_trials": 2})
-    assert rungs_for(cfg, "thriftynet") == [1, 3, 9]
+    assert rungs_for(cfg, "thriftynet") == [0.25, 1, 3]
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
-    assert all(sorted(k for k in t.user_attrs if k.startswith("rung_")) == ["rung_1"] for t in study.trials)
+    assert all("rung_0.25" in t.user_attrs for t in study.trials)
     stopped = study.get_trials(states=(TrialState.PRUNED,))
-    assert stopped  # one architecture, five seeds: the less accurate ones are dominated at epoch 1
+    assert stopped  # one architecture, five seeds: the less accurate ones are dominated early
     for t in stopped:
-        others = [tuple(o.user_attrs["rung_1"]) for o in study.trials if o.number < t.number]
-        assert should_stop(tuple(t.user_attrs["rung_1"]), others, eta=2, min_trials=2)
-        assert len(t.user_attrs["history"]) == 1
+        key = "rung_0.25" if "rung_1" not in t.user_attrs else "rung_1"
+        others = [tuple(o.user_attrs[key]) for o in study.trials if o.number < t.number and key in o.user_attrs]
+        assert should_stop(tuple(t.user_attrs[key]), others, eta=2, min_trials=2)
+        assert len(t.user_attrs["history"]) == (0 if key == "rung_0.25" else 1)
 
 
 def test_a_methods_own_rungs_replace_the_studys_for_its_trials():
@@ -245,29 +323,35 @@ def test_a_methods_own_rungs_replace_the_studys_for_its_trials():
     assert rungs_for(saved, "trimming") == [1, 2] and rungs_for(saved, "l1l2") == [3]
 
 
-def test_early_stopping_with_two_processes_sharing_a_journal(tmp_path):
+@pytest.mark.parametrize("rung,storage", [(1, "two.journal"), (0.5, "two.db")])
+def test_early_stopping_with_two_processes_sharing_a_storage(tmp_path, rung, storage):
+    """Whole and fractional rungs alike: two processes on one journal file or one SQLite file rank against each
+    other's records."""
     study_file = tmp_path / "two.yaml"
     study_file.write_text(yaml.safe_dump({
         "data": {"name": "digits", "train_subset": 150}, "model": "lenet300_100", "warm_start": False,
         "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
         "train": {"epochs": 2, "batch_size": 64}, "n_trials": 6,
-        "early_stopping": {"enabled": True, "rungs": [1], "eta": 2, "min_trials": 2}}))
-    journal = tmp_path / "two.journal"
-    cmd = [sys.executable, "-m", "autoslim", "optimize", str(study_file), "--storage", str(journal), "--quiet"]
+        "early_stopping": {"enabled": True, "rungs": [rung], "eta": 2, "min_trials": 2}}))
+    url = str(tmp_path / storage) if storage.endswith(".journal") else f"sqlite:///{tmp_path / storage}"
+    cmd = [sys.executable, "-m", "autoslim", "optimize", str(study_file), "--storage", url, "--quiet"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     from autoslim.storage import get_storage
-    study = optuna.load_study(study_name="two", storage=get_storage(str(journal)))
+    study = optuna.load_study(study_name="two", storage=get_storage(url))
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) >= 6
-    rung = [t for t in study.trials if "rung_1" in t.user_attrs]
-    assert len(rung) == len(finished)
+    key = f"rung_{rung}"
+    reached = [t for t in study.trials if key in t.user_attrs]
+    assert len(reached) == len(finished)
     stopped = study.get_trials(states=(TrialState.PRUNED,))
-    assert stopped  # dense nets at rung 1 differ only in accuracy: the worse ones are dominated
+    assert stopped  # dense nets at the rung differ only in accuracy: the worse ones are dominated
     for t in stopped:  # each stop is justified by the records in the shared storage
-        others = [tuple(o.user_attrs["rung_1"]) for o in rung if o.number != t.number]
-        assert should_stop(tuple(t.user_attrs["rung_1"]), others, eta=2, min_trials=2)
+        assert t.user_attrs["pruned_reason"].startswith(f"stopped at rung {rung} epochs")
+        others = [tuple(o.user_attrs[key]) for o in reached if o.number != t.number]
+        assert should_stop(tuple(t.user_attrs[key]), others, eta=2, min_trials=2)
+    assert {len(t.user_attrs["history"]) for t in stopped} == {int(rung)}  # stopped inside the epoch after the rung
 
 
 # ---------------------------------------------------------------- samplers and warm start

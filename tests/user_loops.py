@@ -79,3 +79,49 @@ def text_evaluate(model, *, split):
 
 
 NOT_CALLABLE = 3
+
+
+def resumable_fit(model, *, epochs, hooks, optimizer_factory, data, seed, phase, resume):
+    """Takes the protocol's resume extension: passes its loop state after every epoch and continues from one."""
+    CALLS.append((phase, None if resume is None else resume["epoch"]))
+    optimizer = optimizer_factory()
+    generator = torch.Generator().manual_seed(seed)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+    for epoch in range(0 if resume is None else resume["epoch"], epochs):
+        for step, (x, y) in enumerate(batches(data.train, batch_size=64, shuffle=True, generator=generator)):
+            loss = F.cross_entropy(model(x), y) + hooks.extra_loss(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            hooks.on_step_end(model, step)
+        hooks.on_epoch_end(model, {"loss": loss}, state={"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                                                         "generator": generator.get_state()})
+
+
+def stateless_resume_fit(model, *, epochs, hooks, optimizer_factory, resume):
+    """Names resume but never passes its state."""
+    for _ in range(epochs):
+        hooks.on_epoch_end(model, {"loss": 1.0})
+
+
+def big_batch_fit(model, *, epochs, hooks, optimizer_factory, data, tell=False):
+    """Batches of 128 where the study's train.batch_size says 64; with ``tell``, sets hooks.batches_per_epoch."""
+    optimizer = optimizer_factory()
+    loader = list(batches(data.train, batch_size=128))
+    if tell:
+        hooks.batches_per_epoch = len(loader)
+    for _ in range(epochs):
+        for step, (x, y) in enumerate(loader):
+            loss = F.cross_entropy(model(x), y) + hooks.extra_loss(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            hooks.on_step_end(model, step)
+        hooks.on_epoch_end(model, {"loss": loss})
+
+
+def counted_big_batch_fit(model, *, epochs, hooks, optimizer_factory, data):
+    """big_batch_fit telling autoslim its steps per epoch."""
+    big_batch_fit(model, epochs=epochs, hooks=hooks, optimizer_factory=optimizer_factory, data=data, tell=True)

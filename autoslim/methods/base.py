@@ -32,11 +32,11 @@ from torch import nn
 from autoslim.config import PruningConfig, TrainConfig
 from autoslim.data import Data
 from autoslim.errors import UsageError
-from autoslim.fit import UserEvaluate, UserFit
+from autoslim.fit import BUILTIN_FIT, UserEvaluate, UserFit
 from autoslim.registry import Registry
 from autoslim.selection import SizeTarget
 from autoslim.space import SearchSpace, spaces_dir
-from autoslim.train import Callback, evaluate, train
+from autoslim.train import Callback, evaluate
 
 if TYPE_CHECKING:
     from autoslim.checkpoint import Checkpointer
@@ -48,14 +48,14 @@ class TrialContext:
 
     :meth:`train` is how a method trains: it numbers epochs across phases, keeps
     the history, and calls ``callbacks`` (the early-stopping rung check, the
-    progress printer) after every epoch. Each phase runs autoslim's loop
-    (:func:`autoslim.train.train`), or the user's ``fit``
-    (:class:`autoslim.fit.UserFit`) where one is given; a user ``evaluate``
+    progress printer) after every epoch. Each phase runs one fit of the protocol
+    in :mod:`autoslim.fit`: the user's ``fit`` (:class:`autoslim.fit.UserFit`)
+    where one is given, else autoslim's loop (:data:`autoslim.fit.BUILTIN_FIT`); a user ``evaluate``
     (:class:`autoslim.fit.UserEvaluate`) replaces top-1 accuracy in
     :meth:`evaluate` and in the epoch records. With a ``checkpointer``
     (:class:`autoslim.checkpoint.Checkpointer`) every phase is checkpointed
-    after each epoch (at its end only under a user fit), and a resumed trial
-    replays the phases it had finished.
+    after each epoch where the fit is resumable (takes ``resume``: autoslim's
+    loop does), else at its end, and a resumed trial replays the phases it had finished.
     """
 
     data: Data
@@ -85,16 +85,13 @@ class TrialContext:
         epochs = config.epochs if epochs is None else epochs
         if epochs <= 0:
             return []
-        score = None if self.evaluator is None else self.evaluator
-        common = dict(config=config, epochs=epochs, seed=self.seed + self.epochs_done,
-                      lr_scale=lr_scale, callbacks=[*callbacks, *self.callbacks], param_groups=param_groups,
-                      extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done, phase=phase)
-        if self.fit is None:
-            run = functools.partial(train, model, self.data, score=score, **common)
-        else:
-            run = functools.partial(self.fit, model, data=self.data, evaluate=score or self._top1, **common)
+        fit = self.fit or BUILTIN_FIT
+        run = functools.partial(fit, model, data=self.data, evaluate=self.evaluator or self._top1, config=config,
+                                epochs=epochs, seed=self.seed + self.epochs_done, lr_scale=lr_scale,
+                                callbacks=[*callbacks, *self.callbacks], param_groups=param_groups,
+                                extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done, phase=phase)
         records = run() if self.checkpointer is None else self.checkpointer.phase(
-            run, model=model, name=phase, extra_optimizers=extra_optimizers, resumable=self.fit is None)
+            run, model=model, name=phase, extra_optimizers=extra_optimizers, resumable=fit.resumable)
         self.history.extend(records)
         return records
 
