@@ -142,10 +142,14 @@ def peer(data: Data, *, cfg, deadline: float, study: optuna.Study) -> optuna.Stu
     """(p): LeNet-5 trained once, then TPE over Torch-Pruning's global ratio and the fine-tune."""
     seed_everything(cfg.seed)
     base = create_model(cfg.model, in_shape=data.in_shape, num_classes=data.num_classes)
+    began = time.time()
     try:
         train(base, data, config=cfg.train, seed=cfg.seed, callbacks=[BudgetReached(deadline)])
     except optuna.TrialPruned:
-        return study  # the budget ran out before the base network was trained: no trial
+        study.set_user_attr("note", f"the budget ran out while the base {cfg.model} trained: no trial")
+        return study
+    study.set_user_attr("note", f"base {cfg.model} trained in {time.time() - began:.0f} s: "
+                                f"{evaluate(base, data.val):.2%} val, {evaluate(base, data.test):.2%} test")
     example = data.val.x[:1]
 
     def objective(trial: optuna.Trial) -> tuple[float, int]:
@@ -183,9 +187,18 @@ def hand_rolled(data: Data, *, cfg, deadline: float, study: optuna.Study) -> opt
     return study
 
 
-def run_arm(arm: str, *, budget: float, data_dir: str, data: str, out: Path,
-            threads: int | None) -> tuple[list[FrozenTrial], float]:
-    """Run search ``arm`` for ``budget`` seconds, its study in ``out/<arm>.db``; its trials and start time."""
+@dataclasses.dataclass
+class Outcome:
+    """What one search did: its finished trials, when it started (``time.time()``), and a line to know."""
+
+    trials: list[FrozenTrial]
+    start: float
+    note: str = ""      # (p): its base training; a refused study: autoslim's line
+    ran: bool = True    # False: autoslim refused the study before any trial
+
+
+def run_arm(arm: str, *, budget: float, data_dir: str, data: str, out: Path, threads: int | None) -> Outcome:
+    """Run search ``arm`` for ``budget`` seconds, its study in ``out/<arm>.db`` and its log in ``out/<arm>.log``."""
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -196,26 +209,27 @@ def run_arm(arm: str, *, budget: float, data_dir: str, data: str, out: Path,
             # the study file's n_trials (200) is far more than a budget of an hour holds; each is queued at set-up
             study = optimize(study_config(arm, data_dir=data_dir, data=data), timeout=budget, strict_timeout=True,
                              storage=storage, log=lambda line: print(line, file=logfile, flush=True))
-            return [t for t in study.trials if t.state.is_finished()], start  # not the slots queued for later
+            return Outcome([t for t in study.trials if t.state.is_finished()], start)  # not the slots queued later
         cfg = study_config("n", data_dir=data_dir, data=data)
         split = load_data(cfg.data, device=resolve_device(cfg.device))
         start = time.time()
         study = optuna.create_study(storage=storage, study_name=arm, directions=DIRECTIONS,
                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed))
         study = (peer if arm == "p" else hand_rolled)(split, cfg=cfg, deadline=start + budget, study=study)
-        for t in study.trials:
-            print(trial_summary(t, start), file=logfile)
-        return study.trials, start
+        note = study.user_attrs.get("note", "")
+        for line in [note] * bool(note) + [trial_summary(t, start) for t in study.trials]:
+            print(line, file=logfile)
+        return Outcome(study.trials, start, note)
 
 
-def _run_arm_job(job: tuple) -> tuple[str, tuple[list[FrozenTrial], float] | str, float]:
-    """``(arm, (trials, start) or the line autoslim refused its study with, seconds)``."""
+def _run_arm_job(job: tuple) -> tuple[str, Outcome, float]:
     arm, kwargs = job
     began = time.time()
     try:
-        return arm, run_arm(arm, **kwargs), time.time() - began
+        outcome = run_arm(arm, **kwargs)
     except UsageError as e:  # (a) or (n): refused before any trial (optimize checks the study first)
-        return arm, f"refused by autoslim before any trial: {e}", time.time() - began
+        outcome = Outcome([], began, f"refused by autoslim before any trial: {e}", ran=False)
+    return arm, outcome, time.time() - began
 
 
 # ---------------------------------------------------------------- what each search found
@@ -266,48 +280,63 @@ def best_text(trial: FrozenTrial | None) -> str:
     return f"{100 * acc:.2f}% test ({100 * val:.2f}% val) at {params:,} params"
 
 
-def report(outcomes: dict[str, tuple[list[FrozenTrial], float] | str], *, size: int) -> None:
+def print_arm(k: str, outcome: Outcome, *, size: int, box: float) -> None:
+    """The figures of search ``k``."""
+    trials, done = outcome.trials, completed(outcome.trials)
+    states = {st: sum(t.state == st for t in trials) for st in (TrialState.PRUNED, TrialState.FAIL)}
+    feasible = f"{sum(t.values[1] <= LIMIT for t in done) / len(done):.0%}" if done else "-"
+    first = first_at(trials, outcome.start, test=TARGET_TEST, limit=LIMIT)
+    print(f"({k}) {NAMES[k]}" + (f"; {outcome.note}" if outcome.note else "") + "\n"
+          f"    trials {len(trials)} ({len(done)} complete, {states[TrialState.PRUNED]} stopped, "
+          f"{states[TrialState.FAIL]} failed); within {LIMIT:,} params: {feasible} of the completed\n"
+          f"    hypervolume box {box:.4f}, log {log_hv(trials, size):.4f}\n"
+          f"    best <= {LIMIT:,}: {best_text(best_under(trials, LIMIT))}; "
+          f"best <= {SMALL:,}: {best_text(best_under(trials, SMALL))}\n"
+          f"    first >= {TARGET_TEST:.1%} test within {LIMIT:,} params: "
+          f"{'never' if first is None else f'after {first:.0f} s'}")
+
+
+def print_targets(boxes: dict[str, float], a: Outcome) -> None:
+    """The ratios (a)/(k) in the box and (a)'s 8,000-parameter network against their targets."""
+    for k, target in TARGETS.items():
+        if k in boxes:
+            ratio = boxes["a"] / boxes[k] if boxes[k] > 0 else (math.inf if boxes["a"] > 0 else math.nan)
+            verdict = "undefined: both 0" if math.isnan(ratio) else "met" if ratio >= target else "missed"
+            print(f"box hypervolume ratio (a)/({k}): {ratio:.3f}  (target >= {target}: {verdict})")
+    best = best_under(a.trials, TARGET_PARAMS)
+    met = best is not None and best.user_attrs["test_accuracy"] >= TARGET_TEST
+    print(f"(a) best <= {TARGET_PARAMS:,} params: {best_text(best)}  (target >= {TARGET_TEST:.1%} test: "
+          f"{'met' if met else 'missed'})")
+
+
+def print_trials(k: str, outcome: Outcome) -> None:
+    """Search ``k``'s trials, and its Pareto front with each point's knobs."""
+    print(f"\n({k}) trials: " + ("; ".join(trial_summary(t, outcome.start) for t in outcome.trials) or "none"))
+    done = completed(outcome.trials)
+    front = [t for t, keep in zip(done, pareto_mask([t.values for t in done], DIRECTIONS)) if keep] if done else []
+    print(f"({k}) Pareto front of the completed trials:" + ("" if front else " none"))
+    for t in sorted(front, key=lambda t: t.values[1]):
+        knobs = " ".join(f"{n.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{n.split('.')[-1]}={v}"
+                         for n, v in t.params.items() if n != "method")
+        print(f"    trial {t.number:>3} {t.user_attrs['method']:<12} val {100 * t.values[0]:.2f}%  "
+              f"params {int(t.values[1]):>7,}  test {100 * t.user_attrs['test_accuracy']:.2f}%  {knobs}")
+
+
+def report(outcomes: dict[str, Outcome], *, size: int) -> None:
     """Print each search's figures (or why it did not run), the ratios against their targets, its trials and
     its front."""
-    for k, refused in outcomes.items():
-        if isinstance(refused, str):
-            print(f"({k}) {NAMES[k]}: {refused}")
-    results = {k: v for k, v in outcomes.items() if not isinstance(v, str)}
-    boxes = {k: box_hv(trials, size) for k, (trials, _) in results.items()}
-    for k, (trials, start) in results.items():
-        done = completed(trials)
-        states = {st: sum(t.state == st for t in trials) for st in (TrialState.PRUNED, TrialState.FAIL)}
-        feasible = f"{sum(t.values[1] <= LIMIT for t in done) / len(done):.0%}" if done else "-"
-        first = first_at(trials, start, test=TARGET_TEST, limit=LIMIT)
-        print(f"({k}) {NAMES[k]}\n"
-              f"    trials {len(trials)} ({len(done)} complete, {states[TrialState.PRUNED]} stopped, "
-              f"{states[TrialState.FAIL]} failed); within {LIMIT:,} params: {feasible} of the completed\n"
-              f"    hypervolume box {boxes[k]:.4f}, log {log_hv(trials, size):.4f}\n"
-              f"    best <= {LIMIT:,}: {best_text(best_under(trials, LIMIT))}; "
-              f"best <= {SMALL:,}: {best_text(best_under(trials, SMALL))}\n"
-              f"    first >= {TARGET_TEST:.1%} test within {LIMIT:,} params: "
-              f"{'never' if first is None else f'after {first:.0f} s'}")
-    if "a" in results:
+    ran = {k: o for k, o in outcomes.items() if o.ran}
+    for k, o in outcomes.items():
+        if not o.ran:
+            print(f"({k}) {NAMES[k]}: {o.note}")
+    boxes = {k: box_hv(o.trials, size) for k, o in ran.items()}
+    for k, o in ran.items():
+        print_arm(k, o, size=size, box=boxes[k])
+    if "a" in ran:
         print()
-        for k, target in TARGETS.items():
-            if k in results:
-                ratio = boxes["a"] / boxes[k] if boxes[k] > 0 else math.inf
-                print(f"box hypervolume ratio (a)/({k}): {ratio:.3f}  (target >= {target}: "
-                      f"{'met' if ratio >= target else 'missed'})")
-        best = best_under(results["a"][0], TARGET_PARAMS)
-        met = best is not None and best.user_attrs["test_accuracy"] >= TARGET_TEST
-        print(f"(a) best <= {TARGET_PARAMS:,} params: {best_text(best)}  (target >= {TARGET_TEST:.1%} test: "
-              f"{'met' if met else 'missed'})")
-    for k, (trials, start) in results.items():
-        print(f"\n({k}) trials: " + "; ".join(trial_summary(t, start) for t in trials))
-        done = completed(trials)
-        front = [t for t, keep in zip(done, pareto_mask([t.values for t in done], DIRECTIONS)) if keep] if done else []
-        print(f"({k}) Pareto front of the completed trials:")
-        for t in sorted(front, key=lambda t: t.values[1]):
-            knobs = " ".join(f"{n.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{n.split('.')[-1]}={v}"
-                             for n, v in t.params.items() if n != "method")
-            print(f"    trial {t.number:>3} {t.user_attrs['method']:<12} val {100 * t.values[0]:.2f}%  "
-                  f"params {int(t.values[1]):>7,}  test {100 * t.user_attrs['test_accuracy']:.2f}%  {knobs}")
+        print_targets(boxes, ran["a"])
+    for k, o in ran.items():
+        print_trials(k, o)
 
 
 # ---------------------------------------------------------------- command line
