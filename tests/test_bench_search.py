@@ -90,3 +90,15 @@ def test_the_study_databases_never_go_into_the_repository_nor_over_an_earlier_ru
     for bad in (dict(arms="ax"), dict(arms=""), dict(budget=0.0), dict(threads=0)):
         with pytest.raises(UsageError):
             bench.check_args(_args(out=str(tmp_path), **bad))
+
+
+def test_a_study_autoslim_refuses_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    """The other searches go on: the refused one is reported with autoslim's line, and no study is stored."""
+    study = tmp_path / "refused.yaml"
+    study.write_text("name: refused\ndata: {name: digits}\nmodel: lenet5\nmethods: [no_such_method]\n")
+    monkeypatch.setitem(bench.STUDIES, "a", str(study))  # an absolute path: ROOT / "studies" / it is it
+    arm, outcome, _ = bench._run_arm_job(("a", dict(budget=5, data_dir="unused", data="digits", out=tmp_path,
+                                                    threads=1)))
+    assert arm == "a" and not outcome.ran and outcome.trials == []
+    assert outcome.note.startswith("refused by autoslim before any trial: ") and "no_such_method" in outcome.note
+    assert not (tmp_path / "a.db").exists()
