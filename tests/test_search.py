@@ -17,7 +17,7 @@ from autoslim.methods import TrialContext, get_method, list_methods
 from autoslim.models import create_model
 from autoslim.registry import import_object
 from autoslim.search.halving import SuccessiveHalving, nondominated_ranks, report_rung, rungs_for, should_stop
-from autoslim.search.pareto import hypervolume, pareto_front, pareto_mask
+from autoslim.search.pareto import box_hypervolume, hypervolume, pareto_front, pareto_mask
 from autoslim.space import SearchSpace
 from autoslim.study import load_method_data, optimize
 from autoslim.train import Callback, evaluate as top1
@@ -152,6 +152,21 @@ def test_pareto_front_and_hypervolume_equal_a_hand_computation():
     assert hypervolume(pts, dirs, [0.0, 100]) == pytest.approx(hand)
     # a point beyond the reference adds nothing
     assert hypervolume(pts + [[0.99, 150]], dirs, [0.0, 100]) == pytest.approx(hand)
+
+
+def test_box_hypervolume_equals_a_hand_computation_and_clips_points_outside_the_box():
+    box = dict(lower=[0.0, 2.0], upper=[0.05, 5.0])   # error 0-5% by log10 parameters 2-5
+    # (0.02, 4) -> (0.4, 2/3); (0.01, 4.5) -> (0.2, 5/6); (0.04, 3) -> (0.8, 1/3): strips along the error axis
+    pts = [[0.02, 4.0], [0.01, 4.5], [0.04, 3.0]]
+    hand = (0.4 - 0.2) * (1 - 5 / 6) + (0.8 - 0.4) * (1 - 2 / 3) + (1 - 0.8) * (1 - 1 / 3)
+    assert box_hypervolume(pts, **box) == pytest.approx(hand)
+    # beyond the box in one objective (6% error; 10^5.5 parameters): nothing; on its upper edge: nothing
+    assert box_hypervolume(pts + [[0.06, 2.1], [0.001, 5.5], [0.05, 2.0]], **box) == pytest.approx(hand)
+    # below the box (50 parameters, log10 1.7): its clipped part, as if at log10 2
+    assert box_hypervolume([[0.02, 1.7]], **box) == pytest.approx(box_hypervolume([[0.02, 2.0]], **box)) == 0.6
+    assert box_hypervolume([], **box) == 0.0
+    with pytest.raises(ValueError, match="upper"):
+        box_hypervolume(pts, lower=[0.0, 5.0], upper=[0.05, 2.0])
 
 
 def test_nondominated_ranks():
