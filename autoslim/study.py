@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import optuna
 from optuna.trial import TrialState
 
+from autoslim.basenet import check_user_weights
 from autoslim.config import StudyConfig, artifact_location, check_study_name, load_study
 from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
@@ -181,6 +182,7 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
     A method that cannot compress it is refused in one UsageError line naming the layer or op; so is a
     searched choice of a knob the check reads (``Method.check_params``) that cannot act on it, naming the
     choices that can. Knobs the study file pins are checked at their value, the others at their defaults.
+    The user's ``base.weights`` must load into the model (:func:`autoslim.basenet.check_user_weights`).
 
     >>> cfg = StudyConfig.from_dict({"model": "lenet5", "methods": {"sss": {}}, "data": {"name": "digits"}})
     >>> check_methods(cfg, check_study(cfg), load_method_data(cfg)["sss"])
@@ -214,6 +216,8 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
             ok = [", ".join(map(str, c.values())) for c in combos if ", ".join(map(str, c.values())) not in refused]
             raise UsageError(f"methods.{name}.{'/'.join(knobs)}: {', '.join(map(repr, refused))} cannot act on "
                              f"model {cfg.model} ({next(iter(refused.values()))}); narrow it to: {'; '.join(ok)}")
+    if cfg.base.weights is not None:
+        check_user_weights(model, cfg.base.weights)
 
 
 def load_method_data(cfg: StudyConfig, *, device: str = "cpu") -> dict[str, Data]:

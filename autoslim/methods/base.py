@@ -72,10 +72,27 @@ class TrialContext:
     #: A size (parameters or FLOPs) a structured method removes channels down to, in its own importance order,
     #: instead of by its threshold rule (:func:`autoslim.selection.select_to`); None: the method's own rule.
     target: SizeTarget | None = None
+    #: Puts the trained network a method starts from into a model and says how it was obtained (a shared base,
+    #: the user's weights: :class:`autoslim.basenet.BaseNetworks`); None: :meth:`pretrained` trains it here.
+    base: Callable[[nn.Module], dict] | None = None
+    #: How :meth:`pretrained` obtained the network (``base``'s answer); empty until then, or when trained here.
+    base_info: dict = field(default_factory=dict)
+    #: Epochs the shared base trained before this trial: they count in the seeds of its phases.
+    base_epochs: int = field(default=0, init=False)
 
     @property
     def epochs_done(self) -> int:
         return len(self.history)
+
+    def pretrained(self, model: nn.Module) -> None:
+        """Make ``model`` the trained network a method compresses: :attr:`base`'s weights where one is given
+        (nothing trained here; a shared base's epochs still count in the seeds of the later phases, so they
+        train as they would after the same base trained here), else a phase ``train`` of ``train_config``."""
+        if self.base is None:
+            self.train(model, phase="train")
+            return
+        self.base_info = self.base(model)
+        self.base_epochs = self.base_info.get("epochs", 0)
 
     def train(self, model: nn.Module, *, epochs: int | None = None, phase: str = "train", lr_scale: float = 1.0,
               callbacks: Sequence[Callback] = (), param_groups=None,
@@ -86,7 +103,7 @@ class TrialContext:
         if epochs <= 0:
             return []
         score = None if self.evaluator is None else self.evaluator
-        common = dict(config=config, epochs=epochs, seed=self.seed + self.epochs_done,
+        common = dict(config=config, epochs=epochs, seed=self.seed + self.base_epochs + self.epochs_done,
                       lr_scale=lr_scale, callbacks=[*callbacks, *self.callbacks], param_groups=param_groups,
                       extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done, phase=phase)
         if self.fit is None:
@@ -141,6 +158,9 @@ class Method(ABC):
     name: ClassVar[str]
     builds_model: ClassVar[bool] = False
     structured: ClassVar[bool] = False
+    #: Whether the method trains for ``train.epochs`` (with its regularizer) before it removes anything: the
+    #: default early-stopping rungs lie after them (:func:`autoslim.search.halving.rungs_for`).
+    trains_before_removal: ClassVar[bool] = False
     #: The knobs :meth:`check` reads: at study start each of their searched choices is checked on its own.
     check_params: ClassVar[tuple[str, ...]] = ()
     #: The search space: None for the YAML file ``<name>.yaml`` beside the class's module (autoslim's own
@@ -168,6 +188,13 @@ class Method(ABC):
                                  "relative to its module, or a mapping)")
             space = SearchSpace.read(path, method=cls.name)
         return dataclasses.replace(space, method=cls.name)
+
+    def starts_from_base(self, params: Mapping[str, Any]) -> bool:
+        """Whether, with ``params``, :meth:`compress` starts from a trained network (:meth:`TrialContext.pretrained`:
+        the study's base, or a phase ``train`` where each trial trains its own). The default: where its knob
+        ``start`` is ``base`` (l1/l2 and SSS: their regularized training then fine-tunes the trained network;
+        their papers train from scratch, ``start: scratch``)."""
+        return params.get("start") == "base"
 
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} compresses a given model; it does not build one")

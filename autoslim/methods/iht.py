@@ -123,6 +123,9 @@ class IHT(Method):
     name = "iht"
     check_params = ("prune_first", "prune_last")
 
+    def starts_from_base(self, params: Mapping[str, Any]) -> bool:
+        return True
+
     def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
         """Refuse a model without a Conv2d or Linear weight to threshold."""
         if not prunable_layers(model, prune_first=params["prune_first"], prune_last=params["prune_last"]):
@@ -133,7 +136,7 @@ class IHT(Method):
         layers = prunable_layers(model, prune_first=params["prune_first"], prune_last=params["prune_last"])
         ratios = {n: params["keep_ratio"] * (params["linear_keep_factor"] if isinstance(m, nn.Linear) else 1.0)
                   for n, m in layers.items()}
-        ctx.train(model, phase="train")
+        ctx.pretrained(model)
         cycles = []
         for c in range(1, params["cycles"] + 1):
             masks = magnitude_masks(layers, keep_ratio=ratios, scope=params["scope"])
