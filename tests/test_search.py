@@ -108,7 +108,8 @@ def test_a_methods_own_train_section_sets_the_training_of_its_trials_only():
             assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2, 3]
         else:
             assert (train["epochs"], train["lr"]) == (1, 0.05)
-            assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2]  # base epoch + one retrain epoch
+            assert [r["epoch"] for r in t.user_attrs["history"]] == [1]  # one retrain epoch: the shared base
+            assert t.user_attrs["info"]["base"]["epochs"] == 1  # trained once, outside the trials
     saved = StudyConfig.from_dict(study.user_attrs["autoslim_config"])
     assert saved.train_for("thriftynet") == cfg.train_for("thriftynet") and saved.train_for("trimming") == cfg.train
 
@@ -177,7 +178,8 @@ def test_should_stop_a_dominated_trial_and_keep_a_non_dominated_one():
 
 
 def test_early_stopping_prunes_dominated_trials_in_a_study_and_keeps_partial_results():
-    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64},
+    # each trial trains its own base (share: false): at rung 1 they are dense nets that differ in accuracy only
+    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64}, base={"share": False},
                early_stopping={"enabled": True, "rungs": [1], "eta": 2, "min_trials": 2})
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
     pruned = study.get_trials(states=(TrialState.PRUNED,))
@@ -192,8 +194,10 @@ def test_early_stopping_prunes_dominated_trials_in_a_study_and_keeps_partial_res
 
 
 def test_default_rungs_lie_after_the_base_training():
-    # 2 base epochs, then one trimming round of 1 retrain epoch: only the default rung epochs + 1 = 3 is reached
-    cfg = tiny(n_trials=1, train={"epochs": 2, "batch_size": 64}, early_stopping={"enabled": True})
+    # base: {share: false}: 2 base epochs in the trial, then one trimming round of 1 retrain epoch: only the default
+    # rung epochs + 1 = 3 is reached (with a shared base: tests/test_base.py)
+    cfg = tiny(n_trials=1, train={"epochs": 2, "batch_size": 64}, early_stopping={"enabled": True},
+               base={"share": False})
     assert cfg.early_stopping.rungs_for(epochs=2) == [3, 5, 11]
     (trial,) = optimize(cfg, storage="sqlite:///:memory:", **QUIET).trials
     assert sorted(k for k in trial.user_attrs if k.startswith("rung_")) == ["rung_3"]
@@ -201,7 +205,7 @@ def test_default_rungs_lie_after_the_base_training():
 
 def test_a_trial_whose_training_ends_at_a_rung_completes():
     # 2 base epochs + 1 retrain epoch: the rung is every trial's last epoch, so stopping would save nothing
-    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64},
+    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64}, base={"share": False},
                early_stopping={"enabled": True, "rungs": [3], "eta": 2, "min_trials": 2})
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
@@ -232,7 +236,7 @@ def test_a_methods_own_rungs_replace_the_studys_for_its_trials():
     cfg = tiny(n_trials=2, train={"epochs": 2, "batch_size": 64},
                methods={"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100,
                                      "early_stopping": {"rungs": [1, 2]}},
-                        "l1l2": {"finetune_epochs": 1, "layers": "all"}},
+                        "l1l2": {"finetune_epochs": 1, "layers": "all"}}, base={"share": False},
                early_stopping={"enabled": True, "rungs": [3]}, warm_start=True)  # one trial of each method
     assert (rungs_for(cfg, "trimming"), rungs_for(cfg, "l1l2")) == ([1, 2], [3])
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
@@ -249,7 +253,7 @@ def test_early_stopping_with_two_processes_sharing_a_journal(tmp_path):
     study_file.write_text(yaml.safe_dump({
         "data": {"name": "digits", "train_subset": 150}, "model": "lenet300_100", "warm_start": False,
         "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
-        "train": {"epochs": 2, "batch_size": 64}, "n_trials": 6,
+        "train": {"epochs": 2, "batch_size": 64}, "n_trials": 6, "base": {"share": False},
         "early_stopping": {"enabled": True, "rungs": [1], "eta": 2, "min_trials": 2}}))
     journal = tmp_path / "two.journal"
     cmd = [sys.executable, "-m", "autoslim", "optimize", str(study_file), "--storage", str(journal), "--quiet"]
