@@ -73,7 +73,7 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     missing = [key for key in TRIAL_KEYS if key not in raw]
     if missing:
         raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
-                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input, pruning), "
+                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input, pruning, base), "
                          "as autoslim export writes it")
     config = TrialConfig.from_dict(raw)
     check_trial_config(config)
