@@ -8,12 +8,13 @@ network comes from is the study file's ``base:`` section
 - **shared** (the default): trained once, with the study's seed, for the study's
   ``train`` on its data, and reused by every trial whose model, ``model_kwargs``,
   ``model_adapt``, data, ``train`` and base seed are the same (:func:`base_key`, a hash of them).
-  With an artifact store the weights are uploaded as one of the study's artifacts and the
+  With an artifact store the weights are uploaded as one of the study's artifacts (``base-<key>.pt``) and the
   study's system attr ``autoslim:base:<key>`` names the artifact, so every worker
   on the storage reuses them; without one they are kept by the
   :class:`BaseNetworks` object (one study run in one process). Two workers that
   need the base before either has stored it both train it; the one that
-  stores it first wins, and the other then loads that one. A base file that
+  stores it first wins, and the other then loads that one (its own copy stays
+  among the study's artifacts, unused). A base file that
   cannot be read (removed, corrupt) is trained again, with one line.
 - **weights**: the user's state dict file; nothing trained. :func:`read_weights` checks it.
 - **the model's own** (``train: false``): the model factory loads trained weights; nothing trained.
@@ -32,6 +33,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -211,13 +213,13 @@ class BaseNetworks:
         an unreadable one, is still recorded); its artifact id, or None if another worker's was first."""
         if self._stored(key) not in (None, replace):
             return None
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        with io.BytesIO(buffer.getvalue()) as content:
-            artifact_id = f"base-{key}-{time.time_ns():x}"
-            self.store.write(artifact_id, content)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"base-{key}.pt"
+            torch.save(state, path)
+            artifact_id = optuna.artifacts.upload_artifact(artifact_store=self.store, file_path=str(path),
+                                                           study_or_trial=self.study)
         if self._stored(key) not in (None, replace):  # another worker stored its base meanwhile: first stored wins
-            self.store.remove(artifact_id)
+            log(f"base: another worker stored base {key} first; this copy (artifact {artifact_id}) is not used")
             return None
         self.study._storage.set_study_system_attr(self.study._study_id, ATTR_PREFIX + key,
                                                   {"artifact_id": artifact_id, **record})
