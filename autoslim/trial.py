@@ -73,8 +73,8 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     missing = [key for key in TRIAL_KEYS if key not in raw]
     if missing:
         raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
-                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input, pruning, base), "
-                         "as autoslim export writes it")
+                         f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input, pruning, "
+                         "base), as autoslim export writes it")
     config = TrialConfig.from_dict(raw)
     check_trial_config(config)
     return config
@@ -176,6 +176,10 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     if filled:
         log(f"{config.method}: parameters not in the config, from its search space: "
             + " ".join(f"{k}={short(v)}" for k, v in filled.items()))
+    # what the compression ratio is against where the method builds its own network (built before the seed is set)
+    study_params = count_params(create_model(config.model, in_shape=data.in_shape, num_classes=data.num_classes,
+                                             adapt=config.model_adapt, **config.model_kwargs)
+                                ) if get_method(config.method).builds_model else None
     seed_everything(config.seed)
     fit, evaluator = resolve_loop(config.train)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.device)
@@ -183,9 +187,6 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
         (bases or BaseNetworks()).load_into, config=config, data=data, log=log, callbacks=[EpochPrinter(log, "base:")])
     ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
                        checkpointer=checkpointer, fit=fit, evaluator=evaluator, pruning=config.pruning, base=base)
-    study_params = count_params(create_model(config.model, in_shape=data.in_shape, num_classes=data.num_classes,
-                                             adapt=config.model_adapt, **config.model_kwargs)) \
-        if get_method(config.method).builds_model else None
     result = compress_model(model, config=config, ctx=ctx, in_shape=data.in_shape, study_params=study_params)
     result.info.update({"filled_params": filled} if filled else {})
     result.info.update({"base": ctx.base_info} if ctx.base_info else {})

@@ -66,7 +66,8 @@ def rungs_for(cfg: StudyConfig, method: str, params: Mapping[str, Any] | None = 
     if own is not None:
         return list(own)
     found, epochs = get_method(method), cfg.train_for(method).epochs
-    before = epochs * (cfg.base.in_trial and found.starts_from_base(params or {})) + epochs * found.trains_before_removal
+    base_here = cfg.base.in_trial and found.starts_from_base(params or {})
+    before = epochs * base_here + epochs * found.trains_before_removal
     return cfg.early_stopping.rungs_for(epochs=before, builds_model=found.builds_model)
 
 

@@ -112,7 +112,8 @@ class Objective:
             callbacks: list[Callback] = [heartbeat, EpochPrinter(self.log, prefix)]
             stopping = self.cfg.early_stopping
             if stopping.enabled:
-                callbacks.append(SuccessiveHalving(trial, rungs=rungs_for(self.cfg, config.method, config.params), eta=stopping.eta,
+                rungs = rungs_for(self.cfg, config.method, config.params)
+                callbacks.append(SuccessiveHalving(trial, rungs=rungs, eta=stopping.eta,
                                                    min_trials=stopping.min_trials))
             if self.deadline is not None:
                 callbacks.append(Deadline(trial, self.deadline))
