@@ -106,7 +106,7 @@ def trial_note(number: int, result: TrialResult) -> str:
         *_target_rows(result.config.target),
         f"| accuracy (val / test) | {100 * result.val_accuracy:.2f}% / {100 * result.test_accuracy:.2f}% |",
         f"| parameters | {params} |",
-        f"| compression | {a['compression']:.1f}x vs the uncompressed {result.baseline_params:,} |",
+        f"| compression | {a['compression']:.1f}x vs the study's model ({result.baseline_params:,} parameters) |",
         f"| FLOPs | {m.flops:,} |",
         f"| latency ({_latency_setting(result.config.latency)}) | {m.latency_ms:.3f} ms "
         f"(IQR {m.latency_iqr_ms:.3f} ms) |",

@@ -171,6 +171,38 @@ class PruningConfig:
 
 
 @dataclass
+class BaseConfig:
+    """Where a trial's trained network comes from before a method compresses it (the study file's ``base:``).
+
+    Trimming and IHT compress a trained network; l1/l2 and SSS do with ``start: base``. By default
+    (``share: true``) it is trained once per study, with the study's ``seed``, and shared by every trial and
+    worker that trains the same model on the same data with the same ``train`` (:mod:`autoslim.basenet`).
+    ``weights``: a state dict file (a path relative to the study file) to start from instead, nothing trained;
+    ``train: false``: the model factory already loads trained weights (e.g. torchvision's ``weights=``), nothing
+    trained; ``share: false``: every trial trains its own (as before). In a trial's config, ``seed`` is the seed the
+    shared base was trained with (null in a study file: the study's ``seed``).
+
+    >>> BaseConfig()
+    BaseConfig(share=True, train=True, weights=None, seed=None)
+    """
+
+    share: bool = True
+    train: bool = True
+    weights: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and not self.train:
+            raise UsageError("base.train: false says the model factory loads trained weights, base.weights gives a "
+                             "file of them; accepted: one of the two")
+
+    @property
+    def in_trial(self) -> bool:
+        """Whether each trial trains its own base (``share: false``, no ``weights``, ``train: true``)."""
+        return not self.share and self.weights is None and self.train
+
+
+@dataclass
 class ConstraintsConfig:
     """Budgets, as Optuna constraints: a trial that breaks one stays in the study, marked infeasible."""
 
@@ -255,18 +287,21 @@ class TrialTarget:
 class EarlyStoppingConfig:
     """Successive halving over rungs of trained epochs, by Pareto dominance on (accuracy, non-zeros).
 
-    ``rungs`` count epochs across a method's phases, increasing positive numbers;
-    a fraction lies inside an epoch (0.25: after a quarter of the first epoch's
-    training batches, 2.5: half-way through the third). Unset, they lie 1, 3
-    and 9 epochs after the first ``train.epochs`` of a method that compresses
-    the study's model: until then its trials are the same dense network
-    (trimming, IHT) or have not yet removed what they zeroed (l1/l2, SSS), so a
-    rung would rank seeds, not compression. A method that builds its own
-    architecture (ThriftyNet) has its size from the first step, and its epochs
-    are long (its published setting trains 3 epochs of a deep recurrent
-    network), so its first rung comes a quarter into the first epoch, where a
-    rung costs a quarter of an epoch rather than one: 0.25, 1 and 3.
-    ``methods.<name>.early_stopping.rungs`` sets one method's rungs.
+    ``rungs`` count the epochs a trial trains, across its method's phases:
+    increasing positive numbers; a fraction lies inside an epoch (0.25: after a
+    quarter of the first epoch's training batches, 2.5: half-way through the
+    third). Unset, they lie 1, 3 and 9 epochs after the epochs a trial trains
+    before it removes anything: the base network's ``train.epochs`` where each
+    trial trains its own (``base: {share: false}``; a shared base is trained
+    outside the trials), and the ``train.epochs`` of l1/l2's and SSS's
+    regularized training. Until then its trials are the same dense network or
+    have not yet removed what they zeroed, so a rung would rank seeds, not
+    compression. A method that builds its own architecture (ThriftyNet) has its
+    size from the first step, and its epochs are long (its published setting
+    trains 3 epochs of a deep recurrent network), so its first rung comes a
+    quarter into the first epoch, where a rung costs a quarter of an epoch
+    rather than one: 0.25, 1 and 3. ``methods.<name>.early_stopping.rungs`` sets
+    one method's rungs (:func:`autoslim.search.halving.rungs_for`).
 
     >>> EarlyStoppingConfig().rungs_for(epochs=6), EarlyStoppingConfig().rungs_for(epochs=3, builds_model=True)
     ([7, 9, 15], [0.25, 1, 3])
@@ -283,7 +318,7 @@ class EarlyStoppingConfig:
         self.rungs = _check_rungs("early_stopping.rungs", self.rungs)
 
     def rungs_for(self, *, epochs: int, builds_model: bool = False) -> list[float]:
-        """The rungs of a method that trains ``epochs`` epochs before it compresses (or builds its own model)."""
+        """The rungs of a trial that trains ``epochs`` epochs before it removes anything (or builds its own model)."""
         if self.rungs is not None:
             return list(self.rungs)
         if builds_model:
@@ -443,6 +478,7 @@ class StudyConfig:
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     target: TargetConfig = field(default_factory=TargetConfig)  # how a trial's size is decided
     pruning: PruningConfig = field(default_factory=PruningConfig)  # for the structured methods
+    base: BaseConfig = field(default_factory=BaseConfig)  # the trained network compression starts from
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     warm_start: bool = True
     # A trial of a method that compresses the study's model but removed nothing: pruned (its sampled knobs rank
@@ -481,6 +517,8 @@ class StudyConfig:
             cfg.artifact_dir = str((base / Path(cfg.artifact_dir).expanduser()).resolve())
         cfg.artifact_store = artifact_location(cfg.artifact_store or cfg.artifact_dir, base=base)
         cfg.target.removal_for(cfg.constraints)  # refuses a removal rule that needs a budget the study lacks
+        if cfg.base.weights is not None:
+            cfg.base.weights = str((base / Path(cfg.base.weights).expanduser()).resolve())
         return cfg
 
     def to_dict(self) -> dict:
@@ -493,6 +531,14 @@ class StudyConfig:
         d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
         d["methods"] = {m: c.to_dict() for m, c in self.methods.items()}
         return d
+
+    def base_for_trial(self) -> BaseConfig:
+        """The study's ``base`` as a trial's config records it: the seed a shared base is trained with set.
+
+        >>> StudyConfig.from_dict({"seed": 3}).base_for_trial()
+        BaseConfig(share=True, train=True, weights=None, seed=3)
+        """
+        return dataclasses.replace(self.base, seed=self.seed if self.base.seed is None else self.base.seed)
 
     def train_for(self, method: str) -> TrainConfig:
         """The training settings of ``method``'s trials: the study's ``train``, updated by ``methods.<method>.train``.
@@ -576,6 +622,9 @@ class TrialConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     target: TrialTarget | None = None  # None: the method's own rule decides the size (older configs lack it)
+    #: How the trained network the method starts from is obtained; unset (a config written before there was a
+    #: shared base): the trial trains its own.
+    base: BaseConfig = field(default_factory=lambda: BaseConfig(share=False))
 
     def __post_init__(self) -> None:
         check_model_adapt(self.model_adapt)

@@ -75,6 +75,7 @@ from autoslim.config import OBJECTIVES, ConstraintsConfig, DataConfig, PruningCo
 from autoslim.data import Data, Split
 from autoslim.errors import UsageError
 from autoslim.fit import UserEvaluate, UserFit
+from autoslim.measure import count_params
 from autoslim.methods import METHODS, TrialContext, get_method
 from autoslim.schema import build
 from autoslim.search.objective import store_result
@@ -127,6 +128,7 @@ class Plan:
         if rules.active and not method.structured:
             raise UsageError(f"pruning: method {self.method!r} does not remove channels, so ignore and round_to do "
                              "not apply to it")
+        given = count_params(model)  # what the compression ratio is against, also where the method builds its own
         if method.builds_model:
             model = method.build_model(self.params, in_shape=data.in_shape, num_classes=data.num_classes)
             model = model.to(example_inputs.device)
@@ -135,7 +137,7 @@ class Plan:
                            evaluator=UserEvaluate(evaluate, where="evaluate", need_split=False), pruning=rules)
         trial_config = TrialConfig(method=self.method, params=dict(self.params), model=_name(model), train=config,
                                    seed=self.seed, data=DataConfig(name=USER_DATA), pruning=rules)
-        result = compress_model(model, config=trial_config, ctx=ctx, in_shape=data.in_shape)
+        result = compress_model(model, config=trial_config, ctx=ctx, in_shape=data.in_shape, study_params=given)
         result.seconds = time.perf_counter() - start
         return result
 

@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import optuna
 from optuna.trial import TrialState
 
+from autoslim.basenet import check_user_weights
 from autoslim.config import StudyConfig, artifact_location, budget, check_study_name, load_study
 from autoslim.data import DATASETS, Data, load_data_subsets
 from autoslim.distributed import run_worker, worker_index
@@ -231,6 +232,7 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
     line, when the study file does not set the knob (the method's own range, on whatever model); when it does
     (or when several such knobs are searched together), they are refused, naming the choices that can. Knobs the
     study file pins are checked at their value, the others at their defaults.
+    The user's ``base.weights`` must load into the model (:func:`autoslim.basenet.check_user_weights`).
 
     >>> cfg = StudyConfig.from_dict({"model": "lenet5", "methods": {"sss": {}}, "data": {"name": "digits"}})
     >>> check_methods(cfg, check_study(cfg), load_method_data(cfg)["sss"])["sss"].params["level"].choices
@@ -271,6 +273,8 @@ def check_methods(cfg: StudyConfig, spaces: Mapping[str, SearchSpace], data: Dat
             continue
         raise UsageError(f"methods.{name}.{'/'.join(knobs)}: {why}; narrow it to: "
                          f"{'; '.join(', '.join(map(str, c.values())) for c in ok)}")
+    if cfg.base.weights is not None:
+        check_user_weights(model, cfg.base.weights)
     return spaces
 
 

@@ -17,6 +17,7 @@ what a study would have run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from autoslim.basenet import BaseNetworks
 from autoslim.checkpoint import Checkpointer
 from autoslim.config import PruningConfig, TrialConfig, load_yaml
 from autoslim.data import DATASETS, Data
@@ -88,7 +90,7 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     if missing:
         raise UsageError(f"config file: {path} has no {missing[0]!r}; accepted: a trial's config.yaml with "
                          f"{', '.join(TRIAL_KEYS)} (and params, model_kwargs, model_adapt, device, input, pruning, "
-                         "target), as autoslim export writes it")
+                         "target, base), as autoslim export writes it")
     config = TrialConfig.from_dict(raw)
     check_trial_config(config)
     return config
@@ -167,7 +169,8 @@ def build_model(config: TrialConfig, *, in_shape, num_classes: int) -> nn.Module
 
 
 def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] = (),
-              log: Callable[[str], None] = lambda s: None, checkpointer: Checkpointer | None = None) -> TrialResult:
+              log: Callable[[str], None] = lambda s: None, checkpointer: Checkpointer | None = None,
+              bases: BaseNetworks | None = None) -> TrialResult:
     """Build, check, train and compress the network of ``config`` on ``data``; measure the result.
 
     ``config`` is checked as a study checks a trial (:func:`autoslim.trial.check_trial_config`); the
@@ -179,28 +182,41 @@ def run_trial(config: TrialConfig, *, data: Data, callbacks: Sequence[Callback] 
     holds the reason, which is also logged.
     ``checkpointer`` (:class:`autoslim.checkpoint.Checkpointer`) checkpoints every epoch and resumes.
     ``config.train.fit``/``evaluate`` (import strings) train every phase with the user's loop and score with the
-    user's metric (:mod:`autoslim.fit`)."""
+    user's metric (:mod:`autoslim.fit`).
+    A method that starts from a trained network gets it as ``config.base`` says (:mod:`autoslim.basenet`): from
+    ``bases`` (a study's shared bases; None: a shared base is trained in this call), the user's weights, the
+    model factory's, or trained in the trial; ``info["base"]`` says which. The compression ratio is against the
+    study's model, also for a method that builds its own network."""
     start = time.perf_counter()
     config, filled = check_trial_config(config)
     if filled:
         log(f"{config.method}: parameters not in the config, from its search space: "
             + " ".join(f"{k}={short(v)}" for k, v in filled.items()))
+    # what the compression ratio is against where the method builds its own network (built before the seed is set)
+    study_params = count_params(create_model(config.model, in_shape=data.in_shape, num_classes=data.num_classes,
+                                             adapt=config.model_adapt, **config.model_kwargs)
+                                ) if get_method(config.method).builds_model else None
     seed_everything(config.seed)
     fit, evaluator = resolve_loop(config.train)
     model = build_model(config, in_shape=data.in_shape, num_classes=data.num_classes).to(data.device)
+    base = None if config.base.in_trial else functools.partial(
+        (bases or BaseNetworks()).load_into, config=config, data=data, log=log, callbacks=[EpochPrinter(log, "base:")])
     ctx = TrialContext(data=data, train_config=config.train, seed=config.seed, callbacks=callbacks, log=log,
                        checkpointer=checkpointer, fit=fit, evaluator=evaluator, pruning=config.pruning,
-                       target=size_target(config))
-    result = compress_model(model, config=config, ctx=ctx, in_shape=data.in_shape)
+                       target=size_target(config), base=base)
+    result = compress_model(model, config=config, ctx=ctx, in_shape=data.in_shape, study_params=study_params)
     result.info.update({"filled_params": filled} if filled else {})
+    result.info.update({"base": ctx.base_info} if ctx.base_info else {})
     result.seconds = time.perf_counter() - start
     return result
 
 
-def compress_model(model: nn.Module, *, config: TrialConfig, ctx: TrialContext, in_shape) -> TrialResult:
+def compress_model(model: nn.Module, *, config: TrialConfig, ctx: TrialContext, in_shape,
+                   study_params: int | None = None) -> TrialResult:
     """Check ``model`` for ``config``'s method (before any training), compress it with ``ctx``, measure the
     result and score it with ``ctx.evaluate`` on the validation and test splits; mark a result that removed
-    nothing (``nothing_removed``, also logged). ``config.params`` is complete."""
+    nothing (``nothing_removed``, also logged). ``config.params`` is complete. ``study_params``: the parameter
+    count the compression ratio is against (the study's model, where the method built its own), else ``model``'s."""
     start = time.perf_counter()
     method = get_method(config.method)
     check_method(method, model, example_input=ctx.examples(CHECK_EXAMPLES), params=config.params,
@@ -220,7 +236,8 @@ def compress_model(model: nn.Module, *, config: TrialConfig, ctx: TrialContext, 
     return TrialResult(
         config=config, model=compressed,
         val_accuracy=ctx.evaluate(compressed, "val"), test_accuracy=ctx.evaluate(compressed, "test"),
-        measurements=measurements, baseline_params=baseline, sparse=result.sparse,
+        measurements=measurements, baseline_params=baseline if study_params is None else study_params,
+        sparse=result.sparse,
         widths_before=widths_before,
         widths_after=layer_density(compressed) if result.sparse else layer_widths(compressed),
         history=ctx.history, info=dict(result.info), seconds=time.perf_counter() - start, nothing_removed=unchanged,

@@ -145,13 +145,16 @@ def test_recover_requeues_a_dead_workers_journal_trial_and_the_retry_resumes(tmp
     resumed = retry.user_attrs["resumed_from"]["epoch"]
     assert resumed >= victim.user_attrs["checkpoint"]["epoch"] and min(trained_epochs(err, 2)) == resumed + 1 > 1
     assert f"[trial 2] resuming trial {victim.number} from its checkpoint after epoch {resumed}" in err
-    assert [r["epoch"] for r in retry.user_attrs["history"]] == [1, 2, 3, 4, 5]
+    # the base trained once for the study (3 epochs, stored by the killed worker, loaded by this one), then 2
+    assert [r["epoch"] for r in retry.user_attrs["history"]] == [1, 2]  # retrain epochs, resumed after epoch 1
+    assert retry.user_attrs["info"]["base"]["trained"] is False
     assert not any((tmp_path / "s-artifacts").glob("checkpoint-*"))  # removed once the trials finished
 
 
 def _artifacts_are_all_referenced(study: optuna.Study, folder) -> None:
-    """No orphan: every file in the artifact folder is an artifact of some trial, none a checkpoint."""
-    referenced = {m.artifact_id for t in study.get_trials(deepcopy=False)
+    """No orphan: every file in the artifact folder is an artifact of some trial or of the study (its shared base
+    network), none a checkpoint."""
+    referenced = {m.artifact_id for t in [study, *study.get_trials(deepcopy=False)]
                   for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}
     files = {p.name for p in folder.iterdir()}
     assert files and files <= referenced and not any(f.startswith("checkpoint-") for f in files)
@@ -242,7 +245,8 @@ def test_a_result_finished_after_its_trial_was_failed_goes_to_the_retry_or_is_di
         assert line.endswith(") is discarded: its retry, trial 1, has started") and retry.state == TrialState.RUNNING
         # nothing uploaded for the lost trial; its last checkpoint is kept for the retry that resumes from it
         kept = {p.name for p in (tmp_path / "s-artifacts").iterdir()}
-        assert kept == {retry.user_attrs["checkpoint"]["artifact_id"]}
+        base = {m.artifact_id for m in optuna.artifacts.get_all_artifact_meta(study, storage=study._storage)}
+        assert kept - base == {retry.user_attrs["checkpoint"]["artifact_id"]} and len(base) == 1  # and the base
     else:
         assert line.endswith(") is stored as its retry's, trial 1") and retry.state == TrialState.COMPLETE
         assert retry.values == [retry.user_attrs["val_accuracy"], retry.user_attrs["params"]]

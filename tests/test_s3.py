@@ -73,9 +73,13 @@ def test_workers_checkpoint_to_s3_a_killed_trial_resumes_and_export_and_dashboar
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"]["trial"] == victim.number
     assert retry.user_attrs["resumed_from"]["epoch"] >= victim.user_attrs["checkpoint"]["epoch"] >= 1
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
-    # nothing orphaned: the bucket holds exactly the completed trials' artifacts, no checkpoint
+    # nothing orphaned: the bucket holds exactly the completed trials' artifacts and the study's (its shared base
+    # network), no checkpoint
+    study_artifacts = optuna.artifacts.get_all_artifact_meta(load(), storage=storage)
+    assert study_artifacts and all(m.filename.startswith("base-") for m in study_artifacts)
     referenced = {f"runs/x/{m.artifact_id}" for t in trials if t.state == TrialState.COMPLETE
                   for m in optuna.artifacts.get_all_artifact_meta(t, storage=storage)}
+    referenced |= {f"runs/x/{m.artifact_id}" for m in study_artifacts}
     assert referenced and keys(s3, "") == referenced
     assert not any((tmp_path / "s-artifacts").glob("*"))  # nothing went to the default folder
 

@@ -113,7 +113,8 @@ def test_a_methods_own_train_section_sets_the_training_of_its_trials_only():
             assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2, 3]
         else:
             assert (train["epochs"], train["lr"]) == (1, 0.05)
-            assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2]  # base epoch + one retrain epoch
+            assert [r["epoch"] for r in t.user_attrs["history"]] == [1]  # one retrain epoch: the shared base
+            assert t.user_attrs["info"]["base"]["epochs"] == 1  # trained once, outside the trials
     saved = StudyConfig.from_dict(study.user_attrs["autoslim_config"])
     assert saved.train_for("thriftynet") == cfg.train_for("thriftynet") and saved.train_for("trimming") == cfg.train
 
@@ -201,8 +202,9 @@ def test_should_stop_a_dominated_trial_and_keep_a_non_dominated_one():
 def test_early_stopping_prunes_dominated_trials_in_a_study_and_keeps_partial_results(rung):
     """At a whole rung and at a fractional one (150 images in batches of 64: 3 batches an epoch; rung 0.5 is
     taken after 2 of them, and ranked at the 3rd): a dominated trial outside the best half stops there with its
-    partial results, another goes on."""
-    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64},
+    partial results, another goes on. Each trial trains its own base (share: false): at the rung they are dense
+    nets that differ in accuracy only."""
+    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64}, base={"share": False},
                early_stopping={"enabled": True, "rungs": [rung], "eta": 2, "min_trials": 2})
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
     key, pruned = f"rung_{rung}", study.get_trials(states=(TrialState.PRUNED,))
@@ -285,8 +287,10 @@ def test_report_rung_takes_a_float_epoch_and_a_whole_float_is_the_whole_rung():
 
 
 def test_default_rungs_lie_after_the_base_training():
-    # 2 base epochs, then one trimming round of 1 retrain epoch: only the default rung epochs + 1 = 3 is reached
-    cfg = tiny(n_trials=1, train={"epochs": 2, "batch_size": 64}, early_stopping={"enabled": True})
+    # base: {share: false}: 2 base epochs in the trial, then one trimming round of 1 retrain epoch: only the default
+    # rung epochs + 1 = 3 is reached (with a shared base: tests/test_base.py)
+    cfg = tiny(n_trials=1, train={"epochs": 2, "batch_size": 64}, early_stopping={"enabled": True},
+               base={"share": False})
     assert cfg.early_stopping.rungs_for(epochs=2) == [3, 5, 11]
     (trial,) = optimize(cfg, storage="sqlite:///:memory:", **QUIET).trials
     assert sorted(k for k in trial.user_attrs if k.startswith("rung_")) == ["rung_3"]
@@ -294,7 +298,7 @@ def test_default_rungs_lie_after_the_base_training():
 
 def test_a_trial_whose_training_ends_at_a_rung_completes():
     # 2 base epochs + 1 retrain epoch: the rung is every trial's last epoch, so stopping would save nothing
-    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64},
+    cfg = tiny(n_trials=6, train={"epochs": 2, "batch_size": 64}, base={"share": False},
                early_stopping={"enabled": True, "rungs": [3], "eta": 2, "min_trials": 2})
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
@@ -326,7 +330,7 @@ def test_a_methods_own_rungs_replace_the_studys_for_its_trials():
     cfg = tiny(n_trials=2, train={"epochs": 2, "batch_size": 64},
                methods={"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100,
                                      "early_stopping": {"rungs": [1, 2]}},
-                        "l1l2": {"finetune_epochs": 1, "layers": "all"}},
+                        "l1l2": {"finetune_epochs": 1, "layers": "all"}}, base={"share": False},
                early_stopping={"enabled": True, "rungs": [3]}, warm_start=True)  # one trial of each method
     assert (rungs_for(cfg, "trimming"), rungs_for(cfg, "l1l2")) == ([1, 2], [3])
     study = optimize(cfg, storage="sqlite:///:memory:", **QUIET)
@@ -346,7 +350,7 @@ def test_early_stopping_with_two_processes_sharing_a_storage(tmp_path, rung, sto
     study_file.write_text(yaml.safe_dump({
         "data": {"name": "digits", "train_subset": 150}, "model": "lenet300_100", "warm_start": False,
         "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
-        "train": {"epochs": 2, "batch_size": 64}, "n_trials": 6,
+        "train": {"epochs": 2, "batch_size": 64}, "n_trials": 6, "base": {"share": False},
         "early_stopping": {"enabled": True, "rungs": [rung], "eta": 2, "min_trials": 2}}))
     url = str(tmp_path / storage) if storage.endswith(".journal") else f"sqlite:///{tmp_path / storage}"
     cmd = [sys.executable, "-m", "autoslim", "optimize", str(study_file), "--storage", url, "--quiet"]

@@ -105,6 +105,8 @@ def test_run_trial_end_to_end():
                          train=TrainConfig(epochs=1, batch_size=64))
     result = run_trial(config, data=load_data(data_config))
     attrs = result.user_attrs()
-    assert isinstance(result.model, ThriftyNet)  # the study's model (lenet5) is ignored
-    assert attrs["params"] == attrs["baseline_params"] <= 3_000
+    assert isinstance(result.model, ThriftyNet)  # the study's model (lenet5) is not trained
+    assert attrs["params"] <= 3_000 and "nothing_removed" not in attrs
+    lenet5 = sum(p.numel() for p in create_model("lenet5", in_shape=(1, 8, 8), num_classes=4).parameters())
+    assert attrs["baseline_params"] == lenet5 and attrs["compression"] == lenet5 / attrs["params"]  # vs the study's
     assert not attrs["sparse"] and len(attrs["history"]) == 1 and attrs["info"]["pool_at"] == [3, 6, 9]

@@ -72,10 +72,27 @@ class TrialContext:
     #: A size (parameters or FLOPs) a structured method removes channels down to, in its own importance order,
     #: instead of by its threshold rule (:func:`autoslim.selection.select_to`); None: the method's own rule.
     target: SizeTarget | None = None
+    #: Puts the trained network a method starts from into a model and says how it was obtained (a shared base,
+    #: the user's weights: :class:`autoslim.basenet.BaseNetworks`); None: :meth:`pretrained` trains it here.
+    base: Callable[[nn.Module], dict] | None = None
+    #: How :meth:`pretrained` obtained the network (``base``'s answer); empty until then, or when trained here.
+    base_info: dict = field(default_factory=dict)
+    #: Epochs the shared base trained before this trial: they count in the seeds of its phases.
+    base_epochs: int = field(default=0, init=False)
 
     @property
     def epochs_done(self) -> int:
         return len(self.history)
+
+    def pretrained(self, model: nn.Module) -> None:
+        """Make ``model`` the trained network a method compresses: :attr:`base`'s weights where one is given
+        (nothing trained here; a shared base's epochs still count in the seeds of the later phases, so they
+        train as they would after the same base trained here), else a phase ``train`` of ``train_config``."""
+        if self.base is None:
+            self.train(model, phase="train")
+            return
+        self.base_info = self.base(model)
+        self.base_epochs = self.base_info.get("epochs", 0)
 
     def train(self, model: nn.Module, *, epochs: int | None = None, phase: str = "train", lr_scale: float = 1.0,
               callbacks: Sequence[Callback] = (), param_groups=None,
@@ -87,8 +104,8 @@ class TrialContext:
             return []
         fit = self.fit or BUILTIN_FIT
         run = functools.partial(fit, model, data=self.data, evaluate=self.evaluator or self._top1, config=config,
-                                epochs=epochs, seed=self.seed + self.epochs_done, lr_scale=lr_scale,
-                                callbacks=[*callbacks, *self.callbacks], param_groups=param_groups,
+                                epochs=epochs, seed=self.seed + self.base_epochs + self.epochs_done,
+                                lr_scale=lr_scale, callbacks=[*callbacks, *self.callbacks], param_groups=param_groups,
                                 extra_optimizers=extra_optimizers, epoch_offset=self.epochs_done, phase=phase)
         records = run() if self.checkpointer is None else self.checkpointer.phase(
             run, model=model, name=phase, extra_optimizers=extra_optimizers, resumable=fit.resumable)
@@ -138,6 +155,9 @@ class Method(ABC):
     name: ClassVar[str]
     builds_model: ClassVar[bool] = False
     structured: ClassVar[bool] = False
+    #: Whether the method trains for ``train.epochs`` (with its regularizer) before it removes anything: the
+    #: default early-stopping rungs lie after them (:func:`autoslim.search.halving.rungs_for`).
+    trains_before_removal: ClassVar[bool] = False
     #: The knobs :meth:`check` reads: at study start each of their searched choices is checked on its own.
     check_params: ClassVar[tuple[str, ...]] = ()
     #: The knobs that decide the network's size under the method's own rule (a threshold, a keep ratio, a
@@ -177,6 +197,12 @@ class Method(ABC):
         """``params`` of a trial given ``target`` (one of :attr:`target_measures`): unchanged by default; a method
         whose knob is its size sets it (ThriftyNet's ``budget``), so the trial's config records what ran."""
         return dict(params)
+    def starts_from_base(self, params: Mapping[str, Any]) -> bool:
+        """Whether, with ``params``, :meth:`compress` starts from a trained network (:meth:`TrialContext.pretrained`:
+        the study's base, or a phase ``train`` where each trial trains its own). The default: where its knob
+        ``start`` is ``base`` (l1/l2 and SSS: their regularized training then fine-tunes the trained network;
+        their papers train from scratch, ``start: scratch``)."""
+        return params.get("start") == "base"
 
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} compresses a given model; it does not build one")

@@ -182,6 +182,9 @@ class IHT(Method):
     size_knobs = ("keep_ratio", "linear_keep_factor", "prune_first", "prune_last")
     target_measures = ("params",)
 
+    def starts_from_base(self, params: Mapping[str, Any]) -> bool:
+        return True
+
     def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any]) -> None:
         """Refuse a model without a Conv2d or Linear weight to threshold."""
         if not prunable_layers(model, prune_first=params["prune_first"], prune_last=params["prune_last"]):
@@ -195,7 +198,7 @@ class IHT(Method):
         if ctx.target is not None and ctx.target.measure not in self.target_measures:
             raise UsageError(f"iht: a {ctx.target.measure} target cannot be reached by sparsity (dense kernels "
                              "compute the zeros); accepted: a params target")
-        ctx.train(model, phase="train")
+        ctx.pretrained(model)
         cycles, goal = [], None
         for c in range(1, params["cycles"] + 1):
             masks = magnitude_masks(layers, keep_ratio=ratios, scope=params["scope"])

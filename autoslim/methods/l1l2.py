@@ -264,6 +264,7 @@ class L1L2(Method):
     structured = True
     size_knobs = ("threshold", "layers")
     target_measures = ("params", "flops")
+    trains_before_removal = True
 
     def groups(self, model: nn.Module, *, example_input: torch.Tensor, layers: str,
                pruning: PruningConfig | None = None) -> list[ChannelGroup]:
@@ -287,6 +288,8 @@ class L1L2(Method):
         check_removal(model, example_input=example_input, groups=groups)
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
+        if self.starts_from_base(params):
+            ctx.pretrained(model)
         example = ctx.examples(8)
         groups = self.groups(model, example_input=example, layers=params["layers"], pruning=ctx.pruning)
         modules = dict(model.named_modules())

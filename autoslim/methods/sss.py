@@ -328,6 +328,7 @@ class SparseStructureSelection(Method):
     structured = True
     size_knobs = ("threshold",)
     target_measures = ("params", "flops")
+    trains_before_removal = True
 
     def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
               pruning: PruningConfig | None = None) -> None:
@@ -340,6 +341,8 @@ class SparseStructureSelection(Method):
                       blocks=[st.name for st in found if st.kind == "block"])
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
+        if self.starts_from_base(params):
+            ctx.pretrained(model)
         example = ctx.examples(8)
         config = dataclasses.replace(ctx.train_config, nesterov=True)
         scales = Scales(model, level=params["level"], example_input=example, pruning=ctx.pruning)

@@ -183,6 +183,9 @@ class NetworkTrimming(Method):
     size_knobs = ("rule", "alpha", "fraction", "layers")
     target_measures = ("params", "flops")
 
+    def starts_from_base(self, params: Mapping[str, Any]) -> bool:
+        return True
+
     def check(self, model: nn.Module, *, example_input: torch.Tensor, params: Mapping[str, Any],
               pruning: PruningConfig | None = None) -> None:
         """Refuse a model with no measurable group (none left by ``pruning.ignore``), or whose channels cannot be
@@ -192,7 +195,7 @@ class NetworkTrimming(Method):
                       groups=trimmed_groups(model, example_input=example_input, pruning=pruning))
 
     def compress(self, model: nn.Module, ctx: TrialContext, params: Mapping[str, Any]) -> CompressionResult:
-        ctx.train(model, phase="train")
+        ctx.pretrained(model)
         example, images = ctx.examples(2), ctx.examples(CHANGE_IMAGES)
         stats_split = ctx.data.val.head(params["apoz_examples"])
         rounds, info = [], {}

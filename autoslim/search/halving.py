@@ -30,7 +30,7 @@ False
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -45,25 +45,32 @@ from autoslim.train import Callback
 RUNG_PREFIX = "rung_"
 
 
-def rungs_for(cfg: StudyConfig, method: str) -> list[float]:
-    """The early-stopping rungs of ``method``'s trials in study ``cfg``, in epochs across its phases (a fraction:
-    inside an epoch).
+def rungs_for(cfg: StudyConfig, method: str, params: Mapping[str, Any] | None = None) -> list[float]:
+    """The early-stopping rungs of ``method``'s trials (with knobs ``params``) in study ``cfg``, in epochs across
+    the phases the trial trains (a fraction: inside an epoch).
 
     ``methods.<method>.early_stopping.rungs``, else ``early_stopping.rungs``, else the defaults of
-    :meth:`~autoslim.config.EarlyStoppingConfig.rungs_for` for the method's own ``train.epochs`` (after
-    them for a method that compresses the study's model, from the first epoch for one that builds its own).
+    :meth:`~autoslim.config.EarlyStoppingConfig.rungs_for` after the epochs the trial trains before it removes
+    anything: its method's ``train.epochs`` of base training where each trial trains its own base
+    (``base: {share: false}``; a shared base trains outside the trials), plus its ``train.epochs`` of regularized
+    training (l1/l2, SSS); from the first epoch for a method that builds its own network.
 
     >>> cfg = StudyConfig.from_dict({"methods": {"trimming": {}, "thriftynet": {"train": {"epochs": 3}},
-    ...                                          "l1l2": {"early_stopping": {"rungs": [8]}}},
+    ...                                          "l1l2": {"early_stopping": {"rungs": [8]}}, "sss": {}},
     ...                              "train": {"epochs": 6}})
-    >>> rungs_for(cfg, "trimming"), rungs_for(cfg, "thriftynet"), rungs_for(cfg, "l1l2")
-    ([7, 9, 15], [0.25, 1, 3], [8])
+    >>> rungs_for(cfg, "trimming"), rungs_for(cfg, "thriftynet"), rungs_for(cfg, "l1l2"), rungs_for(cfg, "sss")
+    ([1, 3, 9], [0.25, 1, 3], [8], [7, 9, 15])
+    >>> cfg.base.share = False
+    >>> rungs_for(cfg, "trimming"), rungs_for(cfg, "sss", {"start": "base"}), rungs_for(cfg, "sss")
+    ([7, 9, 15], [13, 15, 21], [7, 9, 15])
     """
     own = cfg.methods[method].rungs
     if own is not None:
         return list(own)
-    return cfg.early_stopping.rungs_for(epochs=cfg.train_for(method).epochs,
-                                        builds_model=get_method(method).builds_model)
+    found, epochs = get_method(method), cfg.train_for(method).epochs
+    base_here = cfg.base.in_trial and found.starts_from_base(params or {})
+    before = epochs * base_here + epochs * found.trains_before_removal
+    return cfg.early_stopping.rungs_for(epochs=before, builds_model=found.builds_model)
 
 
 def nondominated_ranks(points: Sequence[tuple[float, float]]) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import optuna
 
 from autoslim.artifacts import upload_trial_artifacts
+from autoslim.basenet import BaseNetworks
 from autoslim.checkpoint import TrialCheckpoints, run_resumable
 from autoslim.config import ConstraintsConfig, PruningConfig, StudyConfig, TrialConfig, TrialTarget, budget
 from autoslim.data import Data
@@ -56,6 +57,7 @@ class Objective:
             raise ValueError(f"methods.{missing[0]}.data is set: pass method_data=autoslim.study.load_method_data(cfg)")
         self.artifact_store = artifact_store  # optuna artifact store for per-trial files; None: none kept
         self.deadline = deadline  # time.time() after which a running trial stops at its next epoch end
+        self.bases: BaseNetworks | None = None  # the study's shared base networks, once a trial has run
 
     def trial_config(self, trial: optuna.Trial) -> TrialConfig:
         method = trial.suggest_categorical("method", list(self.spaces))
@@ -68,14 +70,14 @@ class Objective:
                            seed=self.cfg.seed + _original_number(trial), device=self.cfg.device,
                            latency=self.cfg.latency,
                            pruning=self.cfg.pruning if get_method(method).structured else PruningConfig(),
-                           target=target)
+                           target=target, base=self.cfg.base_for_trial())
 
     def target(self, trial: optuna.Trial, method: str) -> TrialTarget | None:
         """The size ``method``'s trial removes down to, under the study's budget
-        (:class:`~autoslim.config.TargetConfig`): None without a budget, for a method that cannot reach one of its measure, or under removal ``threshold``
-        (``both``: the Optuna parameter ``removal`` picks); a warm-start trial runs its method's own rule capped at
-        the budget; else the Optuna parameter ``target_params`` (``target_flops``), log-uniform from ``low`` to
-        ``high`` times the budget."""
+        (:class:`~autoslim.config.TargetConfig`): None without a budget, for a method that cannot reach one of its
+        measure, or under removal ``threshold`` (``both``: the Optuna parameter ``removal`` picks); a warm-start
+        trial runs its method's own rule capped at the budget; else the Optuna parameter ``target_params``
+        (``target_flops``), log-uniform from ``low`` to ``high`` times the budget."""
         found = budget(self.cfg.constraints)
         if found is None or found[0] not in get_method(method).target_measures:
             return None
@@ -134,7 +136,8 @@ class Objective:
             callbacks: list[Callback] = [heartbeat, EpochPrinter(self.log, prefix)]
             stopping = self.cfg.early_stopping
             if stopping.enabled:
-                callbacks.append(SuccessiveHalving(trial, rungs=rungs_for(self.cfg, config.method), eta=stopping.eta,
+                rungs = rungs_for(self.cfg, config.method, config.params)
+                callbacks.append(SuccessiveHalving(trial, rungs=rungs, eta=stopping.eta,
                                                    min_trials=stopping.min_trials))
             if self.deadline is not None:
                 callbacks.append(Deadline(trial, self.deadline))
@@ -143,8 +146,9 @@ class Objective:
                 self.log(f"{prefix} {message}")
 
             data = self.method_data.get(config.method, self.data)
+            self.bases = self.bases or BaseNetworks(study=trial.study, artifact_store=self.artifact_store)
             result = run_resumable(lambda checkpointer: run_trial(config, data=data, callbacks=callbacks, log=log,
-                                                                  checkpointer=checkpointer),
+                                                                  checkpointer=checkpointer, bases=self.bases),
                                    self._checkpoints(trial), log=log)
             if heartbeat.lost or not still_running(trial):
                 raise TrialLost(result=result)
