@@ -20,7 +20,7 @@ from autoslim.measure import count_params
 from autoslim.models import create_model
 from autoslim.train import Callback, train
 
-pytest.importorskip("torch_pruning")  # arm (p) needs the optional extra `bench`
+pytest.importorskip("torch_pruning")  # arm (p) needs the optional extra `bench` (in `dev`)
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_search.py"
 _SPEC = importlib.util.spec_from_file_location("bench_search", _PATH)

@@ -209,7 +209,9 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
     chosen = None
     scores = {g.name: filter_importance(model, g) for g in groups}
     # To a size target, a selected filter found unfoldable (not constant at a consumer, or read by a zero-padded
-    # conv) stays: the selection is made again with it kept first, until every selected filter can go.
+    # conv) stays: the selection is made again with it kept first, until every selected filter can go, or until a
+    # selection finds no unfoldable filter it did not know (the next one would be the same: the target needs them).
+    kept_first: set[tuple[str, int]] = set()
     for _ in range(1 + (sum(g.size for g in groups) if target is not None else 0)):
         small = chosen = None
         if target is None or target.cap:
@@ -228,12 +230,14 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
         zero_filters(masked, groups, small)
         found = constant_inputs(masked, small, example_input=example_input)
         unfoldable = found.unfoldable()
-        if chosen is None or not any(unfoldable.get(g.name) for g in groups):
+        new = {(g.name, j) for g in groups for j in unfoldable.get(g.name, ())} - kept_first
+        if chosen is None or not new:
             break
-        for g in groups:  # a filter (its GroupNorm block) that must stay is kept first: the next selection
-            for j in unfoldable.get(g.name, ()):  # reaches the target without it
-                start = j // g.granularity * g.granularity
-                scores[g.name][start:start + g.granularity] = float("inf")
+        kept_first |= new
+        for name, j in new:  # a filter (its GroupNorm block) that must stay is kept first: the next selection
+            g = next(g for g in groups if g.name == name)  # reaches the target without it
+            start = j // g.granularity * g.granularity
+            scores[name][start:start + g.granularity] = float("inf")
     if chosen is not None and any(unfoldable.get(g.name) for g in groups):
         chosen = dataclasses.replace(chosen, reached=False)  # the target needs a filter that has to stay
     removed, kept, padded = {}, {}, {}
