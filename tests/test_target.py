@@ -3,6 +3,7 @@ it by its own importance, and warm starts run the papers' rules capped at the bu
 
 from __future__ import annotations
 
+import optuna
 import pytest
 import torch
 import yaml
@@ -19,6 +20,7 @@ from autoslim.measure import count_flops, count_nonzeros, count_params
 from autoslim.methods import TrialContext, get_method
 from autoslim.methods.iht import layer_counts, prunable_layers
 from autoslim.models import create_model
+from autoslim.search.objective import Objective
 from autoslim.search.pareto import is_feasible
 from autoslim.selection import SizeTarget
 from autoslim.study import optimize
@@ -234,3 +236,12 @@ def test_a_size_knob_the_study_file_sets_is_said_to_be_unused_under_a_target():
     assert t.user_attrs["config"]["target"]["rule"] == "target"
     assert lines.count("target: methods.trimming.fraction decide(s) the size under the paper's rule only; with "
                        "removal: target only the warm start uses them") == 1
+
+
+def test_a_sampled_thriftynet_config_holds_its_target_as_its_budget_before_it_runs():
+    """The config a trial stores and prints when it starts (not only the one it ends with) has the knob that is
+    the size set to the sampled target."""
+    cfg = StudyConfig.from_dict({"methods": ["thriftynet"], "constraints": {"max_params": 5000}})
+    objective = Objective(cfg, None, {"thriftynet": get_method("thriftynet").search_space()})
+    config = objective.trial_config(optuna.create_study(directions=["maximize", "minimize"]).ask())
+    assert config.target.rule == "target" and config.params["budget"] == config.target.value <= 5000

@@ -9,6 +9,7 @@ artifacts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -26,7 +27,7 @@ from autoslim.methods import get_method
 from autoslim.search.halving import SuccessiveHalving, rungs_for, stop_trial
 from autoslim.space import SearchSpace
 from autoslim.train import Callback, Diverged
-from autoslim.trial import EpochPrinter, TrialResult, run_trial, short
+from autoslim.trial import EpochPrinter, TrialResult, run_trial, short, size_target
 
 
 class Deadline(Callback):
@@ -64,13 +65,17 @@ class Objective:
         target = self.target(trial, method)
         fixed = get_method(method).size_knobs if target is not None and target.rule == "target" else ()
         params = self.spaces[method].suggest(trial, fixed=fixed)
-        return TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
-                           model_adapt=self.cfg.model_adapt,
-                           data=self.cfg.data_for(method), train=self.cfg.train_for(method),
-                           seed=self.cfg.seed + _original_number(trial), device=self.cfg.device,
-                           latency=self.cfg.latency,
-                           pruning=self.cfg.pruning if get_method(method).structured else PruningConfig(),
-                           target=target, base=self.cfg.base_for_trial())
+        config = TrialConfig(method=method, params=params, model=self.cfg.model, model_kwargs=self.cfg.model_kwargs,
+                             model_adapt=self.cfg.model_adapt,
+                             data=self.cfg.data_for(method), train=self.cfg.train_for(method),
+                             seed=self.cfg.seed + _original_number(trial), device=self.cfg.device,
+                             latency=self.cfg.latency,
+                             pruning=self.cfg.pruning if get_method(method).structured else PruningConfig(),
+                             target=target, base=self.cfg.base_for_trial())
+        if target is None:
+            return config
+        # a knob that is the size (ThriftyNet's budget) holds the target, in the stored config and the trial's line
+        return dataclasses.replace(config, params=get_method(method).with_target(params, size_target(config)))
 
     def target(self, trial: optuna.Trial, method: str) -> TrialTarget | None:
         """The size ``method``'s trial removes down to, under the study's budget
