@@ -39,7 +39,9 @@ def test_two_workers_finish_exactly_n_trials_in_one_view(tmp_path):
 
 
 def test_ctrl_c_stops_every_worker_and_requeues_their_trials(tmp_path):
-    longer = {**SLOW_STUDY, "train": {**SLOW_STUDY["train"], "epochs": 6}}  # a window of 8 epochs to interrupt in
+    # a window of 8 epochs to interrupt in: each trial trains its own base (share: false), checkpointed every epoch
+    # (a shared base leaves the trials only their 2 retrain epochs, and the interrupt could come after the last)
+    longer = {**SLOW_STUDY, "train": {**SLOW_STUDY["train"], "epochs": 6}, "base": {"share": False}}
     study, storage = write_study(tmp_path, longer, n_trials=2), str(tmp_path / "s.journal")
     parent = start_worker(study, storage, "--workers", "2", "--devices", "cpu",
                           "--artifact-dir", str(tmp_path / "a"), log=tmp_path / "parent.log")
