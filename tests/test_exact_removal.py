@@ -16,10 +16,13 @@ from helpers import one_thread, randomize_batchnorm  # noqa: F401 (autouse fixtu
 
 from autoslim.config import DataConfig, TrainConfig
 from autoslim.data import load_data
+from autoslim.errors import UsageError
+from autoslim.measure import count_params
 from autoslim.methods import TrialContext, get_method
 from autoslim.methods.l1l2 import prunable_groups, remove_small_filters
 from autoslim.methods.sss import Scales, remove_zero_structures
 from autoslim.methods.trimming import remove_trimmed
+from autoslim.selection import SizeTarget
 from autoslim.surgery import channel_groups, constant_inputs, remove_blocks, residual_branches, zero_padded
 
 LIMIT = 1e-5
@@ -102,6 +105,79 @@ def test_sss_keeps_a_zero_channel_whose_constant_a_padded_conv_reads():
     assert removed["channels"]["3"] == 1  # 3 -> BN -> ReLU -> pool -> Linear: relu(0) folds exactly
     with torch.no_grad():
         assert rel(small(x), masked) < LIMIT
+
+
+def _conv2_out(model: PaddedChain, x: torch.Tensor) -> torch.Tensor:
+    return model.conv2(model.act(model.conv1(x)))
+
+
+def test_l1l2_with_border_fold_removes_the_padded_filters_exact_inside_the_image_and_measures_the_border():
+    """``border="fold"``: the constant is folded all the same; inside the image the padded conv's outputs are
+    those of the masked model, in its border windows they differ, and the network's output change is not 0."""
+    model, x = padded_chain()
+    with torch.no_grad():
+        masked, masked_conv2 = model(x), _conv2_out(model, x)
+    small, removal = remove_small_filters(model, prunable_groups(model, example_input=x), threshold=1e-3,
+                                          example_input=x, border="fold")
+    assert removal.removed["conv1"] == [1, 2, 4] and removal.folded_border == {"conv1": [1, 4]}
+    assert not removal.padded and small.conv1.out_channels == 3 and small.conv2.in_channels == 3
+    with torch.no_grad():
+        conv2 = _conv2_out(small, x)
+        assert rel(conv2[..., 1:-1, 1:-1], masked_conv2[..., 1:-1, 1:-1]) < LIMIT  # exact inside the image
+        assert rel(conv2[..., 0, :], masked_conv2[..., 0, :]) > 1e-3  # the top row's windows read padding
+        assert rel(small(x), masked) > 1e-4
+
+
+def test_constant_inputs_refuses_an_unknown_border_by_name():
+    model, x = padded_chain()
+    with pytest.raises(UsageError, match="border: unknown value 'clip'; accepted: exact, fold"):
+        constant_inputs(model, {"conv1": [1]}, example_input=x, border="clip")
+
+
+@pytest.mark.parametrize("border,folds", [("auto", True), ("fold", True), ("exact", False)])
+def test_l1l2_under_a_target_folds_the_padded_filters_it_needs_unless_told_exact(border, folds):
+    """A target that the zero filters would make is reached by folding them (``auto`` under a target), the change
+    is measured and logged; ``border: exact`` keeps the two whose constant the padded conv reads and selects
+    again without them (here conv2's filters: zeroing them moves the output, their removal does not)."""
+    model, _ = padded_chain()
+    data = load_data(DataConfig(name="synthetic", num_samples=32, image_shape=[3, 10, 10], num_classes=4))
+    lines: list[str] = []
+    full = count_params(model)
+    per_filter = 3 * 9 + 1 + 5 * 9  # a conv1 filter, its bias, its column of conv2
+    ctx = TrialContext(data=data, train_config=TrainConfig(epochs=0), log=lines.append,
+                       target=SizeTarget(full - 3 * per_filter))
+    params = {**get_method("l1l2").search_space().defaults(), "finetune_epochs": 0, "border": border}
+    result = get_method("l1l2").compress(model, ctx, params)
+    info = result.info
+    if folds:
+        assert info["folded_border"] == {"conv1": [1, 4]} and info["kept_padded"] == {}
+        assert info["target"]["reached"] and count_params(result.model) == full - 3 * per_filter
+        assert info["output_change"]["removal"] > 1e-4  # the border windows: measured, not assumed
+        assert "(2 removed although a zero-padded conv reads their non-zero constant: folded" in lines[-1]
+    else:
+        assert info["folded_border"] == {} and result.model.conv1.out_channels == 5  # only the zero-constant one
+        assert info["target"]["reached"] and info["output_change"]["removal"] < LIMIT
+
+
+def test_sss_with_border_fold_removes_a_zero_channel_a_padded_conv_reads_and_measures_the_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sigmoid(), nn.Conv2d(4, 3, 3, padding=1),
+                          nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    x = torch.randn(8, 3, 10, 10)
+    randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    model.eval()
+    scales = Scales(model, level="channel", example_input=x)
+    with torch.no_grad():
+        for s in scales:
+            s.factor[0] = 0.0
+        masked = model[:4](x)  # the padded conv's output (the scales act through hooks on these modules)
+    small, removed = remove_zero_structures(model, scales, threshold=0.0, example_input=x, border="fold")
+    assert removed["folded_border"] == {"0": 1} and removed["kept_padded"] == {} and removed["channels"]["0"] == 1
+    assert small[0].out_channels == 3 and small[3].in_channels == 3
+    with torch.no_grad():
+        out = small[:4](x)  # its channel 0 was removed too (relu(0) folds exactly downstream): 1 and 2 remain
+        assert rel(out[..., 1:-1, 1:-1], masked[:, 1:, 1:-1, 1:-1]) < LIMIT  # 0.5 folded: exact inside the image,
+        assert rel(out[..., 0, :], masked[:, 1:, 0, :]) > 1e-3  # not in the windows that read padding
 
 
 # ------------------------------------------------------------------ DenseNet: one constant per consumer

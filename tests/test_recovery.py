@@ -145,8 +145,8 @@ def test_recover_requeues_a_dead_workers_journal_trial_and_the_retry_resumes(tmp
     resumed = retry.user_attrs["resumed_from"]["epoch"]
     assert resumed >= victim.user_attrs["checkpoint"]["epoch"] and min(trained_epochs(err, 2)) == resumed + 1 > 1
     assert f"[trial 2] resuming trial {victim.number} from its checkpoint after epoch {resumed}" in err
-    # the base trained once for the study (3 epochs, stored by the killed worker, loaded by this one), then 2
-    assert [r["epoch"] for r in retry.user_attrs["history"]] == [1, 2]  # retrain epochs, resumed after epoch 1
+    # the base trained once for the study (3 epochs, stored by the killed worker, loaded by this one), then the
+    assert [r["epoch"] for r in retry.user_attrs["history"]] == [1, 2, 3, 4, 5]  # trial's 5 retrain epochs
     assert retry.user_attrs["info"]["base"]["trained"] is False
     assert not any((tmp_path / "s-artifacts").glob("checkpoint-*"))  # removed once the trials finished
 

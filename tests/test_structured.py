@@ -432,7 +432,7 @@ def test_sss_folds_its_factors_into_weight_normed_layers(norm):
         scales.scales[1].factor.fill_(0.6)  # the branch stays, scaled
         masked = model(x)
     small, removed = remove_zero_structures(model, scales, threshold=0.0, example_input=x)
-    assert removed == {"channels": {"block.branch.0": 2}, "blocks": [], "kept_padded": {}}
+    assert removed == {"channels": {"block.branch.0": 2}, "blocks": [], "kept_padded": {}, "folded_border": {}}
     with torch.no_grad():
         torch.testing.assert_close(small(x), masked, rtol=1e-5, atol=1e-6)
 

@@ -24,9 +24,11 @@ WORKER_STUDY = {"data": {"name": "digits", "train_subset": 200}, "model": "lenet
                 "methods": {"trimming": {"rounds": 1, "retrain_epochs": 1, "apoz_examples": 100}},
                 "train": {"epochs": 1, "batch_size": 64}, "n_trials": 8, "warm_start": False,
                 "sampler": {"name": "random"}}
-# Trials of a few seconds (5 epochs of ~0.3 s), long enough to kill one mid-trial after a checkpoint.
+# Trials of a few seconds, long enough to kill one mid-trial after a checkpoint: the study's base (3 epochs of
+# ~0.3 s, trained once, shared) and then each trial's own 5 checkpointed retrain epochs, so a trial seen
+# checkpointed after its epoch 1-3 (``checkpointed_mid_trial(t, last_epoch=3)``) has at least 2 epochs to go.
 SLOW_STUDY = {**WORKER_STUDY, "data": {"name": "digits"}, "train": {"epochs": 3, "batch_size": 8},
-              "methods": {"trimming": {"rounds": 1, "retrain_epochs": 2, "apoz_examples": 100}},
+              "methods": {"trimming": {"rounds": 1, "retrain_epochs": 5, "apoz_examples": 100}},
               "recovery": {"heartbeat_interval": 1, "grace_period": 2}}
 
 

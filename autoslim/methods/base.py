@@ -197,6 +197,7 @@ class Method(ABC):
         """``params`` of a trial given ``target`` (one of :attr:`target_measures`): unchanged by default; a method
         whose knob is its size sets it (ThriftyNet's ``budget``), so the trial's config records what ran."""
         return dict(params)
+
     def starts_from_base(self, params: Mapping[str, Any]) -> bool:
         """Whether, with ``params``, :meth:`compress` starts from a trained network (:meth:`TrialContext.pretrained`:
         the study's base, or a phase ``train`` where each trial trains its own). The default: where its knob
@@ -230,6 +231,24 @@ class Method(ABC):
 
 
 CHANGE_IMAGES = 256  # validation images on which a method measures how much a removal changed the outputs
+
+
+def border_rule(params: Mapping[str, Any], ctx: TrialContext) -> str:
+    """What a method that folds removed channels' constants (l1l2, SSS) does with one whose non-zero constant a
+    zero-padded conv reads (no bias reproduces it in the border windows), by its knob ``border``: ``exact`` keeps
+    it (the removal changes nothing), ``fold`` removes it and folds the constant all the same (exact inside the
+    image; the change is measured and logged); ``auto``, the default, is ``exact`` under the method's own rule
+    and ``fold`` under a size target or cap (:attr:`TrialContext.target`), which such kept channels can put out
+    of reach (LeNet-5's and ResNet's convolutions are zero-padded).
+
+    >>> ctx = TrialContext(data=None, train_config=None)
+    >>> border_rule({"border": "auto"}, ctx), border_rule({"border": "fold"}, ctx)
+    ('exact', 'fold')
+    """
+    border = params.get("border", "auto")
+    if border == "auto":
+        return "exact" if ctx.target is None else "fold"
+    return border
 
 
 @torch.no_grad()

@@ -42,13 +42,20 @@ whose channel is not constant at some consumer (it is multiplied by an
 input-dependent gate, say) is kept. Folding is exact where the consumer is a
 linear layer or an unpadded conv. A zero-padded conv sees the constant only
 inside the image (its border windows partly read padding), so no bias
-reproduces it: a small filter whose constant is not 0 there is kept too
-(``info["kept_padded"]``, counted in the trial's log line); where the
-activation and BatchNorm leave it at 0 (a zero filter whose BN shift is 0
-before a ReLU, say) it is removed. The removal is thus exact:
+reproduces it: under the threshold rule a small filter whose constant is not 0
+there is kept too (``info["kept_padded"]``, counted in the trial's log line);
+where the activation and BatchNorm leave it at 0 (a zero filter whose BN shift
+is 0 before a ReLU, say) it is removed. The removal is thus exact:
 ``info["output_change"]`` holds the relative change of the network's outputs
 on validation images caused by zeroing the small filters (``zeroing``) and by
-their removal (``removal``, 0 up to rounding), and the trial prints it.
+their removal (``removal``, 0 up to rounding), and the trial prints it. Under a
+size target those kept filters could leave the network above it (LeNet-5's and
+ResNet's convolutions are zero-padded): there the knob ``border`` (``auto``, by
+default, :func:`autoslim.methods.base.border_rule`) removes them and folds their
+constant all the same (``info["folded_border"]``; exact inside the image, not in
+the border windows): ``removal`` then measures what that changed, and the
+fine-tune follows. ``border: exact`` keeps them under a target too, ``fold``
+folds them under the threshold rule as well.
 
 >>> w = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 5.0]])  # 3 filters of a linear layer
 >>> round(pseudo_norm(w).item(), 4)  # v = (5, 0, 5): 10 / sqrt(50)
@@ -66,7 +73,7 @@ from torch import nn
 
 from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
-from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
+from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, border_rule, outputs,
                                    register_method, relative_change)
 from autoslim.selection import (Selection, SizeTarget, capped, prunable, refuse_if_all_ignored, select,
                                 select_to, target_info, target_line)
@@ -168,14 +175,16 @@ class FilterRemoval:
     """What :func:`remove_small_filters` did: ``removed`` and ``kept`` ({group: channels}) are the small filters
     removed and those kept because their channel is not one constant at some consumer; ``padded`` those kept
     because a zero-padded convolution reads a non-zero constant from them (no bias reproduces its border);
-    ``constants`` are the values folded into each consumer (:func:`autoslim.surgery.constant_inputs`). A
-    GroupNorm block with one such channel is kept whole."""
+    ``folded_border`` those removed all the same, with ``border="fold"`` (their constant folded, inexact in the
+    border windows); ``constants`` are the values folded into each consumer
+    (:func:`autoslim.surgery.constant_inputs`). A GroupNorm block with one kept channel is kept whole."""
 
     removed: dict[str, list[int]]
     kept: dict[str, list[int]]
     constants: dict[str, torch.Tensor]
     padded: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     target: Selection | None = None
+    folded_border: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 def filter_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
@@ -196,14 +205,16 @@ def _selected(model: nn.Module, groups: Sequence[ChannelGroup], removing: Mappin
 
 def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, threshold: float,
                          example_input: torch.Tensor, pruning: PruningConfig | None = None,
-                         target: SizeTarget | None = None) -> tuple[nn.Module, FilterRemoval]:
+                         target: SizeTarget | None = None, border: str = "exact") -> tuple[nn.Module, FilterRemoval]:
     """Remove the small filters (:func:`small_filters`) of ``groups``, folding what each consumer then reads from
     them into its bias. ``model`` keeps its shapes but its removed filters are zeroed (the masked model).
     ``pruning``'s ``round_to`` keeps the largest of the small filters that its rounding keeps (once before the
     constants are read, once after, as a filter not constant at a consumer stays); ignored groups are left out of
     ``groups`` by the caller. With a ``target`` the filters go in order of :func:`filter_importance`, over all
     groups, down to that size, instead of by ``threshold`` (:attr:`FilterRemoval.target` holds the selection); with
-    a cap (:attr:`~autoslim.selection.SizeTarget.cap`) by ``threshold``, and by that order where more must go."""
+    a cap (:attr:`~autoslim.selection.SizeTarget.cap`) by ``threshold``, and by that order where more must go.
+    ``border="fold"`` removes the filters whose non-zero constant a zero-padded conv reads too (folding it,
+    inexact in the border windows: :func:`autoslim.surgery.constant_inputs`); ``"exact"`` keeps them."""
     groups = list(groups)
     pruning = pruning or PruningConfig()
     chosen = None
@@ -228,7 +239,7 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
         small = _selected(model, groups, small, pruning)
         masked = copy_model(model)
         zero_filters(masked, groups, small)
-        found = constant_inputs(masked, small, example_input=example_input)
+        found = constant_inputs(masked, small, example_input=example_input, border=border)
         unfoldable = found.unfoldable()
         new = {(g.name, j) for g in groups for j in unfoldable.get(g.name, ())} - kept_first
         if chosen is None or not new:
@@ -240,18 +251,20 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
             scores[name][start:start + g.granularity] = float("inf")
     if chosen is not None and any(unfoldable.get(g.name) for g in groups):
         chosen = dataclasses.replace(chosen, reached=False)  # the target needs a filter that has to stay
-    removed, kept, padded = {}, {}, {}
+    removed, kept, padded, folded = {}, {}, {}, {}
     for g in groups:
         blocks = {j // g.granularity for j in unfoldable.get(g.name, ())}
         removed[g.name] = [j for j in small[g.name] if j // g.granularity not in blocks]
-        for out, reason in ((kept, found.varying), (padded, found.padded)):
+        for out, reason in ((kept, found.varying), (folded if found.padded_folded else padded, found.padded)):
             if reason.get(g.name):
                 out[g.name] = [j for j in small[g.name] if j in reason[g.name]]
     removed = _selected(model, groups, removed, pruning)
+    folded = {name: [j for j in c if j in set(removed[name])] for name, c in folded.items()}
+    folded = {name: c for name, c in folded.items() if c}
     zero_filters(model, groups, removed)
     keep = {g.name: sorted(set(range(g.size)) - set(removed[g.name])) for g in groups}
     new = remove_channels(model, keep, example_input=example_input, consumer_constants=found.constants)
-    return new, FilterRemoval(removed, kept, found.constants, padded, chosen)
+    return new, FilterRemoval(removed, kept, found.constants, padded, chosen, folded)
 
 
 def prune_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, threshold: float,
@@ -303,7 +316,7 @@ class L1L2(Method):
         images = ctx.examples(CHANGE_IMAGES)
         trained = outputs(model, images)
         small, removal = remove_small_filters(model, groups, threshold=params["threshold"], example_input=example,
-                                              pruning=ctx.pruning, target=ctx.target)
+                                              pruning=ctx.pruning, target=ctx.target, border=border_rule(params, ctx))
         info = {"target": target_info(removal.target, ctx.target)} if removal.target else {}
         if info:
             ctx.log(target_line("l1l2", info["target"]))
@@ -314,12 +327,16 @@ class L1L2(Method):
         removed = {g: len(c) for g, c in removal.removed.items()}
         kept = sum(len(c) for c in removal.kept.values())
         padded = sum(len(c) for c in removal.padded.values())
+        folded = sum(len(c) for c in removal.folded_border.values())
         ctx.log(f"l1l2: removed {sum(removed.values())} filters "
                 f"({', '.join(f'{g} -{n}' for g, n in removed.items() if n)})"
                 + (f", kept {kept} small ones not constant at a consumer" if kept else "")
                 + (f", kept {padded} small ones whose non-zero constant a zero-padded conv reads" if padded else "")
+                + (f" ({folded} removed although a zero-padded conv reads their non-zero constant: folded, "
+                   "inexact in its border windows)" if folded else "")
                 + f"; output change on {len(images)} val images: zeroing {change['zeroing']:.3g}, "
                 f"removal {change['removal']:.3g}")
         ctx.train(model, epochs=params["finetune_epochs"], phase="finetune", lr_scale=FINETUNE_LR_SCALE)
         return CompressionResult(model, info={"removed": removed, "kept_not_constant": removal.kept,
-                                              "kept_padded": removal.padded, "output_change": change, **info})
+                                              "kept_padded": removal.padded, "folded_border": removal.folded_border,
+                                              "output_change": change, **info})

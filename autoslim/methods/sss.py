@@ -45,7 +45,10 @@ A zero channel still holds ``act(0)`` after its activation (0 for ReLU,
 consumer's bias (:func:`autoslim.surgery.constant_inputs`), so removing a
 zero structure keeps the network's function exactly; a zero channel whose
 constant is not 0 at a zero-padded conv (whose border windows read padding)
-is kept (``info["kept_padded"]``); ``info["removal_change"]``
+is kept (``info["kept_padded"]``), unless the knob ``border`` says to fold it
+all the same (``auto``, the default, does so under a size target, which such
+kept channels could put out of reach: :func:`autoslim.methods.base.border_rule`;
+``info["folded_border"]``); ``info["removal_change"]``
 is the measured relative output change on validation images. One training
 pass, then an optional fine-tune (``finetune_epochs`` at a tenth of the
 learning rate; not in the paper).
@@ -67,7 +70,7 @@ from torch import nn
 
 from autoslim.config import PruningConfig
 from autoslim.errors import UsageError
-from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, outputs,
+from autoslim.methods.base import (CHANGE_IMAGES, CompressionResult, Method, TrialContext, border_rule, outputs,
                                    register_method, relative_change)
 from autoslim.measure import count_flops, count_params
 from autoslim.selection import (Selection, SizeTarget, capped, prunable, prunable_block, refuse_if_all_ignored,
@@ -269,7 +272,7 @@ def _blocks_to_target(model: nn.Module, scales: Scales, target: SizeTarget, *,
 
 def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float,
                            example_input: torch.Tensor, pruning: PruningConfig | None = None,
-                           target: SizeTarget | None = None) -> tuple[nn.Module, dict]:
+                           target: SizeTarget | None = None, border: str = "exact") -> tuple[nn.Module, dict]:
     """Set every factor ``<= threshold`` to 0, fold ``scales`` into ``model``, then remove those structures.
 
     What a consumer reads from a removed channel (its activation of 0) is folded into the consumer; a channel
@@ -280,7 +283,8 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
     (branches still go by ``threshold``; at ``level: block``, without channels to select, the branches go in
     order of |factor| down to the target, :func:`_blocks_to_target`). Returns the new model and what was removed
     (``channels``: {group: count}, ``blocks``: names, ``kept_padded``: {group: count} of zero-factor channels kept
-    for a zero-padded conv).
+    for a zero-padded conv; with ``border="fold"`` they are removed, their constant folded, inexact in the
+    conv's border windows, and counted in ``folded_border`` instead).
     """
     pruning = pruning or PruningConfig()
     drop, removed = {}, {}
@@ -298,7 +302,7 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
     if target is not None and not groups:  # branches only (level: block): they go in |factor| order
         chosen = _blocks_to_target(model, scales, target, example_input=example_input)
     scales.fold()
-    found = constant_inputs(model, drop, example_input=example_input) if drop else None
+    found = constant_inputs(model, drop, example_input=example_input, border=border) if drop else None
     unfoldable = found.unfoldable() if found else {}
     keep = {}
     for s in scales:
@@ -317,7 +321,9 @@ def remove_zero_structures(model: nn.Module, scales: Scales, *, threshold: float
     if blocks:
         model = remove_blocks(model, blocks)
     padded = {g: len(c) for g, c in (found.padded if found else {}).items()}
-    return model, {"channels": removed, "blocks": blocks, "kept_padded": padded,
+    folded = found is not None and found.padded_folded
+    return model, {"channels": removed, "blocks": blocks, "kept_padded": {} if folded else padded,
+                   "folded_border": padded if folded else {},
                    **({"target": target_info(chosen, target)} if chosen else {})}
 
 
@@ -352,7 +358,8 @@ class SparseStructureSelection(Method):
         images = ctx.examples(CHANGE_IMAGES)
         scaled = outputs(model, images)
         model, removed = remove_zero_structures(model, scales, threshold=params["threshold"], example_input=example,
-                                                pruning=ctx.pruning, target=ctx.target)
+                                                pruning=ctx.pruning, target=ctx.target,
+                                                border=border_rule(params, ctx))
         if "target" in removed:
             ctx.log(target_line("sss", removed["target"]))
         change = relative_change(outputs(model, images), scaled)
@@ -360,6 +367,8 @@ class SparseStructureSelection(Method):
                 + (f" ({', '.join(removed['blocks'])})" if removed["blocks"] else "")
                 + (f", kept {sum(removed['kept_padded'].values())} zero channels whose non-zero constant a "
                    "zero-padded conv reads" if removed["kept_padded"] else "")
+                + (f" ({sum(removed['folded_border'].values())} removed although a zero-padded conv reads their "
+                   "non-zero constant: folded, inexact in its border windows)" if removed["folded_border"] else "")
                 + f"; output change on {len(images)} val images: {change:.3g}")
         ctx.train(model, epochs=params["finetune_epochs"], phase="finetune", config=config,
                   lr_scale=FINETUNE_LR_SCALE)

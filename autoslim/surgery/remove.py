@@ -356,19 +356,26 @@ def zero_padded(m: nn.Module) -> bool:
     return m.padding != "valid" and any(p > 0 for p in m.padding)
 
 
+BORDERS = ("exact", "fold")
+
+
 class ConstantInputs(NamedTuple):
     """What :func:`constant_inputs` found: ``constants`` per consumer layer (one value per input column, for
     ``consumer_constants``); per group, the channels that cannot be folded exactly: ``varying`` (not one
-    constant at some consumer) and ``padded`` (a non-zero constant read by a zero-padded convolution)."""
+    constant at some consumer) and ``padded`` (a non-zero constant read by a zero-padded convolution). With
+    ``border="fold"`` the constants of ``padded`` are in ``constants`` all the same (exact inside the image,
+    not in the border windows): ``padded_folded`` is then True and they are not :meth:`unfoldable`."""
 
     constants: dict[str, torch.Tensor]
     varying: dict[str, list[int]]
     padded: dict[str, list[int]]
+    padded_folded: bool = False
 
     def unfoldable(self) -> dict[str, set[int]]:
-        """Per group, the channels of :attr:`varying` and :attr:`padded` (to keep, or to remove inexactly)."""
+        """Per group, the channels of :attr:`varying` and (unless folded) :attr:`padded`: to keep, or to remove
+        inexactly."""
         out: dict[str, set[int]] = {}
-        for part in (self.varying, self.padded):
+        for part in (self.varying,) if self.padded_folded else (self.varying, self.padded):
             for group, channels in part.items():
                 out.setdefault(group, set()).update(channels)
         return out
@@ -388,7 +395,7 @@ def _probe_wide(module: fx.GraphModule, model: nn.Module, x: torch.Tensor, *, re
 
 
 def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | torch.Tensor], *,
-                    example_input: torch.Tensor, rtol: float = 1e-5) -> ConstantInputs:
+                    example_input: torch.Tensor, rtol: float = 1e-5, border: str = "exact") -> ConstantInputs:
     """What the consumers of ``channels`` ({group: indices}) read from them, for :func:`remove_channels`.
 
     Meant for a model in which those channels no longer depend on the input
@@ -404,7 +411,9 @@ def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | tor
     some consumer is not one constant (``varying``), and those whose constant
     is not 0 at a zero-padded convolution (``padded``: its border windows
     read padding, so no bias reproduces them). Neither can be folded exactly:
-    keep them.
+    keep them. With ``border="fold"`` a ``padded`` channel's constant is
+    folded all the same (into a conv whose border windows then differ: the
+    caller measures the change); it is still listed in ``padded``.
 
     >>> import torch
     >>> from autoslim.models import create_model
@@ -416,6 +425,8 @@ def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | tor
     >>> found.constants["classifier.fc2"][:3].tolist(), found.varying   # relu(0.5), relu(-1); others read as 0
     ([0.5, 0.0, 0.0], {})
     """
+    if border not in BORDERS:
+        raise accepted("border", border, BORDERS)
     analysis = _analyse(model, example_input)
     groups = {g.name: g for g in analysis.groups}
     gone: dict[int, tuple[str, int]] = {}  # channel id -> (group, channel)
@@ -447,10 +458,11 @@ def constant_inputs(model: nn.Module, channels: Mapping[str, Sequence[int] | tor
         removed = torch.tensor([r in gone for r in roots])
         padded = steady & (torch.maximum(hi.abs(), lo.abs()) > 0) if zero_padded(model.get_submodule(name)) \
             else torch.zeros_like(steady)
-        constants[name] = torch.where(removed & steady & ~padded, total / count, 0.0)
+        foldable = steady if border == "fold" else steady & ~padded
+        constants[name] = torch.where(removed & foldable, total / count, 0.0)
         for kind, mask in (("varying", removed & ~steady), ("padded", removed & padded)):
             for j in torch.nonzero(mask).flatten().tolist():
                 group, channel = gone[roots[j]]
                 unfoldable[kind].setdefault(group, set()).add(channel)
     return ConstantInputs(constants, *({g: sorted(c) for g, c in unfoldable[kind].items()}
-                                       for kind in ("varying", "padded")))
+                                       for kind in ("varying", "padded")), padded_folded=border == "fold")
