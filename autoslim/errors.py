@@ -13,6 +13,12 @@ class UsageError(Exception):
     """Bad input from the user: one clear line naming the field and what is accepted."""
 
 
+class TargetUnreachable(UsageError):
+    """A size the knobs of a trial cannot build: a parameter budget below the smallest network of a method that
+    builds its own (ThriftyNet with its sampled T and h). In a study the trial is pruned before it trains, with
+    this line as its ``pruned_reason``; elsewhere (``autoslim train``) it is a usage error."""
+
+
 def accepted(field: str, value: object, choices) -> UsageError:
     """Build the standard "unknown name" error for ``field``.
 

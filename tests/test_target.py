@@ -20,6 +20,7 @@ from autoslim.measure import count_flops, count_nonzeros, count_params
 from autoslim.methods import TrialContext, get_method
 from autoslim.methods.iht import layer_counts, prunable_layers
 from autoslim.models import create_model
+from autoslim.models.thriftynet import thriftynet_params
 from autoslim.search.objective import Objective
 from autoslim.search.pareto import is_feasible
 from autoslim.selection import SizeTarget
@@ -154,6 +155,28 @@ def test_thriftynet_builds_the_widest_network_under_its_target(budget):
         given, in_shape=(3, 32, 32), num_classes=10).filters + 1}, in_shape=(3, 32, 32), num_classes=10))
     assert size <= budget < wider
     assert method.with_target({**params, "budget": 2000}, SizeTarget(budget, cap=True))["budget"] == min(2000, budget)
+
+
+def test_a_thriftynet_target_below_its_smallest_network_prunes_the_trial_before_it_trains():
+    """T=50 and h=10 need 680 parameters at one filter (10 classes): targets of 300-600 cannot be built. Each
+    trial is pruned in one line before any epoch (was: failed on the budget knob's range, and with a range that
+    admits it, on the width)."""
+    smallest = thriftynet_params(f=1, T=50, h=10, conv="mb1", num_classes=10)
+    assert smallest > 600
+    lines: list[str] = []
+    cfg = budget_study(methods={"thriftynet": {"iterations": 50, "history": 10}}, constraints={"max_params": 600},
+                       target={"low": 0.5, "high": 1.0}, n_trials=2, warm_start=False)
+    study = optimize(StudyConfig.from_dict(cfg), storage="sqlite:///:memory:", log=lines.append)
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    for t in study.trials:
+        reason = t.user_attrs["pruned_reason"]
+        assert reason.startswith(f"thriftynet: a ThriftyNet with T=50, h=10, conv=mb1 does not fit in "
+                                 f"{t.params['target_params']} parameters (1 filter needs {smallest})"), reason
+        assert f"[trial {t.number}] pruned: {reason}" in lines
+    assert not any(" epoch " in line for line in lines)
+    with pytest.raises(UsageError, match="does not fit in 500 parameters"):  # `autoslim train` on such a config
+        get_method("thriftynet").build_model({**get_method("thriftynet").search_space().defaults(), "budget": 500,
+                                              "iterations": 50, "history": 10}, in_shape=(1, 8, 8), num_classes=10)
 
 
 @pytest.mark.parametrize("measure", ["params", "flops"])

@@ -9,7 +9,9 @@ bigger T or h leaves fewer filters). Architecture details, the formulas and
 the alpha initialisation are in :mod:`autoslim.models.thriftynet`. Given a
 parameter target (a study with ``constraints.max_params``) the budget is the
 target (:meth:`ThriftyNetMethod.with_target`; a warm-start trial's published
-budget is capped at it).
+budget is capped at it); a target below the smallest network of the trial's T, h
+and conv (one filter) prunes the trial before it trains
+(:class:`~autoslim.errors.TargetUnreachable`).
 
 >>> from autoslim.methods import get_method
 >>> method = get_method("thriftynet")
@@ -25,6 +27,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from autoslim.errors import TargetUnreachable
 from autoslim.measure import count_params
 from autoslim.methods.base import CompressionResult, Method, TrialContext, register_method
 from autoslim.models.thriftynet import ThriftyNet, width_for_budget
@@ -47,8 +50,11 @@ class ThriftyNetMethod(Method):
 
     def build_model(self, params: Mapping[str, Any], *, in_shape, num_classes: int) -> nn.Module:
         """The ThriftyNet of ``params`` (every knob of the search space, as a trial's config holds them)."""
-        f = params["filters"] or width_for_budget(params["budget"], T=params["iterations"], h=params["history"],
-                                                  conv=params["conv"], num_classes=num_classes)
+        try:
+            f = params["filters"] or width_for_budget(params["budget"], T=params["iterations"], h=params["history"],
+                                                      conv=params["conv"], num_classes=num_classes)
+        except ValueError as e:  # a budget (a trial's target) below the smallest network of this T and h
+            raise TargetUnreachable(f"thriftynet: {e}") from None
         return ThriftyNet(in_shape=in_shape, num_classes=num_classes, filters=f, iterations=params["iterations"],
                           history=params["history"], pool_every=params["pool_every"], conv=params["conv"],
                           activation=params["activation"])

@@ -22,6 +22,7 @@ from autoslim.basenet import BaseNetworks
 from autoslim.checkpoint import TrialCheckpoints, run_resumable
 from autoslim.config import ConstraintsConfig, PruningConfig, StudyConfig, TrialConfig, TrialTarget, budget
 from autoslim.data import Data
+from autoslim.errors import TargetUnreachable
 from autoslim.heartbeat import Heartbeat, TrialLost, claim, retry_of, still_running
 from autoslim.methods import get_method
 from autoslim.search.halving import SuccessiveHalving, rungs_for, stop_trial
@@ -98,7 +99,8 @@ class Objective:
         return TrialTarget(measure=measure, value=trial.suggest_int(f"target_{measure}", low, high, log=True))
 
     def __call__(self, trial: optuna.Trial) -> Sequence[float]:
-        """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``), as does a compression
+        """Run the trial. A NaN/infinite loss prunes it (user attr ``pruned_reason``), as do a size target below
+        the smallest network its knobs build (:class:`~autoslim.errors.TargetUnreachable`) and a compression
         that removed nothing unless the study file says ``nothing_removed: keep`` (then it completes, marked by
         the user attr ``nothing_removed``); an error fails it (user attr ``error``, one line); the study goes on
         either way. A trial failed under this worker
@@ -116,10 +118,11 @@ class Objective:
         prefix = f"[trial {trial.number}]"
         try:
             return self._run(trial)
-        except Diverged as e:
-            trial.set_user_attr("pruned_reason", f"diverged: {e}")
-            self.log(f"{prefix} pruned: diverged: {e}")
-            raise optuna.TrialPruned(f"diverged: {e}") from None
+        except (Diverged, TargetUnreachable) as e:
+            reason = f"diverged: {e}" if isinstance(e, Diverged) else str(e)
+            trial.set_user_attr("pruned_reason", reason)
+            self.log(f"{prefix} pruned: {reason}")
+            raise optuna.TrialPruned(reason) from None
         except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
             raise
         except Exception as e:
