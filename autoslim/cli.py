@@ -163,8 +163,11 @@ def _print_front(study, fmt: str, *, history: bool = False) -> None:
         print(pd.DataFrame(rows).to_csv(index=False), end="")
     else:
         ref = ", ".join(f"{k} {v:,.6g}" for k, v in result["reference_point"].items())
-        print(f"\nPareto front of study {study.study_name!r} ({len(result['front'])} of {result['trials']} trials "
-              f"on it; {result['pruned']} stopped early, {result['infeasible']} infeasible; "
+        unfinished = ", ".join(f"{result[k]} {word}" for k, word in (("running", "running"), ("waiting", "queued"))
+                               if result[k])
+        print(f"\nPareto front of study {study.study_name!r} ({len(result['front'])} of {result['trials']} finished "
+              f"trials on it; {result['pruned']} stopped early, {result['infeasible']} infeasible, "
+              f"{result['failed']} failed{'; ' + unfinished if unfinished else ''}; "
               f"objectives: {', '.join(result['objectives'])}):")
         print(format_table(pd.DataFrame(result["front"], columns=COLUMNS)))
         print(f"\nHypervolume {result['hypervolume']:.4f} (reference point: {ref}; "

@@ -387,6 +387,22 @@ def test_a_resumed_study_runs_only_the_remaining_trials(tmp_path, capsys):
     assert [r["trial"] for r in result["hypervolume_history"]] == [0, 1, 2] and 0 < result["hypervolume"] <= 1
 
 
+def test_show_counts_finished_trials_and_says_what_is_queued(tmp_path, capsys):
+    """A queued trial (a warm start, a retry, a slot of --n-trials) is not counted as a trial of the front."""
+    study = write(tmp_path, TINY)
+    assert main(["optimize", str(study), "--n-trials", "1", "--quiet"]) == 0
+    loaded = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db")
+    loaded.enqueue_trial({"method": "trimming"})
+    capsys.readouterr()
+    assert main(["show", str(study), "-f", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["trials"], result["waiting"], result["running"], result["failed"]) == (1, 1, 0, 0)
+    assert main(["show", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert f"({len(result['front'])} of 1 finished trials on it; 0 stopped early, " in out
+    assert ", 0 failed; 1 queued; objectives: " in out
+
+
 def test_python_dash_m_and_exit_code(tmp_path):
     study = write(tmp_path, with_(model="nope"))
     proc = subprocess.run([sys.executable, "-m", "autoslim", "optimize", str(study)], capture_output=True, text=True)

@@ -124,15 +124,20 @@ COLUMNS = ["trial", "method", "accuracy", "test_accuracy", "params", "nonzeros",
 
 
 def summary(study: optuna.Study) -> dict:
-    """The result of a study: its feasible Pareto front, hypervolume, reference point and history."""
+    """The result of a study: its feasible Pareto front, hypervolume, reference point and history; ``trials``
+    counts the finished trials (``pruned``, ``failed``, ``infeasible`` among them), ``running`` and ``waiting``
+    (queued: warm starts, retries, the slots of ``--n-trials``) the others."""
     history = hypervolume_history(study)
     front = pareto_front(study)
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
     return {"study": study.study_name, "objectives": list(study.metric_names or []),
             "reference_point": dict(zip(study.metric_names or [], reference_point(study))),
             "hypervolume": history[-1][1] if history else 0.0,
-            "trials": len(study.trials),
-            "infeasible": sum(t.state == TrialState.COMPLETE and not is_feasible(t) for t in study.trials),
-            "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
+            "trials": sum(s.is_finished() for s in states),
+            "infeasible": sum(t.state == TrialState.COMPLETE and not is_feasible(t) for t in trials),
+            "pruned": states.count(TrialState.PRUNED), "failed": states.count(TrialState.FAIL),
+            "running": states.count(TrialState.RUNNING), "waiting": states.count(TrialState.WAITING),
             "front": trials_table(front).to_dict(orient="records"),
             "hypervolume_history": [{"trial": n, "hypervolume": hv} for n, hv in history]}
 
