@@ -87,8 +87,9 @@ def test_l1l2_reports_the_filters_kept_for_a_padded_conv_in_its_log_and_info():
     assert result.info["output_change"]["removal"] < LIMIT
 
 
-def test_sss_keeps_a_zero_channel_whose_constant_a_padded_conv_reads():
-    """A zero factor before a sigmoid leaves 0.5, which a padded conv's border does not see everywhere."""
+def sigmoid_before_padded_conv() -> tuple[nn.Sequential, torch.Tensor, Scales]:
+    """conv -> BN -> sigmoid -> zero-padded conv -> BN -> ReLU -> pool -> Linear, with SSS's channel factors and
+    factor 0 of each group set to 0: the first leaves sigmoid(0) = 0.5, which the padded conv reads."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sigmoid(), nn.Conv2d(4, 3, 3, padding=1),
                           nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
@@ -99,6 +100,13 @@ def test_sss_keeps_a_zero_channel_whose_constant_a_padded_conv_reads():
     with torch.no_grad():
         for s in scales:
             s.factor[0] = 0.0
+    return model, x, scales
+
+
+def test_sss_keeps_a_zero_channel_whose_constant_a_padded_conv_reads():
+    """A zero factor before a sigmoid leaves 0.5, which a padded conv's border does not see everywhere."""
+    model, x, scales = sigmoid_before_padded_conv()
+    with torch.no_grad():
         masked = model(x)
     small, removed = remove_zero_structures(model, scales, threshold=0.0, example_input=x)
     assert removed["kept_padded"] == {"0": 1} and removed["channels"]["0"] == 0
@@ -160,16 +168,8 @@ def test_l1l2_under_a_target_folds_the_padded_filters_it_needs_unless_told_exact
 
 
 def test_sss_with_border_fold_removes_a_zero_channel_a_padded_conv_reads_and_measures_the_change():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sigmoid(), nn.Conv2d(4, 3, 3, padding=1),
-                          nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
-    x = torch.randn(8, 3, 10, 10)
-    randomize_batchnorm(model, torch.Generator().manual_seed(0))
-    model.eval()
-    scales = Scales(model, level="channel", example_input=x)
+    model, x, scales = sigmoid_before_padded_conv()
     with torch.no_grad():
-        for s in scales:
-            s.factor[0] = 0.0
         masked = model[:4](x)  # the padded conv's output (the scales act through hooks on these modules)
     small, removed = remove_zero_structures(model, scales, threshold=0.0, example_input=x, border="fold")
     assert removed["folded_border"] == {"0": 1} and removed["kept_padded"] == {} and removed["channels"]["0"] == 1

@@ -259,8 +259,7 @@ def remove_small_filters(model: nn.Module, groups: Iterable[ChannelGroup], *, th
             if reason.get(g.name):
                 out[g.name] = [j for j in small[g.name] if j in reason[g.name]]
     removed = _selected(model, groups, removed, pruning)
-    folded = {name: [j for j in c if j in set(removed[name])] for name, c in folded.items()}
-    folded = {name: c for name, c in folded.items() if c}
+    folded = {name: gone for name, c in folded.items() if (gone := sorted(set(c) & set(removed[name])))}
     zero_filters(model, groups, removed)
     keep = {g.name: sorted(set(range(g.size)) - set(removed[g.name])) for g in groups}
     new = remove_channels(model, keep, example_input=example_input, consumer_constants=found.constants)
